@@ -1,0 +1,25 @@
+"""vaezip: lossless image compression with a hierarchical VAE and bits-back ANS coding.
+
+The public API is imported lazily so that `import vaezip` (and `vaezip --help`)
+does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = {"compress", "decompress", "decompress_image", "measure", "load_model", "Report"}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    if name in {"VaezipError"}:
+        from . import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'vaezip' has no attribute {name!r}")

@@ -1,0 +1,240 @@
+"""Hierarchical bits-back coding of an image's tiles, batch by batch.
+
+One batch of tiles is coded as (ANS is last-in first-out):
+
+  encode: bottom-up on x; for each group g, top-down: pop z_g with the
+          discretised posterior (borrows bits); push x with p(x | z) stage by
+          stage; push each z_g with its discretised prior, last group first.
+  decode: for each group g, top-down: pop z_g with the prior; pop x stage by
+          stage; bottom-up on x; rebuild the posteriors; push each z_g back with
+          its posterior, last group first (returns the borrowed bits).
+
+Both directions walk the same `model.top_down` with the same tensor shapes and
+get every probability table from `quantize`, so the decoder rebuilds the
+encoder's integer distributions exactly.
+
+Start-up: a batch can only borrow bits already on the stack. The encoder grows
+its batches with the bits available (measured, with a roll-back if a batch would
+run the stack dry); a batch that cannot borrow is coded *deterministic*: its
+latents are the rounded posterior means, pushed with the prior, borrowing
+nothing. The schedule (batch sizes, deterministic flag) goes into the header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import coders, quantize
+from .coders import AnsCoder, Codec
+from .errors import CorruptFileError
+from .model import Gaussian, HierarchicalVAE
+from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles
+
+DETERMINISTIC_FLAG = 0x8000
+MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
+SAFETY_BITS = 64  # never let the posterior pops bring the stack below this
+
+
+@dataclass(frozen=True)
+class CodingParams:
+    """What encoder and decoder must agree on besides the model."""
+
+    tile: int
+    latent_grid: float
+
+    @property
+    def radius(self) -> int:
+        """Latent integers live in [-radius, radius] (z in [-8, 8])."""
+        return int(round(8.0 / self.latent_grid))
+
+
+def _numpy64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy().reshape(-1)
+
+
+def latent_codec(g: Gaussian, params: CodingParams) -> Codec:
+    """Codec for latent integers k (z = k * grid) under a diagonal Gaussian.
+
+    The std is exponentiated in numpy (float64), not torch: one code path for
+    every thread count.
+    """
+    means = _numpy64(g.mean) / params.latent_grid
+    stds = np.exp(_numpy64(g.log_std)) / params.latent_grid
+    return coders.quantized_gaussian(means, stds, params.radius)
+
+
+def stage_codec(model: HierarchicalVAE, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray) -> Codec:
+    """Codec for the real subpixels (m, C) of one sub-lattice stage of a batch.
+
+    Channels are autoregressive: pop R, then G given R, then B given R and G.
+    Stack: push puts B, G, R (R on top); pop takes R first.
+    """
+    params = model.stage_params(features, torch.from_numpy(lattice), stage)
+    q = quantize.quantize_mixture(params, mask)
+    channels = lattice.shape[2]
+
+    def push(ans: AnsCoder, values: np.ndarray) -> None:
+        for c in reversed(range(channels)):
+            coders.categorical(quantize.channel_pmf(q, c, values)).push(ans, values[:, c])
+
+    def pop(ans: AnsCoder) -> np.ndarray:
+        values = np.zeros((int(mask.sum()), channels), dtype=np.int64)
+        for c in range(channels):
+            values[:, c] = coders.categorical(quantize.channel_pmf(q, c, values)).pop(ans)
+        return values
+
+    return Codec(push, pop)
+
+
+def _stage_values(lattice: np.ndarray, stage: int, mask: np.ndarray) -> np.ndarray:
+    """Real subpixels (m, C) of a stage, row-major over (tile, row, col)."""
+    return lattice[:, stage].transpose(0, 2, 3, 1)[mask].astype(np.int64)
+
+
+class _StackTooShallow(Exception):
+    """A batch's posterior pops would exhaust the stack; the encoder rolls back."""
+
+
+def encode_batch(model: HierarchicalVAE, ans: AnsCoder, lattice: np.ndarray, grid: TileGrid,
+                 indices: range, params: CodingParams, deterministic: bool) -> int:
+    """Push one batch of tiles; returns the bits its posterior pops borrow.
+
+    For a deterministic batch nothing is borrowed and the return value is the
+    estimate of what bits-back would borrow (posterior entropy on the grid), so
+    the encoder can size the next batch.
+    Stack before: S. After: S minus the borrowed bits plus the batch's code.
+    Raises _StackTooShallow when the pops would exhaust the stack; the coder is
+    then left half-used and the caller rolls back to its own snapshot.
+    """
+    n = len(indices)
+    x = torch.from_numpy(lattice_to_pixels(lattice))
+    acts = model.bottom_up(x)
+    latents, priors = [], []
+    bits_before = ans.num_bits()
+    estimate = 0.0
+
+    def choose(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
+        if deterministic:
+            nonlocal estimate
+            k = np.clip(np.rint(_numpy64(posterior.mean) / params.latent_grid), -params.radius, params.radius)
+            k = k.astype(np.int32)
+            # Entropy of a Gaussian on the grid, in bits: what a pop would borrow.
+            entropy = np.log2(np.exp(_numpy64(posterior.log_std)) / params.latent_grid) + 2.047
+            estimate += float(np.maximum(entropy, 0.0).sum())
+        else:
+            k = latent_codec(posterior, params).pop(ans)
+        latents.append(k)
+        priors.append(prior)
+        return _latent_tensor(k, prior.mean.shape, params)
+
+    features = model.top_down(n, grid.tile, grid.tile, choose, acts)
+    if not deterministic and ans.num_valid_bits() < SAFETY_BITS:
+        raise _StackTooShallow
+    borrowed = estimate if deterministic else bits_before - ans.num_bits()
+    for stage in reversed(range(4)):  # reversed: the decoder pops stage 0 first
+        mask = grid.stage_masks(indices, stage)
+        stage_codec(model, features, lattice, stage, mask).push(ans, _stage_values(lattice, stage, mask))
+    for k, prior in zip(reversed(latents), reversed(priors)):
+        latent_codec(prior, params).push(ans, k)
+    return borrowed
+
+
+def decode_batch(model: HierarchicalVAE, ans: AnsCoder, grid: TileGrid, indices: range,
+                 channels: int, params: CodingParams, deterministic: bool) -> np.ndarray:
+    """Pop one batch of tiles; returns lattices (n, 4, C, tile/2, tile/2) uint8.
+
+    Stack before: as `encode_batch` left it. After: as before `encode_batch`.
+    """
+    n, half = len(indices), grid.tile // 2
+    latents = []
+
+    def pop_prior(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
+        k = latent_codec(prior, params).pop(ans)
+        latents.append(k)
+        return _latent_tensor(k, prior.mean.shape, params)
+
+    features = model.top_down(n, grid.tile, grid.tile, pop_prior)
+    lattice = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
+    for stage in range(4):
+        mask = grid.stage_masks(indices, stage)
+        values = stage_codec(model, features, lattice, stage, mask).pop(ans)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise CorruptFileError("corrupt payload: decoded pixel out of range")
+        view = lattice[:, stage].transpose(0, 2, 3, 1)
+        view[mask] = values
+        pad_stage(grid, indices, lattice[:, stage], stage)
+    if deterministic:
+        return lattice
+    posteriors = []
+
+    def known(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
+        posteriors.append(posterior)
+        return _latent_tensor(latents[g], prior.mean.shape, params)
+
+    acts = model.bottom_up(torch.from_numpy(lattice_to_pixels(lattice)))
+    model.top_down(n, grid.tile, grid.tile, known, acts)
+    for k, posterior in zip(reversed(latents), reversed(posteriors)):
+        latent_codec(posterior, params).push(ans, k)
+    return lattice
+
+
+def _latent_tensor(k: np.ndarray, shape: torch.Size, params: CodingParams) -> torch.Tensor:
+    """The discretised latent the network consumes on both sides: z = k * grid."""
+    return torch.from_numpy(k.astype(np.float32) * np.float32(params.latent_grid)).reshape(shape)
+
+
+def encode_tiles(model: HierarchicalVAE, ans: AnsCoder, pixels: np.ndarray, params: CodingParams,
+                 progress: Callable[[int], None] = lambda n: None) -> tuple[tuple[int, ...], AnsCoder]:
+    """Push all tiles of an (H, W, C) image.
+
+    Returns:
+        The schedule for the header (batches in encode order: tile count, or'ed
+        with DETERMINISTIC_FLAG for a batch coded without borrowing) and the
+        coder holding the result (a roll-back may replace the one passed in).
+    """
+    grid = TileGrid(pixels.shape[0], pixels.shape[1], params.tile)
+    schedule: list[int] = []
+    start, borrow_per_tile = 0, None
+    while start < grid.count:
+        remaining = grid.count - start
+        available = ans.num_valid_bits() - 2 * SAFETY_BITS
+        deterministic = borrow_per_tile is None or available < borrow_per_tile
+        size = 1 if deterministic else int(min(remaining, MAX_BATCH, available // (1.25 * borrow_per_tile)))
+        while True:
+            indices = range(start, start + size)
+            lattice = split_tiles(pixels, grid, indices)
+            snapshot = None if deterministic else ans.clone()
+            try:
+                borrowed = encode_batch(model, ans, lattice, grid, indices, params, deterministic)
+                break
+            except _StackTooShallow:
+                ans = snapshot  # roll back, retry smaller or without borrowing
+                deterministic = size == 1
+                size = max(1, size // 2)
+        borrow_per_tile = max(borrowed / size, 1.0)
+        schedule.append(size | (DETERMINISTIC_FLAG if deterministic else 0))
+        start += size
+        progress(size)
+    return tuple(schedule), ans
+
+
+def decode_tiles(model: HierarchicalVAE, ans: AnsCoder, height: int, width: int, channels: int,
+                 params: CodingParams, schedule: tuple[int, ...],
+                 progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    """Pop all tiles of an image coded by `encode_tiles`; returns (H, W, C) uint8."""
+    grid = TileGrid(height, width, params.tile)
+    sizes = [entry & ~DETERMINISTIC_FLAG for entry in schedule]
+    if sum(sizes) != grid.count or min(sizes, default=1) < 1:
+        raise CorruptFileError("corrupt header: tile schedule does not cover the image")
+    out = np.zeros((height, width, channels), dtype=np.uint8)
+    starts = np.cumsum([0] + sizes[:-1])
+    for entry, start, size in reversed(list(zip(schedule, starts, sizes))):  # LIFO
+        indices = range(int(start), int(start) + size)
+        lattice = decode_batch(model, ans, grid, indices, channels, params, bool(entry & DETERMINISTIC_FLAG))
+        merge_tiles(lattice, grid, indices, out)
+        progress(size)
+    return out

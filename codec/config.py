@@ -1,0 +1,59 @@
+"""`ModelConfig`: the frozen architecture description stored with every set of weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a `HierarchicalVAE`.
+
+    Attributes:
+        channels: image channels the model codes (3 for RGB, 1 for gray).
+        width: trunk channels of the bottom-up and top-down ResNets.
+        bottleneck: inner channels of each residual block.
+        latent_scales: (downsampling factor, latent groups, channels per group),
+            coarsest first; factors are powers of two >= 4 (the stem folds 4x4 pixels).
+        pixel_width: channels of the sub-lattice pixel decoder (runs at 1/2 resolution).
+        mixtures: logistic mixture components per subpixel.
+        latent_grid: width of the latent discretisation grid used for coding.
+    """
+
+    channels: int = 3
+    width: int = 96
+    bottleneck: int = 32
+    latent_scales: tuple[tuple[int, int, int], ...] = ((16, 2, 16), (8, 2, 16), (4, 1, 8))
+    pixel_width: int = 48
+    mixtures: int = 3
+    latent_grid: float = 1.0 / 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latent_scales", tuple(tuple(s) for s in self.latent_scales))
+        if self.channels not in (1, 3):
+            raise ModelError(f"channels must be 1 or 3, got {self.channels}")
+        factors = [s[0] for s in self.latent_scales]
+        if factors != sorted(factors, reverse=True) or min(factors) < 4:
+            raise ModelError(f"latent scales must be coarsest first and >= 4, got {factors}")
+
+    @property
+    def downsampling(self) -> int:
+        """Tile sides must be multiples of this (the coarsest latent factor)."""
+        return max(self.latent_scales[0][0], 4)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ModelError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,0 +1,326 @@
+"""The .vz file format: header dataclass, `pack`/`unpack`, checksums.
+
+Format version 1, every integer little-endian, strings UTF-8 with a length prefix:
+
+    magic              8 bytes   b"VZIP\\r\\n\\x1a\\n"
+    version            u16       1
+    mode               u8 length + ASCII
+    width, height      u32, u32  pixels, each 1..65535, width * height <= 2**28
+    model_name         u16 length + UTF-8   ("" when no neural model was used)
+    model_hash         8 bytes   weight-hash prefix, zeros when no model
+    tile_size          u16       pixels
+    schedule           u16 count + count x u16   tile-batch schedule
+    num_initial_words  u32
+    pixel_checksum     16 bytes  `pixel_checksum` of the decoded image
+    palette            u16 length + bytes   (mode P only, RGB triples)
+    transparency       u16 length + bytes   (`images.encode_transparency`)
+    icc_profile        u32 length + bytes
+    runtime            u16 length + UTF-8   library versions that affect the numbers
+    payload            u32 count + count x u32   ANS words
+    crc32              u32       zlib.crc32 of every byte before it
+
+Any change to this layout bumps `FORMAT_VERSION`; `unpack` refuses versions not in
+`KNOWN_VERSIONS`. Everything read is validated and reported as `CorruptFileError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CorruptFileError, UnsupportedVersionError
+from .images import SUPPORTED_MODES, Image, decode_transparency
+
+MAGIC = b"VZIP\r\n\x1a\n"
+"""8 bytes; the CR LF, ^Z and LF catch text-mode mangling, as in PNG."""
+
+FORMAT_VERSION = 1
+KNOWN_VERSIONS: tuple[int, ...] = (1,)
+
+MAX_SIDE = 65535
+"""Largest width or height, pixels."""
+MAX_PIXELS = 2**28
+"""Largest width * height, pixels."""
+MODEL_HASH_BYTES = 8
+CHECKSUM_BYTES = 16
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Header:
+    """Everything in a .vz file except the payload words.
+
+    Attributes:
+        mode: Image mode, one of `images.SUPPORTED_MODES`.
+        width: Image width, pixels.
+        height: Image height, pixels.
+        model_name: Registry name of the model, "" when no neural model was used.
+        model_hash: First 8 bytes of the weights' sha256, zeros when no model.
+        tile_size: Tile side, pixels (u16).
+        schedule: Tile-batch schedule, u16 each, at most 65535 entries.
+        num_initial_words: u32 count of initial ANS words (bits-back seed).
+        pixel_checksum: 16-byte `pixel_checksum` of the image.
+        palette: Mode P only: RGB triples.
+        transparency: Serialised transparency (`images.encode_transparency`).
+        icc_profile: Raw ICC profile.
+        runtime: Library versions that affect the coded numbers.
+    """
+
+    mode: str
+    width: int
+    height: int
+    model_name: str
+    model_hash: bytes
+    tile_size: int
+    schedule: tuple[int, ...]
+    num_initial_words: int
+    pixel_checksum: bytes
+    palette: bytes = b""
+    transparency: bytes = b""
+    icc_profile: bytes = b""
+    runtime: str = ""
+
+
+def header_problem(header: Header) -> str:
+    """Returns why `header` cannot be stored or used, or "" if it is valid."""
+    if header.mode not in SUPPORTED_MODES:
+        return f"unknown image mode {header.mode!r}"
+    if not (1 <= header.width <= MAX_SIDE and 1 <= header.height <= MAX_SIDE):
+        return f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}"
+    if header.width * header.height > MAX_PIXELS:
+        return f"image of {header.width}x{header.height} pixels exceeds {MAX_PIXELS} pixels"
+    if not 0 <= _utf8_length(header.model_name) <= _U16:
+        return "model name must be UTF-8 of at most 65535 bytes"
+    if len(header.model_hash) != MODEL_HASH_BYTES:
+        return f"model hash must be {MODEL_HASH_BYTES} bytes, got {len(header.model_hash)}"
+    if not 0 <= header.tile_size <= _U16:
+        return f"tile size {header.tile_size} outside 0..65535"
+    if len(header.schedule) > _U16 or not all(0 <= n <= _U16 for n in header.schedule):
+        return "schedule must be at most 65535 entries of 0..65535"
+    if not 0 <= header.num_initial_words <= _U32:
+        return f"initial word count {header.num_initial_words} outside u32"
+    if len(header.pixel_checksum) != CHECKSUM_BYTES:
+        return f"pixel checksum must be {CHECKSUM_BYTES} bytes, got {len(header.pixel_checksum)}"
+    if header.palette and header.mode != "P":
+        return f"mode {header.mode} cannot have a palette"
+    if len(header.palette) % 3 or len(header.palette) > 256 * 3:
+        return f"palette of {len(header.palette)} bytes is not at most 256 RGB triples"
+    if len(header.transparency) > _U16 or len(header.icc_profile) > _U32:
+        return "transparency or ICC profile too long"
+    try:
+        decode_transparency(header.transparency, header.mode)
+    except ValueError as error:
+        return f"bad transparency: {error}"
+    if not 0 <= _utf8_length(header.runtime) <= _U16:
+        return "runtime string must be UTF-8 of at most 65535 bytes"
+    return ""
+
+
+def _utf8_length(value: str) -> int:
+    """Encoded length in bytes, or -1 if `value` cannot be UTF-8 encoded (lone surrogates)."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
+
+
+def _text(value: str) -> bytes:
+    encoded = value.encode("utf-8")
+    return struct.pack("<H", len(encoded)) + encoded
+
+
+def pack(header: Header, words: np.ndarray) -> bytes:
+    """Serialises a header and payload into .vz bytes.
+
+    Args:
+        header: A valid header.
+        words: 1-D payload of ANS words, values 0..2**32-1 (any integer dtype).
+
+    Returns:
+        The file contents, CRC-32 last.
+
+    Raises:
+        ValueError: If the header is invalid, or the words are not 1-D u32 values.
+    """
+    problem = header_problem(header)
+    if problem:
+        raise ValueError(f"cannot pack header: {problem}")
+    words = np.asarray(words)
+    if words.ndim != 1 or (words.size and words.dtype.kind not in "ui"):
+        raise ValueError(f"payload must be a 1-D integer array, got {words.dtype} {words.shape}")
+    if words.size and (int(words.min()) < 0 or int(words.max()) > _U32):
+        raise ValueError("payload words must be in 0..2**32-1")
+    if words.size > _U32:
+        raise ValueError("payload longer than 2**32-1 words")
+    mode = header.mode.encode("ascii")
+    parts = [
+        MAGIC,
+        struct.pack("<H", FORMAT_VERSION),
+        struct.pack("<B", len(mode)) + mode,
+        struct.pack("<II", header.width, header.height),
+        _text(header.model_name),
+        header.model_hash,
+        struct.pack("<H", header.tile_size),
+        struct.pack("<H", len(header.schedule)),
+        np.asarray(header.schedule, dtype="<u2").tobytes(),
+        struct.pack("<I", header.num_initial_words),
+        header.pixel_checksum,
+        struct.pack("<H", len(header.palette)) + header.palette,
+        struct.pack("<H", len(header.transparency)) + header.transparency,
+        struct.pack("<I", len(header.icc_profile)) + header.icc_profile,
+        _text(header.runtime),
+        struct.pack("<I", words.size),
+        np.asarray(words, dtype="<u4").tobytes(),
+    ]
+    body = b"".join(parts)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+class _Reader:
+    """Reads fields from a byte string, checking each length before slicing."""
+
+    def __init__(self, data: bytes, start: int) -> None:
+        self._data = data
+        self._pos = start
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def take(self, count: int, what: str) -> bytes:
+        if count > self.remaining:
+            raise CorruptFileError(
+                f"corrupt vaezip file: {what} needs {count} bytes, only {self.remaining} left"
+            )
+        chunk = self._data[self._pos : self._pos + count]
+        self._pos += count
+        return chunk
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        return struct.unpack("<H", self.take(2, what))[0]
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def text(self, what: str, length: int) -> str:
+        raw = self.take(length, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptFileError(f"corrupt vaezip file: {what} is not valid UTF-8") from None
+
+    def array(self, count: int, dtype: str, what: str) -> np.ndarray:
+        """`count` items of little-endian `dtype`, length checked before anything is allocated."""
+        size = np.dtype(dtype).itemsize
+        return np.frombuffer(self.take(count * size, what), dtype=dtype).astype(dtype[1:])
+
+
+def _check_preamble(data: bytes) -> None:
+    """Checks magic, version and CRC; raises CorruptFileError / UnsupportedVersionError."""
+    if not data or data[: len(MAGIC)] != MAGIC[: len(data)]:
+        raise CorruptFileError("not a vaezip file (wrong magic bytes)")
+    if len(data) < len(MAGIC) + 2:
+        raise CorruptFileError(f"truncated vaezip file: only {len(data)} bytes")
+    (version,) = struct.unpack_from("<H", data, len(MAGIC))
+    if version not in KNOWN_VERSIONS:
+        known = ", ".join(str(v) for v in KNOWN_VERSIONS)
+        raise UnsupportedVersionError(
+            f"vaezip file format version {version} is not supported (this build reads: {known})"
+        )
+    if len(data) < len(MAGIC) + 2 + 4:
+        raise CorruptFileError(f"truncated vaezip file: only {len(data)} bytes")
+    (stored_crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(data[:-4]) != stored_crc:
+        raise CorruptFileError("vaezip file is truncated or damaged (CRC-32 mismatch)")
+
+
+def unpack(data: bytes) -> tuple[Header, np.ndarray]:
+    """Parses and validates .vz bytes.
+
+    Args:
+        data: The whole file.
+
+    Returns:
+        The header and the payload as a 1-D uint32 array.
+
+    Raises:
+        UnsupportedVersionError: If the format version is not in `KNOWN_VERSIONS`.
+        CorruptFileError: If the bytes are not a vaezip file, are truncated, have trailing
+            bytes, fail the CRC, or hold an invalid field.
+    """
+    data = bytes(data)
+    _check_preamble(data)
+    reader = _Reader(data[:-4], len(MAGIC) + 2)
+    mode_raw = reader.take(reader.u8("mode length"), "mode")
+    mode = mode_raw.decode("latin-1")
+    if mode not in SUPPORTED_MODES:
+        raise CorruptFileError(f"corrupt vaezip file: unknown image mode {mode!r}")
+    width = reader.u32("width")
+    height = reader.u32("height")
+    model_name = reader.text("model name", reader.u16("model name length"))
+    model_hash = reader.take(MODEL_HASH_BYTES, "model hash")
+    tile_size = reader.u16("tile size")
+    schedule = tuple(int(n) for n in reader.array(reader.u16("schedule length"), "<u2", "schedule"))
+    num_initial_words = reader.u32("initial word count")
+    checksum = reader.take(CHECKSUM_BYTES, "pixel checksum")
+    palette = reader.take(reader.u16("palette length"), "palette")
+    transparency = reader.take(reader.u16("transparency length"), "transparency")
+    icc_profile = reader.take(reader.u32("ICC profile length"), "ICC profile")
+    runtime = reader.text("runtime", reader.u16("runtime length"))
+    words = reader.array(reader.u32("payload word count"), "<u4", "payload")
+    if reader.remaining:
+        raise CorruptFileError(f"corrupt vaezip file: {reader.remaining} unexpected trailing bytes")
+    header = Header(
+        mode=mode,
+        width=width,
+        height=height,
+        model_name=model_name,
+        model_hash=model_hash,
+        tile_size=tile_size,
+        schedule=schedule,
+        num_initial_words=num_initial_words,
+        pixel_checksum=checksum,
+        palette=palette,
+        transparency=transparency,
+        icc_profile=icc_profile,
+        runtime=runtime,
+    )
+    problem = header_problem(header)
+    if problem:
+        raise CorruptFileError(f"corrupt vaezip file: {problem}")
+    return header, words
+
+
+def read_header(data: bytes) -> Header:
+    """Validates .vz bytes like `unpack` and returns only the header (for `vaezip info`)."""
+    return unpack(data)[0]
+
+
+def pixel_checksum(image: Image) -> bytes:
+    """16-byte BLAKE2b of everything lossless means: mode, size, pixels, palette, transparency.
+
+    Each variable-length part is length-prefixed so no two images hash the same bytes.
+    The ICC profile is metadata and not included.
+
+    Args:
+        image: The image.
+
+    Returns:
+        16 bytes.
+    """
+    digest = hashlib.blake2b(digest_size=CHECKSUM_BYTES, person=b"vaezip-pixels-v1")
+    mode = image.mode.encode("ascii")
+    digest.update(struct.pack("<B", len(mode)) + mode)
+    digest.update(struct.pack("<III", image.width, image.height, image.channels))
+    digest.update(np.ascontiguousarray(image.pixels, dtype=np.uint8).tobytes())
+    digest.update(struct.pack("<I", len(image.palette)) + image.palette)
+    digest.update(struct.pack("<I", len(image.transparency)) + image.transparency)
+    return digest.digest()

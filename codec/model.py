@@ -1,0 +1,371 @@
+"""`HierarchicalVAE`: top-down VAE with a sub-lattice logistic-mixture pixel decoder.
+
+Computes ELBO / IWAE in bits per subpixel for training and measurement, and
+exposes the pieces bits-back coding needs: the bottom-up pass, one top-down walk
+whose latents are chosen by a callback, and the pixel-likelihood parameters of
+each of the four 2x2 sub-lattice stages. It knows nothing about entropy coders.
+
+Layout (H x W image, C channels):
+  stem: 4x4 pixel-unshuffle -> 1x1 conv, trunk at H/4;
+  bottom-up: residual blocks, average-pool down to each latent scale;
+  top-down: groups of diagonal-Gaussian latents, coarsest first, the posterior
+    parameterised relative to the prior (NVAE);
+  pixels: top-down features pixel-shuffled to H/2; the 2x2 positions of every
+    block are decoded in four stages, each conditioned on the stages before it
+    (a local context the latents model poorly), as a discretised logistic
+    mixture with channel-autoregressive means (R, then G given R, then B).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+LN2 = math.log(2.0)
+# Pixel-likelihood parameter ranges, in pixel units; quantize.py uses the same.
+LOG_SCALE_MIN = -3.0
+LOG_SCALE_MAX = 4.875
+COEFF_RANGE = 1.0
+LOGIT_RANGE = 16.0
+LATENT_LOG_STD_MIN = -6.0
+LATENT_LOG_STD_MAX = 2.0
+
+# Order of the 2x2 sub-lattice positions (row, col): diagonals first, so the
+# later stages see neighbours on all four sides.
+STAGE_OFFSETS = ((0, 0), (1, 1), (0, 1), (1, 0))
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One latent group: its downsampling factor and number of channels."""
+
+    factor: int
+    channels: int
+
+
+@dataclass
+class Gaussian:
+    """Diagonal Gaussian; `mean` and `log_std` are (N, channels, h, w) tensors."""
+
+    mean: torch.Tensor
+    log_std: torch.Tensor
+
+
+# choose(group index, prior, posterior or None) -> latent tensor fed to the decoder.
+LatentChooser = Callable[[int, Gaussian, Optional[Gaussian]], torch.Tensor]
+
+
+def _act(x: torch.Tensor) -> torch.Tensor:
+    """ReLU, not GELU: no transcendental functions anywhere in the network, so
+    vectorised and scalar code paths (which differ with the thread count) agree."""
+    return F.relu(x)
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+class Block(nn.Module):
+    """Residual bottleneck block: 1x1 -> 3x3 -> 3x3 -> 1x1 with ReLUs."""
+
+    def __init__(self, cin: int, mid: int, cout: int, residual: bool = True, zero_last: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.c1, self.c2, self.c3, self.c4 = _conv(cin, mid, 1), _conv(mid, mid, 3), _conv(mid, mid, 3), _conv(mid, cout, 1)
+        if zero_last:
+            nn.init.zeros_(self.c4.weight)
+            nn.init.zeros_(self.c4.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c4(_act(self.c3(_act(self.c2(_act(self.c1(_act(x))))))))
+        return x + y if self.residual else y
+
+
+class TopDownGroup(nn.Module):
+    """Prior p(z_g | z_<g), posterior q(z_g | z_<g, x) and the update of the decoder state."""
+
+    def __init__(self, width: int, mid: int, zdim: int):
+        super().__init__()
+        self.zdim = zdim
+        self.prior = Block(width, mid, 2 * zdim + width, residual=False, zero_last=True)
+        self.posterior = Block(2 * width, mid, 2 * zdim, residual=False, zero_last=True)
+        self.z_proj = _conv(zdim, width, 1)
+        self.z_proj.weight.data.mul_(0.1)
+        self.out = Block(width, mid, width)
+
+    def prior_params(self, h: torch.Tensor) -> tuple[Gaussian, torch.Tensor]:
+        out = self.prior(h)
+        mean, log_std, feat = out[:, : self.zdim], out[:, self.zdim : 2 * self.zdim], out[:, 2 * self.zdim :]
+        return Gaussian(mean, log_std.clamp(LATENT_LOG_STD_MIN, LATENT_LOG_STD_MAX)), feat
+
+    def posterior_params(self, h: torch.Tensor, act: torch.Tensor, prior: Gaussian) -> Gaussian:
+        delta = self.posterior(torch.cat([h, act], dim=1))
+        mean = prior.mean + delta[:, : self.zdim]
+        log_std = (prior.log_std + delta[:, self.zdim :]).clamp(LATENT_LOG_STD_MIN, LATENT_LOG_STD_MAX)
+        return Gaussian(mean, log_std)
+
+    def update(self, h: torch.Tensor, feat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.out(h + feat + self.z_proj(z))
+
+
+class PixelStage(nn.Module):
+    """Mixture parameters of one 2x2 sub-lattice position from features and earlier stages."""
+
+    def __init__(self, cfg: ModelConfig, stage: int):
+        super().__init__()
+        c, p = cfg.channels, cfg.pixel_width
+        self.stage = stage
+        self.feat = _conv(p, p, 1)
+        self.context = _conv(4 * c, p, 3) if stage > 0 else None
+        self.mid1, self.mid2 = _conv(p, p, 3), _conv(p, p, 1)
+        self.head = _conv(p, params_per_position(cfg), 1)
+
+    def forward(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.feat(features)
+        if self.context is not None:
+            h = h + self.context(context)
+        h = h + self.mid2(_act(self.mid1(_act(h))))
+        return self.head(_act(h))
+
+
+def params_per_position(cfg: ModelConfig) -> int:
+    """Mixture parameters per pixel: logits, means, log-scales (+ 3 coefficients for RGB)."""
+    k, c = cfg.mixtures, cfg.channels
+    return k * (1 + 2 * c + (3 if c == 3 else 0))
+
+
+@dataclass
+class MixtureParams:
+    """Discretised logistic mixture for subpixels in pixel units (0..255).
+
+    logits: (N, K, h, w); means, log_scales: (N, C, K, h, w), means before the
+    channel-autoregressive shift; coeffs: (N, 3, K, h, w) for RGB (G<-R, B<-R,
+    B<-G), None for gray.
+    """
+
+    logits: torch.Tensor
+    means: torch.Tensor
+    log_scales: torch.Tensor
+    coeffs: Optional[torch.Tensor]
+
+
+def split_params(raw: torch.Tensor, cfg: ModelConfig) -> MixtureParams:
+    """Map raw head output (N, P, h, w) to bounded mixture parameters."""
+    n, _, h, w = raw.shape
+    k, c = cfg.mixtures, cfg.channels
+    logits = raw[:, :k].clamp(-LOGIT_RANGE, LOGIT_RANGE)
+    means = 127.5 + 127.5 * raw[:, k : k + c * k].reshape(n, c, k, h, w)
+    log_scales = raw[:, k + c * k : k + 2 * c * k].reshape(n, c, k, h, w) + 2.0
+    log_scales = log_scales.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+    coeffs = None
+    if c == 3:
+        coeffs = raw[:, k + 2 * c * k :].reshape(n, 3, k, h, w).clamp(-COEFF_RANGE, COEFF_RANGE)
+    return MixtureParams(logits, means, log_scales, coeffs)
+
+
+def autoregressive_means(p: MixtureParams, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel means (N, C, K, h, w) after conditioning G on R and B on R, G.
+
+    Args:
+        x: (N, C, h, w) float pixel values 0..255 of the same positions.
+    """
+    if p.coeffs is None:
+        return p.means
+    centred = (x - 127.5).unsqueeze(2)
+    r, g = centred[:, 0:1], centred[:, 1:2]
+    mean_r = p.means[:, 0:1]
+    mean_g = p.means[:, 1:2] + p.coeffs[:, 0:1] * r
+    mean_b = p.means[:, 2:3] + p.coeffs[:, 1:2] * r + p.coeffs[:, 2:3] * g
+    return torch.cat([mean_r, mean_g, mean_b], dim=1)
+
+
+def mixture_log_prob(p: MixtureParams, x: torch.Tensor) -> torch.Tensor:
+    """log P(x) in nats per subpixel, (N, C, h, w), for integer pixel values x (float)."""
+    means = autoregressive_means(p, x)
+    xe = x.unsqueeze(2)
+    inv_s = torch.exp(-p.log_scales)
+    upper = torch.where(xe >= 255, torch.full_like(xe, 1e4), (xe + 0.5 - means) * inv_s)
+    lower = torch.where(xe <= 0, torch.full_like(xe, -1e4), (xe - 0.5 - means) * inv_s)
+    # log(sigmoid(u) - sigmoid(l)), stable for both tails.
+    log_mass = torch.log(torch.clamp(torch.sigmoid(upper) - torch.sigmoid(lower), min=1e-12))
+    mid = (xe - means) * inv_s
+    log_pdf_mid = mid - p.log_scales - 2 * F.softplus(mid)  # density approx when the bin is tiny
+    log_mass = torch.where(torch.sigmoid(upper) - torch.sigmoid(lower) > 1e-5, log_mass, log_pdf_mid)
+    log_w = torch.log_softmax(p.logits, dim=1).unsqueeze(1)
+    return torch.logsumexp(log_mass + log_w, dim=2)
+
+
+def gaussian_log_prob(g: Gaussian, z: torch.Tensor) -> torch.Tensor:
+    """Elementwise log density in nats."""
+    return -0.5 * ((z - g.mean) * torch.exp(-g.log_std)) ** 2 - g.log_std - 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_kl(q: Gaussian, p: Gaussian) -> torch.Tensor:
+    """Elementwise KL(q || p) in nats."""
+    return (
+        p.log_std - q.log_std
+        + 0.5 * (torch.exp(2 * q.log_std) + (q.mean - p.mean) ** 2) * torch.exp(-2 * p.log_std)
+        - 0.5
+    )
+
+
+@dataclass
+class NelboTerms:
+    """Per-image terms in bits: `nelbo_bits` (N,), `recon_bits` (N,), `kl_bits` (N, groups)."""
+
+    nelbo_bits: torch.Tensor
+    recon_bits: torch.Tensor
+    kl_bits: torch.Tensor
+
+
+class HierarchicalVAE(nn.Module):
+    """Fully convolutional top-down VAE; images are uint8 (N, C, H, W), H and W
+    multiples of `config.downsampling`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c, w, mid = config.channels, config.width, config.bottleneck
+        self.stem = _conv(16 * c, w, 1)
+        self.factors = sorted({f for f, _, _ in config.latent_scales} | {4})
+        self.encoder = nn.ModuleList([Block(w, mid, w) for _ in self.factors])
+        self.groups = [GroupSpec(f, zdim) for f, n, zdim in config.latent_scales for _ in range(n)]
+        self.decoder = nn.ModuleList([TopDownGroup(w, mid, g.channels) for g in self.groups])
+        self.top_bias = nn.Parameter(torch.zeros(1, w, 1, 1))
+        self.to_pixels = _conv(w, 4 * config.pixel_width, 1)
+        self.stages = nn.ModuleList([PixelStage(config, s) for s in range(4)])
+
+    # ---- bottom-up -------------------------------------------------------
+    def bottom_up(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Encoder activations keyed by downsampling factor, for uint8 x (N, C, H, W)."""
+        h = self.stem(F.pixel_unshuffle(x.float() / 127.5 - 1.0, 4))
+        acts = {}
+        for factor, block in zip(self.factors, self.encoder):
+            while h.shape[-1] > x.shape[-1] // factor:
+                h = F.avg_pool2d(h, 2)
+            h = block(h)
+            acts[factor] = h
+        return acts
+
+    # ---- top-down --------------------------------------------------------
+    def top_down(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        choose: LatentChooser,
+        acts: Optional[dict[int, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Walk the latent groups coarsest first; `choose` picks each z.
+
+        Args:
+            batch, height, width: image batch size and pixel size.
+            choose: called as choose(g, prior, posterior) with posterior None
+                when `acts` is None; returns z_g (N, channels, h, w).
+            acts: bottom-up activations of the images, or None (prior only).
+        Returns:
+            Pixel-decoder features (N, pixel_width, H/2, W/2).
+        """
+        first = self.groups[0].factor
+        h = self.top_bias.expand(batch, -1, height // first, width // first)
+        for g, (spec, group) in enumerate(zip(self.groups, self.decoder)):
+            size = (height // spec.factor, width // spec.factor)
+            if h.shape[-2:] != size:
+                h = F.interpolate(h, size=size, mode="nearest")
+            prior, feat = group.prior_params(h)
+            posterior = None if acts is None else group.posterior_params(h, acts[spec.factor], prior)
+            z = choose(g, prior, posterior)
+            h = group.update(h, feat, z)
+        if h.shape[-2:] != (height // 4, width // 4):
+            h = F.interpolate(h, size=(height // 4, width // 4), mode="nearest")
+        return F.pixel_shuffle(self.to_pixels(h), 2)
+
+    # ---- pixels ----------------------------------------------------------
+    def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
+        """Mixture parameters of sub-lattice `stage` given the stages before it.
+
+        Args:
+            features: (N, pixel_width, H/2, W/2) from `top_down`.
+            lattice: (N, 4, C, H/2, W/2) uint8 pixels split by 2x2 position in
+                STAGE_OFFSETS order; only stages < `stage` are read.
+        """
+        n, _, c, h, w = lattice.shape
+        context = torch.zeros(n, 4, c, h, w, dtype=torch.float32, device=features.device)
+        if stage > 0:
+            context[:, :stage] = lattice[:, :stage].float() / 127.5 - 1.0
+        raw = self.stages[stage](features, context.reshape(n, 4 * c, h, w))
+        return split_params(raw, self.config)
+
+    # ---- objectives ------------------------------------------------------
+    def nelbo(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> NelboTerms:
+        """Single-sample negative ELBO with analytic KLs, in bits per image.
+
+        Args:
+            x: uint8 (N, C, H, W).
+            mask: optional bool (N, 1, H, W); only True pixels count in the
+                reconstruction term (tile padding is not coded).
+        """
+        n, _, height, width = x.shape
+        acts = self.bottom_up(x)
+        kls = []
+
+        def sample(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
+            kls.append(gaussian_kl(posterior, prior).sum(dim=(1, 2, 3)))
+            return posterior.mean + torch.exp(posterior.log_std) * torch.randn_like(posterior.mean)
+
+        features = self.top_down(n, height, width, sample, acts)
+        log_prob = self.pixel_log_prob(features, x)
+        if mask is not None:
+            log_prob = log_prob * split_lattice(mask)
+        recon = -log_prob.sum(dim=(1, 2, 3, 4)) / LN2
+        kl_bits = torch.stack(kls, dim=1) / LN2
+        return NelboTerms(recon + kl_bits.sum(1), recon, kl_bits)
+
+    def pixel_log_prob(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) in nats, (N, 4, C, H/2, W/2) by sub-lattice stage."""
+        lattice = split_lattice(x)
+        out = []
+        for s in range(4):
+            params = self.stage_params(features, lattice, s)
+            out.append(mixture_log_prob(params, lattice[:, s].float()))
+        return torch.stack(out, dim=1)
+
+    def iwae_bits(self, x: torch.Tensor, samples: int) -> torch.Tensor:
+        """-log p(x) estimated with `samples` importance samples, bits per image (N,)."""
+        n, _, height, width = x.shape
+        acts = self.bottom_up(x)
+        log_w = []
+        for _ in range(samples):
+            log_ratio = torch.zeros(n, device=x.device)
+
+            def sample(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
+                nonlocal log_ratio
+                z = posterior.mean + torch.exp(posterior.log_std) * torch.randn_like(posterior.mean)
+                log_ratio = log_ratio + (gaussian_log_prob(prior, z) - gaussian_log_prob(posterior, z)).sum(dim=(1, 2, 3))
+                return z
+
+            features = self.top_down(n, height, width, sample, acts)
+            log_w.append(self.pixel_log_prob(features, x).sum(dim=(1, 2, 3, 4)) + log_ratio)
+        log_w = torch.stack(log_w, dim=1)
+        return -(torch.logsumexp(log_w, dim=1) - math.log(samples)) / LN2
+
+
+def split_lattice(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 4, C, H/2, W/2), positions in STAGE_OFFSETS order."""
+    return torch.stack([x[:, :, i::2, j::2] for i, j in STAGE_OFFSETS], dim=1)
+
+
+def merge_lattice(lattice: torch.Tensor) -> torch.Tensor:
+    """Inverse of `split_lattice`."""
+    n, _, c, h, w = lattice.shape
+    x = lattice.new_zeros(n, c, 2 * h, 2 * w)
+    for s, (i, j) in enumerate(STAGE_OFFSETS):
+        x[:, :, i::2, j::2] = lattice[:, s]
+    return x

@@ -1,0 +1,161 @@
+"""The one float -> integer step: mixture parameters to fixed grids, grids to PMFs.
+
+Network outputs (float32) are rounded once onto integer grids; everything after
+that is integer arithmetic and table look-ups in numpy, so the probability
+tables that reach the entropy coder are a pure function of those integers.
+
+Grids (pixel units, subpixel values 0..255):
+  means: 1/8 pixel (`MEAN_STEPS`), clamped to [-64, 319];
+  log-scales: 1/16 (`LOG_SCALE_STEPS`) in [LOG_SCALE_MIN, LOG_SCALE_MAX];
+  channel coefficients: 1/64 in [-1, 1];  mixture logits: 1/8 in [-16, 16].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+
+from .model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
+
+MEAN_STEPS = 8
+LOG_SCALE_STEPS = 16
+COEFF_STEPS = 64
+LOGIT_STEPS = 8
+MEAN_MIN, MEAN_MAX = -64 * MEAN_STEPS, 319 * MEAN_STEPS
+SCALE_LO = int(round(LOG_SCALE_MIN * LOG_SCALE_STEPS))
+SCALE_HI = int(round(LOG_SCALE_MAX * LOG_SCALE_STEPS))
+LOGIT_LIMIT = int(round(LOGIT_RANGE * LOGIT_STEPS))
+# Offsets (in 1/8 pixel) between a bin edge and a mean that the CDF table covers.
+_EDGE_SPAN = 255 * MEAN_STEPS + (MEAN_MAX - MEAN_MIN)
+_CHUNK = 8192  # subpixels per PMF block: bounds temporary memory to ~25 MB
+
+
+@dataclass
+class QuantizedMixture:
+    """Integer mixture parameters of n pixel positions (flattened).
+
+    logits: (n, K); means: (n, C, K) in 1/8 pixel before the channel shift;
+    log_scales: (n, C, K) in 1/16; coeffs: (n, 3, K) in 1/64, None for gray.
+    """
+
+    logits: np.ndarray
+    means: np.ndarray
+    log_scales: np.ndarray
+    coeffs: Optional[np.ndarray]
+
+
+def _flat(t, lead: int) -> np.ndarray:
+    """(N, *lead dims, h, w) tensor -> (N*h*w, *lead dims) float32 numpy array."""
+    a = t.detach().float().cpu().numpy()
+    n, h, w = a.shape[0], a.shape[-2], a.shape[-1]
+    lead_shape = a.shape[1:-2]
+    a = np.moveaxis(a.reshape(n, -1, h, w), 1, -1).reshape(n * h * w, *lead_shape)
+    return a
+
+
+def _round(a: np.ndarray, steps: int, lo: int, hi: int) -> np.ndarray:
+    return np.clip(np.rint(a * steps), lo, hi).astype(np.int64)
+
+
+def quantize_mixture(params: MixtureParams, mask: Optional[np.ndarray] = None) -> QuantizedMixture:
+    """Round mixture parameters of shape (N, ..., h, w) onto the integer grids.
+
+    Args:
+        mask: optional (N, h, w) bool; keeps only those positions (row-major order).
+    """
+    keep = slice(None) if mask is None else mask.reshape(-1)
+    coeff_limit = int(COEFF_RANGE * COEFF_STEPS)
+    return QuantizedMixture(
+        logits=_round(_flat(params.logits, 1)[keep], LOGIT_STEPS, -LOGIT_LIMIT, LOGIT_LIMIT),
+        means=_round(_flat(params.means, 2)[keep], MEAN_STEPS, MEAN_MIN, MEAN_MAX),
+        log_scales=_round(_flat(params.log_scales, 2)[keep], LOG_SCALE_STEPS, SCALE_LO, SCALE_HI),
+        coeffs=None if params.coeffs is None else _round(_flat(params.coeffs, 2)[keep], COEFF_STEPS, -coeff_limit, coeff_limit),
+    )
+
+
+@lru_cache(maxsize=1)
+def _cdf_rows() -> np.ndarray:
+    """Logistic CDFs at the 255 inner bin edges, as a strided view, float32.
+
+    rows[s, phase, u] is the (255,) vector CDF((edge_v - mean) / scale_s) for a
+    mean with (edge_0 - mean) = phase + MEAN_STEPS * (u - offset); see `_row_index`.
+    """
+    log_scales = np.arange(SCALE_LO, SCALE_HI + 1, dtype=np.float64) / LOG_SCALE_STEPS
+    offsets = np.arange(-_EDGE_SPAN, _EDGE_SPAN + MEAN_STEPS, dtype=np.float64) / MEAN_STEPS
+    t = offsets[None, :] * np.exp(-log_scales)[:, None]
+    cdf = (0.5 * (1.0 + np.tanh(0.5 * t))).astype(np.float32)  # logistic CDF, overflow-free
+    # Split offsets by phase (offset mod MEAN_STEPS) so each row is contiguous.
+    by_phase = np.ascontiguousarray(
+        cdf.reshape(len(log_scales), -1, MEAN_STEPS).transpose(0, 2, 1)
+    )  # (scales, phase, offset // MEAN_STEPS)
+    s, p, u = by_phase.shape
+    item = by_phase.itemsize
+    return np.lib.stride_tricks.as_strided(
+        by_phase, shape=(s, p, u - 255, 255), strides=(p * u * item, u * item, item, item), writeable=False
+    )
+
+
+def _row_index(means: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices into `_cdf_rows()` for integer means (1/8 px) and scale indices."""
+    first = MEAN_STEPS // 2 + _EDGE_SPAN - means  # offset of edge 0, shifted to >= 0
+    return scales - SCALE_LO, first % MEAN_STEPS, first // MEAN_STEPS
+
+
+@lru_cache(maxsize=1)
+def _exp_table() -> np.ndarray:
+    return np.exp(np.arange(-2 * LOGIT_LIMIT, 1, dtype=np.float64) / LOGIT_STEPS)
+
+
+def mixture_weights(logits: np.ndarray) -> np.ndarray:
+    """Softmax of integer logits (n, K) via a table, float32 (n, K)."""
+    rel = logits - logits.max(axis=1, keepdims=True)
+    w = _exp_table()[rel + 2 * LOGIT_LIMIT]
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def channel_means(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np.ndarray:
+    """Means (n, K) of `channel` in 1/8 pixel after conditioning on earlier channels.
+
+    Args:
+        previous: (n, C) integer pixel values; only channels < `channel` are read.
+    """
+    means = q.means[:, channel].copy()
+    if q.coeffs is None or channel == 0:
+        return means
+    centred = 8 * previous.astype(np.int64) - 1020  # (x - 127.5) in 1/8 pixel
+    terms = [(0, 0)] if channel == 1 else [(1, 0), (2, 1)]  # (coeff index, source channel)
+    for coeff, source in terms:
+        means += np.floor_divide(q.coeffs[:, coeff] * centred[:, source : source + 1], COEFF_STEPS)
+    return np.clip(means, MEAN_MIN, MEAN_MAX)
+
+
+def channel_pmf(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np.ndarray:
+    """Probability tables (n, 256) float32 of one channel's subpixel values.
+
+    The result depends only on integers, so encoder and decoder rebuild it bit
+    for bit. Rows are not exactly normalised; constriction rescales them.
+    """
+    rows = _cdf_rows()
+    means = channel_means(q, channel, previous)
+    weights = mixture_weights(q.logits)
+    n, k = means.shape
+    out = np.empty((n, 256), dtype=np.float32)
+    cdf = np.empty((_CHUNK, 255), dtype=np.float32)
+    term = np.empty((_CHUNK, 255), dtype=np.float32)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        c, t = cdf[: stop - start], term[: stop - start]
+        for j in range(k):
+            rows_j = rows[_row_index(means[start:stop, j], q.log_scales[start:stop, channel, j])]
+            np.multiply(rows_j, weights[start:stop, j : j + 1], out=c if j == 0 else t)
+            if j:
+                np.add(c, t, out=c)
+        block = out[start:stop]
+        block[:, 0] = c[:, 0]
+        np.subtract(c[:, 1:], c[:, :-1], out=block[:, 1:255])
+        np.subtract(1.0, c[:, 254], out=block[:, 255])
+        np.maximum(block, 0.0, out=block)  # float rounding can dip below 0
+    return out

@@ -1,0 +1,1 @@
+"""Model weights shipped as package data; see vaezip.registry."""

@@ -1,0 +1,282 @@
+"""Tests for vaezip.container: exact layout, round trips, and every kind of damaged file."""
+
+from __future__ import annotations
+
+import struct
+import time
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vaezip.container import (
+    FORMAT_VERSION,
+    KNOWN_VERSIONS,
+    MAGIC,
+    Header,
+    pack,
+    pixel_checksum,
+    read_header,
+    unpack,
+)
+from vaezip.errors import CorruptFileError, UnsupportedVersionError, VaezipError
+from vaezip.images import SUPPORTED_MODES, Image, encode_transparency
+
+HEADER = Header(
+    mode="P",
+    width=3,
+    height=2,
+    model_name="tiny-v1",
+    model_hash=bytes(range(8)),
+    tile_size=32,
+    schedule=(1, 4),
+    num_initial_words=2,
+    pixel_checksum=bytes(range(100, 116)),
+    palette=b"\x01\x02\x03\x04\x05\x06",
+    transparency=encode_transparency(1),
+    icc_profile=b"icc",
+    runtime="torch=2.13.0",
+)
+WORDS = np.array([0, 1, 0xDEADBEEF, 0xFFFFFFFF], dtype=np.uint32)
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_layout_is_pinned():
+    expected_body = b"".join(
+        [
+            MAGIC,
+            b"\x01\x00",  # version
+            b"\x01P",
+            b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
+            b"\x07\x00tiny-v1",
+            bytes(range(8)),
+            b"\x20\x00",  # tile size
+            b"\x02\x00\x01\x00\x04\x00",  # schedule
+            b"\x02\x00\x00\x00",  # initial words
+            bytes(range(100, 116)),
+            b"\x06\x00\x01\x02\x03\x04\x05\x06",
+            b"\x03\x00I\x01\x00",
+            b"\x03\x00\x00\x00icc",
+            b"\x0c\x00torch=2.13.0",
+            b"\x04\x00\x00\x00",
+            b"\x00\x00\x00\x00\x01\x00\x00\x00\xef\xbe\xad\xde\xff\xff\xff\xff",
+        ]
+    )
+    assert MAGIC[:2] == b"VZ" and len(MAGIC) == 8
+    assert FORMAT_VERSION in KNOWN_VERSIONS
+    assert pack(HEADER, WORDS) == _with_crc(expected_body)
+
+
+def test_round_trip_small():
+    header, words = unpack(pack(HEADER, WORDS))
+    assert header == HEADER
+    assert words.dtype == np.uint32 and np.array_equal(words, WORDS)
+    assert read_header(pack(HEADER, WORDS)) == HEADER
+
+
+@st.composite
+def headers(draw):
+    mode = draw(st.sampled_from(SUPPORTED_MODES))
+    width = draw(st.integers(1, 65535))
+    height = draw(st.integers(1, min(65535, 2**28 // width)))
+    transparency = {
+        "L": st.one_of(st.none(), st.integers(0, 65535)),
+        "1": st.one_of(st.none(), st.integers(0, 65535)),
+        "P": st.one_of(st.none(), st.integers(0, 65535), st.binary(max_size=256)),
+        "RGB": st.one_of(st.none(), st.tuples(*[st.integers(0, 65535)] * 3)),
+    }.get(mode, st.none())
+    triples = st.binary(max_size=256).map(lambda b: b[: len(b) // 3 * 3])
+    palette = draw(triples) if mode == "P" else b""
+    return Header(
+        mode=mode,
+        width=width,
+        height=height,
+        model_name=draw(st.text(max_size=20)),
+        model_hash=draw(st.binary(min_size=8, max_size=8)),
+        tile_size=draw(st.integers(0, 65535)),
+        schedule=tuple(draw(st.lists(st.integers(0, 65535), max_size=30))),
+        num_initial_words=draw(st.integers(0, 2**32 - 1)),
+        pixel_checksum=draw(st.binary(min_size=16, max_size=16)),
+        palette=palette,
+        transparency=encode_transparency(draw(transparency)),
+        icc_profile=draw(st.binary(max_size=100)),
+        runtime=draw(st.text(max_size=40)),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(headers(), st.lists(st.integers(0, 2**32 - 1), max_size=50))
+def test_round_trip_any_header(header, word_list):
+    words = np.array(word_list, dtype=np.uint32)
+    data = pack(header, words)
+    back, back_words = unpack(data)
+    assert back == header
+    assert back_words.dtype == np.uint32 and np.array_equal(back_words, words)
+
+
+def test_every_truncation_is_refused():
+    data = pack(HEADER, WORDS)
+    for length in range(len(data)):
+        with pytest.raises(CorruptFileError):
+            unpack(data[:length])
+
+
+def test_every_truncation_with_recomputed_crc_is_refused():
+    """The field parser itself must catch short data, not only the CRC."""
+    body = pack(HEADER, WORDS)[:-4]
+    for length in range(len(MAGIC) + 2, len(body)):
+        with pytest.raises(CorruptFileError):
+            unpack(_with_crc(body[:length]))
+
+
+def test_random_bit_flips_are_refused():
+    data = pack(HEADER, WORDS)
+    rng = np.random.default_rng(1234)
+    for bit in rng.integers(0, 8 * len(data), size=300):
+        damaged = bytearray(data)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CorruptFileError):
+            unpack(bytes(damaged))
+
+
+def test_bit_flips_with_recomputed_crc_never_escape_as_other_errors():
+    body = pack(HEADER, WORDS)[:-4]
+    rng = np.random.default_rng(99)
+    for bit in range(8 * len(MAGIC) + 16, 8 * len(body)):
+        damaged = bytearray(body)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        try:
+            header, _ = unpack(_with_crc(bytes(damaged)))
+        except VaezipError:
+            continue
+        assert isinstance(header, Header)
+    for _ in range(200):
+        damaged = bytearray(body)
+        damaged[rng.integers(len(MAGIC) + 2, len(body))] = rng.integers(0, 256)
+        try:
+            unpack(_with_crc(bytes(damaged)))
+        except VaezipError:
+            pass
+
+
+def test_bad_magic():
+    data = pack(HEADER, WORDS)
+    with pytest.raises(CorruptFileError, match="not a vaezip file"):
+        unpack(b"\x89PNG\r\n\x1a\n" + data[8:])
+    with pytest.raises(CorruptFileError, match="not a vaezip file"):
+        unpack(b"")
+
+
+def test_unknown_version():
+    body = pack(HEADER, WORDS)[:-4]
+    data = _with_crc(MAGIC + struct.pack("<H", 7) + body[len(MAGIC) + 2 :])
+    with pytest.raises(UnsupportedVersionError, match=r"version 7 .*reads: 1"):
+        unpack(data)
+
+
+def test_trailing_bytes():
+    body = pack(HEADER, WORDS)[:-4]
+    with pytest.raises(CorruptFileError, match="trailing"):
+        unpack(_with_crc(body + b"\x00"))
+    with pytest.raises(CorruptFileError):
+        unpack(pack(HEADER, WORDS) + b"\x00")
+
+
+def _body_with(**changes) -> bytes:
+    """Packs HEADER (minus CRC) after swapping in raw field bytes by name, for invalid values."""
+    body = pack(HEADER, WORDS)[:-4]
+    offsets = {"mode": 10, "width": 12, "height": 16, "name": 20}
+    for field, raw in changes.items():
+        start = offsets[field]
+        end = start + (2 if field == "mode" else 4 if field in ("width", "height") else 2 + 7)
+        body = body[:start] + raw + body[end:]
+    return body
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"width": struct.pack("<I", 0)}, "size"),
+        ({"height": struct.pack("<I", 65536)}, "size"),
+        ({"width": struct.pack("<I", 65535), "height": struct.pack("<I", 65535)}, "exceeds"),
+        ({"mode": b"\x04CMYK"}, "unknown image mode"),
+        ({"mode": b"\x02\xff\xfe"}, "unknown image mode"),
+        ({"name": b"\x02\x00\xff\xfe"}, "UTF-8"),
+    ],
+)
+def test_invalid_fields_with_valid_crc(changes, message):
+    with pytest.raises(CorruptFileError, match=message):
+        unpack(_with_crc(_body_with(**changes)))
+
+
+def test_huge_payload_count_refused_without_allocating():
+    body = pack(HEADER, np.zeros(0, np.uint32))[:-4]
+    assert body.endswith(b"\x00\x00\x00\x00")
+    data = _with_crc(body[:-4] + struct.pack("<I", 2**31) + b"\x00" * 16)
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(CorruptFileError, match="payload"):
+        unpack(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert time.perf_counter() - start < 0.5
+    assert peak < 1 << 20
+
+
+def test_huge_icc_length_refused():
+    body = pack(HEADER, WORDS)[:-4]
+    icc_at = body.index(b"\x03\x00\x00\x00icc")
+    damaged = body[:icc_at] + struct.pack("<I", 0xFFFFFFFF) + body[icc_at + 4 :]
+    with pytest.raises(CorruptFileError, match="ICC"):
+        unpack(_with_crc(damaged))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_refused(data):
+    with pytest.raises(CorruptFileError):
+        unpack(data)
+    with pytest.raises(CorruptFileError):
+        unpack(MAGIC + b"\x01\x00" + data)
+
+
+def test_pack_refuses_invalid_headers():
+    from dataclasses import replace
+
+    for bad in [
+        replace(HEADER, width=0),
+        replace(HEADER, mode="RGB"),  # palette on a non-P image
+        replace(HEADER, model_hash=b"short"),
+        replace(HEADER, schedule=(70000,)),
+        replace(HEADER, transparency=b"Z"),
+    ]:
+        with pytest.raises(ValueError):
+            pack(bad, WORDS)
+    with pytest.raises(ValueError):
+        pack(HEADER, np.array([-1]))
+
+
+def test_pixel_checksum_covers_lossless_fields():
+    pixels = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    image = Image("RGB", pixels)
+    checksum = pixel_checksum(image)
+    assert len(checksum) == 16
+    assert pixel_checksum(Image("RGB", pixels.copy())) == checksum
+    assert pixel_checksum(Image("RGB", pixels, icc_profile=b"x")) == checksum
+    flipped = pixels.copy()
+    flipped[1, 3, 2] ^= 1
+    others = [
+        Image("RGB", flipped),
+        Image("RGB", pixels.reshape(4, 2, 3)),
+        Image("L", pixels.reshape(2, 12, 1)),
+        Image("RGB", pixels, transparency=encode_transparency((0, 0, 0))),
+    ]
+    assert len({checksum, *(pixel_checksum(o) for o in others)}) == 1 + len(others)
+    index = Image("P", np.zeros((1, 1, 1), np.uint8), b"\x00\x00\x00")
+    assert pixel_checksum(index) != pixel_checksum(Image("P", index.pixels, b"\x00\x00\x01"))
