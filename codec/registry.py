@@ -1,0 +1,162 @@
+"""Model registry: name -> `ModelSpec` (file, sha256, config, training record).
+
+Entries live in `models/registry.json`, weights beside it as package data found
+through `importlib.resources`, so a non-editable install works. The full sha256
+is checked before `torch.load(..., weights_only=True)`; loading is strict.
+A retrain gets a new name; old names stay so old files still decode.
+
+Add an entry (prints it and writes registry.json, no hand-typed hashes):
+    python -m vaezip.registry add NAME WEIGHTS.pt META.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from .config import ModelConfig
+from .errors import ModelError
+
+REGISTRY_FILE = "registry.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered model. `sha256` is the hex digest of the weights file."""
+
+    name: str
+    file: str
+    sha256: str
+    config: ModelConfig
+    modes: tuple[str, ...] = ()
+    training: dict = field(default_factory=dict, compare=False)
+    bpd: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hash_prefix(self) -> bytes:
+        """The 8 bytes of the hash stored in every .vz file made with this model."""
+        return bytes.fromhex(self.sha256)[:8]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to code: its spec and the network in eval mode."""
+
+    spec: ModelSpec
+    net: object  # HierarchicalVAE; typed loosely so this module imports without torch
+
+
+def _models_dir():
+    return resources.files("vaezip.models")
+
+
+@lru_cache(maxsize=1)
+def specs() -> dict[str, ModelSpec]:
+    """All registered models by name."""
+    path = _models_dir() / REGISTRY_FILE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    out = {}
+    for entry in data["models"]:
+        out[entry["name"]] = ModelSpec(
+            name=entry["name"], file=entry["file"], sha256=entry["sha256"],
+            config=ModelConfig.from_dict(entry["config"]), modes=tuple(entry.get("modes", ())),
+            training=entry.get("training", {}), bpd=entry.get("bpd", {}),
+        )
+    return out
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return specs()[name]
+    except KeyError:
+        known = ", ".join(sorted(specs())) or "none"
+        raise ModelError(f"unknown model {name!r} (registered: {known})") from None
+
+
+def default_model(mode: str) -> Optional[str]:
+    """The first registered model that lists `mode` ("RGB", "L"), or None."""
+    for spec in specs().values():
+        if mode in spec.modes:
+            return spec.name
+    return None
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def load_model(name: str) -> LoadedModel:
+    """Load a registered model once per process, after checking its full sha256."""
+    spec = get_spec(name)
+    resource = _models_dir() / spec.file
+    with resources.as_file(resource) as path:
+        if not Path(path).is_file():
+            raise ModelError(f"weights of model {name!r} are missing ({spec.file})")
+        if sha256_file(path) != spec.sha256:
+            raise ModelError(f"weights of model {name!r} fail the sha256 check ({spec.file})")
+        return model_from_weights(spec, path)
+
+
+def model_from_weights(spec: ModelSpec, path_or_state) -> LoadedModel:
+    """Build the network of `spec` and load weights strictly (path or state dict)."""
+    import torch
+
+    from .model import HierarchicalVAE
+
+    net = HierarchicalVAE(spec.config)
+    state = path_or_state
+    if not isinstance(state, dict):
+        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"weights of model {spec.name!r} do not match its config: {exc}") from None
+    net.eval()
+    return LoadedModel(spec, net)
+
+
+def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
+    """Copy weights into models/ and add (or refuse to replace) a registry entry."""
+    models_dir = Path(__file__).resolve().parent.parent / "models"
+    registry_path = models_dir / REGISTRY_FILE
+    data = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": []}
+    if any(e["name"] == name for e in data["models"]):
+        raise ModelError(f"model name {name!r} is taken; names are never reused")
+    record = json.loads(Path(meta).read_text())
+    target = models_dir / f"{name}.pt"
+    shutil.copyfile(weights, target)
+    entry = {
+        "name": name, "file": target.name, "sha256": sha256_file(target),
+        "config": ModelConfig.from_dict(record["config"]).to_dict(), "modes": modes,
+        "training": record.get("training", {}), "bpd": record.get("bpd", {}),
+    }
+    data["models"].append(entry)
+    registry_path.write_text(json.dumps(data, indent=1) + "\n")
+    return entry
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4 or argv[0] != "add":
+        print(__doc__, file=sys.stderr)
+        return 2
+    entry = add_entry(argv[1], Path(argv[2]), Path(argv[3]), argv[4:] or ["RGB"])
+    print(json.dumps({k: entry[k] for k in ("name", "file", "sha256", "modes")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
