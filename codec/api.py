@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -97,23 +98,19 @@ def _coding_params(loaded: registry.LoadedModel, height: int, width: int):
     return CodingParams(tile=tile_size(height, width, cfg.downsampling), latent_grid=cfg.latent_grid)
 
 
+@contextmanager
 def _deterministic_torch():
-    """Network settings both directions share: oneDNN convolutions change their
-    results with the thread count, the native ones do not."""
+    """Network settings both directions share: inference mode, and native
+    convolutions instead of oneDNN, whose results change with the thread count."""
     import torch
 
-    class _Ctx:
-        def __enter__(self):
-            self._inference = torch.inference_mode()
-            self._inference.__enter__()
-            self._mkldnn = torch.backends.mkldnn.flags(enabled=False)
-            self._mkldnn.__enter__()
-
-        def __exit__(self, *exc):
-            self._mkldnn.__exit__(*exc)
-            self._inference.__exit__(*exc)
-
-    return _Ctx()
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[registry.LoadedModel] = None,

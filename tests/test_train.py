@@ -1,0 +1,117 @@
+"""Training loop on a tiny model and random crops: outputs, strict reload, exact resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vaezip.cli.train import parse_latent_scales, train_command
+from vaezip.config import ModelConfig
+from vaezip.data import save_crop_bank
+from vaezip.errors import InputError, OutputExistsError
+from vaezip.model import HierarchicalVAE
+from vaezip.train import TrainOptions, kl_weight, learning_rate, train
+
+TINY = ModelConfig(width=16, bottleneck=8, pixel_width=8, latent_scales=((16, 1, 4), (4, 1, 2)))
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    crops = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    return str(save_crop_bank(tmp_path_factory.mktemp("bank") / "bank.npz", crops)) + ":crops"
+
+
+def _options(bank, out, **kw):
+    base = dict(config=TINY, data=(bank,), crop=16, batch=4, steps=20, warmup_steps=5, lr=2e-3,
+                eval_every=10, eval_crops=8, checkpoint_every=10, out=str(out), device="cpu")
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def straight_run(bank, tmp_path_factory):
+    events = []
+    result = train(_options(bank, tmp_path_factory.mktemp("run") / "m"), events.append, log=None)
+    return result, events
+
+
+def test_trains_and_writes_outputs(straight_run):
+    result, events = straight_run
+    assert result.steps == 20 and math.isfinite(result.heldout_bpd)
+    steps = [e for e in events if e.kind == "step"]
+    assert len(steps) == 20 and all(math.isfinite(e.train_bpd) for e in steps)
+    assert [e.step for e in events if e.kind == "eval"] == [10, 20]
+    record = json.loads(result.record.read_text())
+    assert ModelConfig.from_dict(record["config"]) == TINY
+    training = record["training"]
+    assert training["steps"] == 20 and training["crops_seen"] == 80 and training["crop"] == 16
+    assert [row[0] for row in training["curve"]] == [10, 20]
+    assert training["final_heldout_bpd"] == pytest.approx(result.heldout_bpd)
+    assert "torch_version" in training and "hardware" in training
+    state = torch.load(result.weights, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    HierarchicalVAE(TINY).load_state_dict(state, strict=True)
+    assert result.checkpoint.exists()
+
+
+def test_resume_is_exact(bank, straight_run, tmp_path):
+    out = tmp_path / "m"
+    first = train(_options(bank, out, stop_step=10), log=None)
+    assert first.steps == 10
+    resumed = train(_options(bank, out, resume=str(first.checkpoint)), log=None)
+    assert resumed.steps == 20
+    a = torch.load(straight_run[0].weights, weights_only=True)
+    b = torch.load(resumed.weights, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    curve = json.loads(resumed.record.read_text())["training"]["curve"]
+    assert [row[0] for row in curve] == [10, 20]
+
+
+def test_refuses_overwrite_and_kodak(bank, straight_run):
+    with pytest.raises(OutputExistsError):
+        train(_options(bank, straight_run[0].weights), log=None)
+    with pytest.raises(InputError):
+        train(_options(bank, "unused", data=("/work/shared/data/kodak",)), log=None)
+    with pytest.raises(InputError):
+        _options(bank, "unused", crop=24)  # not a multiple of the downsampling
+
+
+def test_schedules():
+    options = TrainOptions(config=TINY, steps=1000, warmup_steps=100, lr=1e-3, crop=16)
+    assert learning_rate(options, 50) == pytest.approx(5e-4)
+    assert learning_rate(options, 100) == pytest.approx(1e-3)
+    assert learning_rate(options, 1000) == pytest.approx(1e-4)
+    assert kl_weight(options, 0) == pytest.approx(0.2)
+    assert kl_weight(options, 50) == pytest.approx(0.6)
+    assert kl_weight(options, 100) == 1.0 and kl_weight(options, 900) == 1.0
+    assert TrainOptions.from_dict(options.to_dict()) == options
+
+
+def test_cli_runs_and_resumes(bank, tmp_path):
+    out = tmp_path / "cli"
+    args = ["--data", bank, "--width", "16", "--bottleneck", "8", "--pixel-width", "8",
+            "--latent-scales", "16:1:4,4:1:2", "--crop", "16", "--batch", "2", "--steps", "4",
+            "--eval-every", "2", "--eval-crops", "4", "--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(train_command, args + ["--stop-step", "2"])
+    assert result.exit_code == 0, result.output
+    assert "step 2/4" in result.output and (tmp_path / "cli.ckpt").exists()
+    again = CliRunner().invoke(train_command, args)
+    assert again.exit_code != 0 and "exists" in again.output
+    resumed = CliRunner().invoke(train_command, ["--resume", str(tmp_path / "cli.ckpt")])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "cli.json").read_text())["training"]["steps"] == 4
+    bad = CliRunner().invoke(train_command, ["--resume", str(tmp_path / "cli.ckpt"), "--width", "8"])
+    assert bad.exit_code != 0 and "--width" in bad.output
+    missing = CliRunner().invoke(train_command, ["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "Error:" in missing.output and "Traceback" not in missing.output
+
+
+def test_parse_latent_scales():
+    assert parse_latent_scales("16:2:16,8:2:16,4:1:8") == ((16, 2, 16), (8, 2, 16), (4, 1, 8))
+    with pytest.raises(Exception):
+        parse_latent_scales("16:2")
