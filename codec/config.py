@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 from .errors import ModelError
 
@@ -21,6 +22,9 @@ class ModelConfig:
         pixel_width: channels of the sub-lattice pixel decoder (runs at 1/2 resolution).
         mixtures: logistic mixture components per subpixel.
         latent_grid: width of the latent discretisation grid used for coding.
+        active_latents: per latent group, the channels that are coded; the others
+            collapsed in training (KL ~ 0) and are fixed to the prior mean. None
+            keeps every channel (before pruning).
     """
 
     channels: int = 3
@@ -30,9 +34,17 @@ class ModelConfig:
     pixel_width: int = 48
     mixtures: int = 3
     latent_grid: float = 1.0 / 64
+    active_latents: Optional[tuple[tuple[int, ...], ...]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_scales", tuple(tuple(s) for s in self.latent_scales))
+        if self.active_latents is not None:
+            object.__setattr__(self, "active_latents", tuple(tuple(a) for a in self.active_latents))
+            groups = [zdim for _, n, zdim in self.latent_scales for _ in range(n)]
+            if len(self.active_latents) != len(groups) or any(
+                sorted(set(a)) != list(a) or (a and (a[0] < 0 or a[-1] >= z)) for a, z in zip(self.active_latents, groups)
+            ):
+                raise ModelError("active_latents must list sorted channel indices for every latent group")
         if self.channels not in (1, 3):
             raise ModelError(f"channels must be 1 or 3, got {self.channels}")
         factors = [s[0] for s in self.latent_scales]

@@ -57,6 +57,12 @@ class Gaussian:
     mean: torch.Tensor
     log_std: torch.Tensor
 
+    def channels(self, keep: Optional[list[int]]) -> "Gaussian":
+        """The Gaussian over the channels `keep` (all when None)."""
+        if keep is None:
+            return self
+        return Gaussian(self.mean[:, keep], self.log_std[:, keep])
+
 
 # choose(group index, prior, posterior or None) -> latent tensor fed to the decoder.
 LatentChooser = Callable[[int, Gaussian, Optional[Gaussian]], torch.Tensor]
@@ -237,6 +243,8 @@ class HierarchicalVAE(nn.Module):
         self.factors = sorted({f for f, _, _ in config.latent_scales} | {4})
         self.encoder = nn.ModuleList([Block(w, mid, w) for _ in self.factors])
         self.groups = [GroupSpec(f, zdim) for f, n, zdim in config.latent_scales for _ in range(n)]
+        active = config.active_latents or (None,) * len(self.groups)
+        self.active = [None if a is None else list(a) for a in active]
         self.decoder = nn.ModuleList([TopDownGroup(w, mid, g.channels) for g in self.groups])
         self.top_bias = nn.Parameter(torch.zeros(1, w, 1, 1))
         self.to_pixels = _conv(w, 4 * config.pixel_width, 1)
@@ -268,7 +276,8 @@ class HierarchicalVAE(nn.Module):
         Args:
             batch, height, width: image batch size and pixel size.
             choose: called as choose(g, prior, posterior) with posterior None
-                when `acts` is None; returns z_g (N, channels, h, w).
+                when `acts` is None, both restricted to the group's active
+                channels; returns z_g over those channels.
             acts: bottom-up activations of the images, or None (prior only).
         Returns:
             Pixel-decoder features (N, pixel_width, H/2, W/2).
@@ -281,7 +290,12 @@ class HierarchicalVAE(nn.Module):
                 h = F.interpolate(h, size=size, mode="nearest")
             prior, feat = group.prior_params(h)
             posterior = None if acts is None else group.posterior_params(h, acts[spec.factor], prior)
-            z = choose(g, prior, posterior)
+            keep = self.active[g]
+            z = choose(g, prior.channels(keep), None if posterior is None else posterior.channels(keep))
+            if keep is not None:  # pruned channels sit at the prior mean, uncoded
+                z_all = prior.mean.clone()
+                z_all[:, keep] = z
+                z = z_all
             h = group.update(h, feat, z)
         if h.shape[-2:] != (height // 4, width // 4):
             h = F.interpolate(h, size=(height // 4, width // 4), mode="nearest")

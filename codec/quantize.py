@@ -5,9 +5,13 @@ that is integer arithmetic and table look-ups in numpy, so the probability
 tables that reach the entropy coder are a pure function of those integers.
 
 Grids (pixel units, subpixel values 0..255):
-  means: 1/8 pixel (`MEAN_STEPS`), clamped to [-64, 319];
+  means: 1/32 pixel (`MEAN_STEPS`), clamped to [-64, 319];
   log-scales: 1/16 (`LOG_SCALE_STEPS`) in [LOG_SCALE_MIN, LOG_SCALE_MAX];
-  channel coefficients: 1/64 in [-1, 1];  mixture logits: 1/8 in [-16, 16].
+  channel coefficients: 1/4096 in [-1, 1] (a coefficient multiplies a pixel
+  deviation of up to 127.5, so a coarse grid would move G and B means by
+  whole pixels: 1/64 cost 2% of the rate on Kodak);
+  mixture logits: 1/8 in [-16, 16].
+Measured on 16 Kodak tiles: these grids code 0.3% above the float likelihood.
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ import numpy as np
 
 from .model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
 
-MEAN_STEPS = 8
+MEAN_STEPS = 32
 LOG_SCALE_STEPS = 16
-COEFF_STEPS = 64
+COEFF_STEPS = 4096
 LOGIT_STEPS = 8
 MEAN_MIN, MEAN_MAX = -64 * MEAN_STEPS, 319 * MEAN_STEPS
 SCALE_LO = int(round(LOG_SCALE_MIN * LOG_SCALE_STEPS))
 SCALE_HI = int(round(LOG_SCALE_MAX * LOG_SCALE_STEPS))
 LOGIT_LIMIT = int(round(LOGIT_RANGE * LOGIT_STEPS))
-# Offsets (in 1/8 pixel) between a bin edge and a mean that the CDF table covers.
+# Offsets (in mean steps) between a bin edge and a mean that the CDF table covers.
 _EDGE_SPAN = 255 * MEAN_STEPS + (MEAN_MAX - MEAN_MIN)
 _CHUNK = 8192  # subpixels per PMF block: bounds temporary memory to ~25 MB
 
@@ -37,8 +41,9 @@ _CHUNK = 8192  # subpixels per PMF block: bounds temporary memory to ~25 MB
 class QuantizedMixture:
     """Integer mixture parameters of n pixel positions (flattened).
 
-    logits: (n, K); means: (n, C, K) in 1/8 pixel before the channel shift;
-    log_scales: (n, C, K) in 1/16; coeffs: (n, 3, K) in 1/64, None for gray.
+    logits: (n, K); means: (n, C, K) in 1/MEAN_STEPS pixel before the channel
+    shift; log_scales: (n, C, K) in 1/LOG_SCALE_STEPS; coeffs: (n, 3, K) in
+    1/COEFF_STEPS, None for gray.
     """
 
     logits: np.ndarray
@@ -99,7 +104,7 @@ def _cdf_rows() -> np.ndarray:
 
 
 def _row_index(means: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices into `_cdf_rows()` for integer means (1/8 px) and scale indices."""
+    """Indices into `_cdf_rows()` for integer means (mean steps) and scale indices."""
     first = MEAN_STEPS // 2 + _EDGE_SPAN - means  # offset of edge 0, shifted to >= 0
     return scales - SCALE_LO, first % MEAN_STEPS, first // MEAN_STEPS
 
@@ -117,7 +122,7 @@ def mixture_weights(logits: np.ndarray) -> np.ndarray:
 
 
 def channel_means(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np.ndarray:
-    """Means (n, K) of `channel` in 1/8 pixel after conditioning on earlier channels.
+    """Means (n, K) of `channel` in 1/MEAN_STEPS pixel after conditioning on earlier channels.
 
     Args:
         previous: (n, C) integer pixel values; only channels < `channel` are read.
@@ -125,7 +130,7 @@ def channel_means(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np
     means = q.means[:, channel].copy()
     if q.coeffs is None or channel == 0:
         return means
-    centred = 8 * previous.astype(np.int64) - 1020  # (x - 127.5) in 1/8 pixel
+    centred = MEAN_STEPS * previous.astype(np.int64) - 255 * MEAN_STEPS // 2  # (x - 127.5) in mean steps
     terms = [(0, 0)] if channel == 1 else [(1, 0), (2, 1)]  # (coeff index, source channel)
     for coeff, source in terms:
         means += np.floor_divide(q.coeffs[:, coeff] * centred[:, source : source + 1], COEFF_STEPS)
