@@ -113,26 +113,24 @@ def _deterministic_torch():
         torch.backends.mkldnn.enabled = previous
 
 
-def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[registry.LoadedModel] = None,
-             progress: Optional[Progress] = None) -> bytes:
-    """Compress an image losslessly to the bytes of a .vz file.
-
-    Args:
-        image: `Image`, uint8 array ((H, W) gray, (H, W, 2|3|4)), PIL image or path.
-        model: registered model name; default: the registered model for the mode.
-        loaded: an already loaded model (overrides `model`; used by tests).
-        progress: called with the number of tiles finished.
-    """
-    from . import coders, planes
-
-    img = as_image(image)
+def _resolve_model(mode: str, model: Optional[str], loaded: Optional[registry.LoadedModel]):
+    """(name, loaded model or None) for an image mode."""
     if loaded is not None:
-        name = loaded.spec.name
-    else:
-        name = choose_model(img.mode, model)
-        loaded = registry.load_model(name) if name else None
+        return loaded.spec.name, loaded
+    name = choose_model(mode, model)
+    return name, (registry.load_model(name) if name else None)
+
+
+def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel],
+               progress: Optional[Progress] = None):
+    """Push one image onto the stack; returns (header fields, coder).
+
+    Stack before: S (may hold earlier images, whose bits the first tiles borrow).
+    After: S + the image. The returned coder replaces `ans` (roll-backs).
+    """
+    from . import planes
+
     layout = _layout(img.mode, name)
-    ans = coders.new_coder()
     for c in layout.plane_channels:
         planes.plane_codec(img.height, img.width, layout.levels).push(ans, img.pixels[:, :, c])
     schedule, tile = (), 0
@@ -151,6 +149,24 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[
         pixel_checksum=container.pixel_checksum(img), palette=img.palette,
         transparency=img.transparency, icc_profile=img.icc_profile, runtime=_runtime(),
     )
+    return header, ans
+
+
+def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[registry.LoadedModel] = None,
+             progress: Optional[Progress] = None) -> bytes:
+    """Compress an image losslessly to the bytes of a .vz file.
+
+    Args:
+        image: `Image`, uint8 array ((H, W) gray, (H, W, 2|3|4)), PIL image or path.
+        model: registered model name; default: the registered model for the mode.
+        loaded: an already loaded model (overrides `model`; used by tests).
+        progress: called with the number of tiles finished.
+    """
+    from . import coders
+
+    img = as_image(image)
+    name, loaded = _resolve_model(img.mode, model, loaded)
+    header, ans = push_image(coders.new_coder(), img, name, loaded, progress)
     return container.pack(header, ans.get_compressed())
 
 
@@ -165,22 +181,20 @@ def _model_for(header: container.Header, loaded: Optional[registry.LoadedModel])
     return loaded
 
 
-def decompress_image(data: bytes, *, loaded: Optional[registry.LoadedModel] = None,
-                     progress: Optional[Progress] = None) -> Image:
-    """Decode .vz bytes to an `Image` (mode, palette, transparency, ICC profile).
+def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedModel] = None,
+              progress: Optional[Progress] = None) -> Image:
+    """Pop the image `push_image` pushed with this header; checks its pixel checksum.
 
+    Stack before: S + the image. After: S.
     Raises:
-        CorruptFileError: damaged, truncated or foreign data.
-        DecodeMismatchError: pixels fail the stored checksum (never returned).
+        CorruptFileError: damaged data; DecodeMismatchError: pixels fail the checksum.
     """
-    from . import coders, planes
+    from . import planes
 
-    header, words = container.unpack(bytes(data))
     channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "P": 1, "1": 1}[header.mode]
     pixels = np.zeros((header.height, header.width, channels), dtype=np.uint8)
     layout = _layout(header.mode, header.model_name)
     try:
-        ans = coders.new_coder(words)
         if layout.model_channels:
             from .bitsback import CodingParams, decode_tiles
 
@@ -196,19 +210,37 @@ def decompress_image(data: bytes, *, loaded: Optional[registry.LoadedModel] = No
             raise CorruptFileError("corrupt header: tile schedule without a model")
         for c in reversed(layout.plane_channels):  # reversed: pushed first, popped last
             pixels[:, :, c] = planes.plane_codec(header.height, header.width, layout.levels).pop(ans)
-        leftover = not ans.is_empty()
     except VaezipError:
         raise
     except Exception as exc:  # a damaged payload can upset any decoding step
         raise CorruptFileError(f"corrupt payload ({type(exc).__name__})") from None
-    if leftover:
-        raise CorruptFileError("corrupt payload: data left over after decoding")
     if header.mode == "1" and pixels.max(initial=0) > 1:
         raise DecodeMismatchError("decoded pixels fail the checksum")
     image = Image(header.mode, pixels, header.palette, header.transparency, header.icc_profile)
     if container.pixel_checksum(image) != header.pixel_checksum:
         note = "" if header.runtime == _runtime() else f" (written by {header.runtime}; this is {_runtime()})"
         raise DecodeMismatchError(f"decoded pixels fail the checksum{note}")
+    return image
+
+
+def decompress_image(data: bytes, *, loaded: Optional[registry.LoadedModel] = None,
+                     progress: Optional[Progress] = None) -> Image:
+    """Decode .vz bytes to an `Image` (mode, palette, transparency, ICC profile).
+
+    Raises:
+        CorruptFileError: damaged, truncated or foreign data.
+        DecodeMismatchError: pixels fail the stored checksum (never returned).
+    """
+    from . import coders
+
+    header, words = container.unpack(bytes(data))
+    try:
+        ans = coders.new_coder(words)
+    except Exception:
+        raise CorruptFileError("corrupt payload") from None
+    image = pop_image(ans, header, loaded, progress)
+    if not ans.is_empty():
+        raise CorruptFileError("corrupt payload: data left over after decoding")
     return image
 
 
