@@ -17,13 +17,22 @@ Start-up: a batch can only borrow bits already on the stack. The encoder grows
 its batches with the bits available (measured, with a roll-back if a batch would
 run the stack dry); a batch that cannot borrow is coded *deterministic*: its
 latents are the rounded posterior means, pushed with the prior, borrowing
-nothing. The schedule (batch sizes, deterministic flag) goes into the header.
+nothing. Only a batch facing a too-shallow stack is deterministic: the first
+batch on a stack that already holds bits (an alpha plane, earlier images of a
+`vaezip pack` archive) tries bits-back first. The schedule (batch sizes,
+deterministic flag) goes into the header.
+
+Tile sets: `encode_tile_sets` codes the tiles of several images of one tile
+size as one sequence (image after image, each in raster order), so a batch
+may hold tiles of several small images and the network runs on full batches
+(a data set of 28x28 digits would otherwise cost one network call per image).
+`encode_tiles` is the one-image case.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,7 +108,64 @@ class _StackTooShallow(Exception):
     """A batch's posterior pops would exhaust the stack; the encoder rolls back."""
 
 
-def encode_batch(model: HierarchicalVAE, ans: AnsCoder, lattice: np.ndarray, grid: TileGrid,
+class TileSequence:
+    """The tiles of several images with one tile side, as one sequence.
+
+    Global tile index i runs over image 0's tiles in raster order, then image 1's,
+    and so on. Offers the `TileGrid` methods the batch coders use (`tile`,
+    `stage_extent`, `stage_masks`), so a batch may straddle image boundaries.
+    """
+
+    def __init__(self, grids: Sequence[TileGrid]):
+        if not grids or len({g.tile for g in grids}) != 1:
+            raise ValueError("a tile sequence needs at least one grid, all of one tile side")
+        self.grids = list(grids)
+        self.tile = self.grids[0].tile
+        self.starts = np.cumsum([0] + [g.count for g in self.grids]).tolist()  # len(grids) + 1
+
+    @property
+    def count(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(image, tile index within that image) of global tile `index`."""
+        image = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return image, index - self.starts[image]
+
+    def stage_extent(self, index: int, stage: int) -> tuple[int, int]:
+        image, local = self.locate(index)
+        return self.grids[image].stage_extent(local, stage)
+
+    def stage_masks(self, indices: range, stage: int) -> np.ndarray:
+        """(n, tile/2, tile/2) bool: real positions of `stage` in the given tiles."""
+        half = self.tile // 2
+        masks = np.zeros((len(indices), half, half), dtype=bool)
+        for k, index in enumerate(indices):
+            rr, cc = self.stage_extent(index, stage)
+            masks[k, :rr, :cc] = True
+        return masks
+
+    def runs(self, indices: range):
+        """Yield (image, local range, offset in the batch) for the images a batch touches."""
+        position = indices.start
+        while position < indices.stop:
+            image, local = self.locate(position)
+            take = min(indices.stop - position, self.grids[image].count - local)
+            yield image, range(local, local + take), position - indices.start
+            position += take
+
+    def split(self, images: Sequence[np.ndarray], indices: range) -> np.ndarray:
+        """Padded lattices (n, 4, C, tile/2, tile/2) of the given global tiles."""
+        parts = [split_tiles(images[i], self.grids[i], local) for i, local, _ in self.runs(indices)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def merge(self, lattice: np.ndarray, indices: range, outs: Sequence[np.ndarray]) -> None:
+        """Write the real pixels of the given global tiles into the images `outs`."""
+        for i, local, offset in self.runs(indices):
+            merge_tiles(lattice[offset : offset + len(local)], self.grids[i], local, outs[i])
+
+
+def encode_batch(model: HierarchicalVAE, ans: AnsCoder, lattice: np.ndarray, grid: "TileGrid | TileSequence",
                  indices: range, params: CodingParams, deterministic: bool) -> int:
     """Push one batch of tiles; returns the bits its posterior pops borrow.
 
@@ -143,7 +209,7 @@ def encode_batch(model: HierarchicalVAE, ans: AnsCoder, lattice: np.ndarray, gri
     return borrowed
 
 
-def decode_batch(model: HierarchicalVAE, ans: AnsCoder, grid: TileGrid, indices: range,
+def decode_batch(model: HierarchicalVAE, ans: AnsCoder, grid: "TileGrid | TileSequence", indices: range,
                  channels: int, params: CodingParams, deterministic: bool) -> np.ndarray:
     """Pop one batch of tiles; returns lattices (n, 4, C, tile/2, tile/2) uint8.
 
@@ -196,20 +262,47 @@ def encode_tiles(model: HierarchicalVAE, ans: AnsCoder, pixels: np.ndarray, para
         with DETERMINISTIC_FLAG for a batch coded without borrowing) and the
         coder holding the result (a roll-back may replace the one passed in).
     """
-    grid = TileGrid(pixels.shape[0], pixels.shape[1], params.tile)
+    return encode_tile_sets(model, ans, [pixels], params, progress)
+
+
+def decode_tiles(model: HierarchicalVAE, ans: AnsCoder, height: int, width: int, channels: int,
+                 params: CodingParams, schedule: tuple[int, ...],
+                 progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    """Pop all tiles of an image coded by `encode_tiles`; returns (H, W, C) uint8."""
+    return decode_tile_sets(model, ans, [(height, width)], channels, params, schedule, progress)[0]
+
+
+def encode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, images: Sequence[np.ndarray], params: CodingParams,
+                     progress: Callable[[int], None] = lambda n: None) -> tuple[tuple[int, ...], AnsCoder]:
+    """Push the tiles of several (H, W, C) images (same C, any sizes) as one sequence.
+
+    Batches run over the concatenated tile sequence (`TileSequence`), up to
+    MAX_BATCH tiles each, so consecutive small images share network calls.
+    Stack before: S. After: S + every image (the last batch on top).
+
+    Returns:
+        The schedule over the whole sequence (batches in encode order: tile
+        count, or'ed with DETERMINISTIC_FLAG for a batch coded without
+        borrowing) and the coder holding the result (a roll-back may replace
+        the one passed in).
+    """
+    sequence = TileSequence([TileGrid(p.shape[0], p.shape[1], params.tile) for p in images])
     schedule: list[int] = []
     start, borrow_per_tile = 0, None
-    while start < grid.count:
-        remaining = grid.count - start
+    while start < sequence.count:
+        remaining = sequence.count - start
         available = ans.num_valid_bits() - 2 * SAFETY_BITS
-        deterministic = borrow_per_tile is None or available < borrow_per_tile
-        size = 1 if deterministic else int(min(remaining, MAX_BATCH, available // (1.25 * borrow_per_tile)))
+        if borrow_per_tile is None:  # cost unknown: try one tile with bits-back if there is anything to borrow
+            deterministic, size = available <= 0, 1
+        else:
+            deterministic = available < borrow_per_tile
+            size = 1 if deterministic else int(min(remaining, MAX_BATCH, available // (1.25 * borrow_per_tile)))
         while True:
             indices = range(start, start + size)
-            lattice = split_tiles(pixels, grid, indices)
+            lattice = sequence.split(images, indices)
             snapshot = None if deterministic else ans.clone()
             try:
-                borrowed = encode_batch(model, ans, lattice, grid, indices, params, deterministic)
+                borrowed = encode_batch(model, ans, lattice, sequence, indices, params, deterministic)
                 break
             except _StackTooShallow:
                 ans = snapshot  # roll back, retry smaller or without borrowing
@@ -222,19 +315,26 @@ def encode_tiles(model: HierarchicalVAE, ans: AnsCoder, pixels: np.ndarray, para
     return tuple(schedule), ans
 
 
-def decode_tiles(model: HierarchicalVAE, ans: AnsCoder, height: int, width: int, channels: int,
-                 params: CodingParams, schedule: tuple[int, ...],
-                 progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
-    """Pop all tiles of an image coded by `encode_tiles`; returns (H, W, C) uint8."""
-    grid = TileGrid(height, width, params.tile)
+def decode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, shapes: Sequence[tuple[int, int]], channels: int,
+                     params: CodingParams, schedule: tuple[int, ...],
+                     progress: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
+    """Pop the images `encode_tile_sets` pushed; returns one (H, W, C) uint8 array per shape.
+
+    Stack before: S + the images. After: S.
+    Raises:
+        CorruptFileError: the schedule does not cover the tiles exactly.
+    """
+    sequence = TileSequence([TileGrid(h, w, params.tile) for h, w in shapes])
     sizes = [entry & ~DETERMINISTIC_FLAG for entry in schedule]
-    if sum(sizes) != grid.count or min(sizes, default=1) < 1:
+    if sum(sizes) != sequence.count or min(sizes, default=1) < 1:
         raise CorruptFileError("corrupt header: tile schedule does not cover the image")
-    out = np.zeros((height, width, channels), dtype=np.uint8)
+    outs = [np.zeros((h, w, channels), dtype=np.uint8) for h, w in shapes]
     starts = np.cumsum([0] + sizes[:-1])
     for entry, start, size in reversed(list(zip(schedule, starts, sizes))):  # LIFO
         indices = range(int(start), int(start) + size)
-        lattice = decode_batch(model, ans, grid, indices, channels, params, bool(entry & DETERMINISTIC_FLAG))
-        merge_tiles(lattice, grid, indices, out)
+        if ans.is_empty():  # every batch left a non-empty stack; bounds a hostile file's work
+            raise CorruptFileError("corrupt payload: ran out of data")
+        lattice = decode_batch(model, ans, sequence, indices, channels, params, bool(entry & DETERMINISTIC_FLAG))
+        sequence.merge(lattice, indices, outs)
         progress(size)
-    return out
+    return outs

@@ -1,0 +1,113 @@
+"""Fuzz the decoder: corrupted .vz files must decode exactly or raise VaezipError.
+
+Mutations of valid files (small images of every mode): truncation, bit flips,
+byte swaps, random bytes, 32-bit fields set to huge values; half of them with
+the CRC-32 recomputed, so the field parser and the payload decoder are reached,
+not only the checksum. Plus random byte strings. Every outcome must be either
+the original pixels or a `VaezipError`; anything else (another exception, a
+wrong image, a decode slower than --max-seconds) is a failure.
+
+    python benchmarks/fuzz.py --cases 10000 [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import struct
+import time
+import zlib
+
+import numpy as np
+
+from vaezip import api
+from vaezip.errors import VaezipError
+from vaezip.images import Image
+
+
+def samples(rng: np.random.Generator) -> list[tuple[Image, bytes]]:
+    """Small valid files: RGB and L through the models, RGBA, P and 1 through the plane coder."""
+    images = [
+        Image("RGB", rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)),
+        Image("L", np.repeat(np.arange(20, dtype=np.uint8)[:, None], 9, axis=1)[:, :, None]),
+        Image("RGBA", rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)),
+        Image("P", rng.integers(0, 4, (9, 6, 1), dtype=np.uint8), palette=bytes(range(12))),
+        Image("1", rng.integers(0, 2, (8, 13, 1), dtype=np.uint8)),
+    ]
+    return [(image, api.compress(image)) for image in images]
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
+    b = bytearray(data)
+    kind = rng.choice(["truncate", "flip", "swap", "bytes", "huge"])
+    if kind == "truncate":
+        b = b[: int(rng.integers(0, len(b)))]
+    elif kind == "flip":
+        for _ in range(int(rng.integers(1, 4))):
+            i = int(rng.integers(0, len(b)))
+            b[i] ^= 1 << int(rng.integers(0, 8))
+    elif kind == "swap":
+        i, j = rng.integers(0, len(b), 2)
+        b[i], b[j] = b[j], b[i]
+    elif kind == "bytes":
+        i = int(rng.integers(0, len(b)))
+        n = int(rng.integers(1, 9))
+        b[i : i + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    else:
+        i = int(rng.integers(8, max(9, len(b) - 4)))
+        b[i : i + 4] = struct.pack("<I", int(rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 1 << 28, 65536])))
+    if rng.random() < 0.5 and len(b) > 4:  # recompute the CRC so the parser itself is exercised
+        b[-4:] = struct.pack("<I", zlib.crc32(bytes(b[:-4])))
+        kind += "+crc"
+    return kind, bytes(b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seconds", type=float, default=10.0)
+    parser.add_argument("--json-out", default="/tmp/vaezip-fuzz.json")
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    valid = samples(rng)
+    outcomes: collections.Counter = collections.Counter()
+    failures = []
+    slowest = 0.0
+    start = time.perf_counter()
+    for case in range(args.cases):
+        if case % 10 == 9:
+            kind, data = "random", rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8).tobytes()
+            original = None
+        else:
+            original, good = valid[int(rng.integers(0, len(valid)))]
+            kind, data = mutate(good, rng)
+        t = time.perf_counter()
+        try:
+            image = api.decompress_image(data)
+            same = original is not None and image.mode == original.mode and np.array_equal(image.pixels, original.pixels)
+            outcomes["decoded exactly" if same else "WRONG IMAGE"] += 1
+            if not same:
+                failures.append((case, kind, "wrong image"))
+        except VaezipError as exc:
+            outcomes[f"rejected: {type(exc).__name__}"] += 1
+        except Exception as exc:  # noqa: BLE001 - the point is to catch everything else
+            outcomes[f"CRASH: {type(exc).__name__}"] += 1
+            failures.append((case, kind, repr(exc)[:200]))
+        seconds = time.perf_counter() - t
+        slowest = max(slowest, seconds)
+        if seconds > args.max_seconds:
+            failures.append((case, kind, f"slow: {seconds:.1f} s"))
+    result = {
+        "cases": args.cases, "seed": args.seed, "outcomes": dict(outcomes), "failures": failures[:50],
+        "failure_count": len(failures), "slowest_decode_s": slowest, "total_s": time.perf_counter() - start,
+    }
+    with open(args.json_out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
