@@ -7,7 +7,6 @@ never leaves a partial file, and nothing is overwritten without --force.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -206,46 +205,118 @@ def models() -> None:
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", help="Registered model name.")
-@click.option("--samples", type=click.IntRange(0, 1000), default=0, help="IWAE importance samples K (0: skip).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image (a list for several).")
-def bpd(images, model, samples, as_json) -> None:
-    """Bits per subpixel of IMAGES: −ELBO, IWAE, coded and file size."""
-    from vaezip import api
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Archive to write (SET.vzp).")
+@click.option("--model", help="Registered model name for every image (default: the one for each image's mode).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite an existing archive.")
+def pack(inputs, output, model, force) -> None:
+    """Pack images and folders of images into one archive: IMG|DIR... -> SET.vzp.
 
-    for p in images:
+    Folders are searched recursively; their images are stored under their path
+    relative to the folder, a single image under its file name. All images share
+    one bits-back stream, so only the first pays the start-up cost.
+    """
+    from vaezip import api
+    from vaezip.archive import name_problem
+    from vaezip.images import read_image
+
+    for p in inputs:
         if not p.exists():
             raise VaezipError(f"{p}: no such file or folder")
-    reports = []
-    for path in _expand(images):
-        r = api.measure(path, model, samples=samples)
-        reports.append((path, r))
-        if not as_json:
-            iwae = f"  iwae({samples}) {r.iwae_bpd:.4f}" if r.iwae_bpd is not None else ""
-            click.echo(f"{path}: -elbo {r.nelbo_bpd:.4f}{iwae}  coded {r.coded_bpd:.4f}  file {r.file_bpd:.4f}"
-                       f"  gap {100 * r.gap:+.2f}%  ({r.model})")
-    if as_json:
-        objs = [_report_json(p, r) for p, r in reports]
-        click.echo(json.dumps(objs[0] if len(objs) == 1 else objs, indent=1))
+    _check_output(output, force)
+    members = _pack_members(inputs)
+    if not members:
+        raise VaezipError("no images to pack")
+    seen: dict[str, Path] = {}
+    for name, path in members:
+        problem = name_problem(name)
+        if problem:
+            raise VaezipError(f"{path}: cannot store as {name!r}: {problem}")
+        if name in seen:
+            raise VaezipError(f"{seen[name]} and {path} would both be stored as {name!r}")
+        seen[name] = path
+    start = time.perf_counter()
+    items = [(name, read_image(path)) for name, path in members]
+    tiles = sum(_tile_count(img.height, img.width) for _, img in items if img.mode in ("L", "LA", "RGB", "RGBA"))
+    bar, task = _progress(tiles, f"pack {output.name}")
+    with bar:
+        data = api.pack(items, model, progress=lambda n: bar.advance(task, n))
+    with _atomic_output(output) as tmp:
+        tmp.write_bytes(data)
+    seconds = time.perf_counter() - start
+    subpixels = sum(img.num_subpixels for _, img in items)
+    source_bytes = sum(path.stat().st_size for _, path in members)
+    click.echo(f"{output}: {len(items)} images, {_size(source_bytes)} -> {_size(len(data))}, "
+               f"{8 * len(data) / subpixels:.3f} bits/subpixel, {seconds:.1f} s")
 
 
-def _report_json(path: Path, r) -> dict:
-    obj = {"image": str(path), "model": r.model, "mode": r.mode, "width": r.width, "height": r.height,
-           "nelbo_bpd": r.nelbo_bpd, "coded_bpd": r.coded_bpd, "file_bpd": r.file_bpd,
-           "file_bytes": r.file_bytes, "header_bytes": r.header_bytes, "gap": r.gap}
-    if r.iwae_bpd is not None:
-        obj["iwae_bpd"], obj["samples"] = r.iwae_bpd, r.samples
-    return obj
-
-
-def _expand(paths):
-    image_suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-    for p in paths:
+def _pack_members(inputs) -> list[tuple[str, Path]]:
+    """(stored name, path): a folder's images by relative path, a file by its name."""
+    image_suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+    members = []
+    for p in inputs:
         if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.suffix.lower() in image_suffixes)
+            files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in image_suffixes)
+            members += [(q.relative_to(p).as_posix(), q) for q in files]
         else:
-            yield p
+            members.append((p.name, p))
+    return members
+
+
+@main.command()
+@click.argument("archive_file", metavar="SET.vzp", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the images into (created if missing).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing files.")
+def unpack(archive_file, output, force) -> None:
+    """Unpack an archive into a folder: each image as a PNG under its stored name
+    (".png" appended unless the name ends so). Nothing is written unless every
+    image decodes and no file would be overwritten (without --force)."""
+    from vaezip import api, archive
+    from vaezip.images import write_png
+
+    _inputs_exist([archive_file])
+    data = archive_file.read_bytes()
+    entries, _ = archive.unpack(data)  # validates the whole file before any decoding
+    if output.exists() and not output.is_dir():
+        raise VaezipError(f"{output}: not a folder")
+    targets = [output / _unpacked_name(e.name) for e in entries]
+    _check_unpack_targets(output, targets, [e.name for e in entries], force)
+    start = time.perf_counter()
+    bar, task = _progress(sum(archive.tile_count(e.header) for e in entries), f"unpack {archive_file.name}")
+    with bar:
+        decoded = api.unpack(data, progress=lambda n: bar.advance(task, n))
+    for target, (_, image) in zip(targets, decoded):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_output(target) as tmp:
+            write_png(image, tmp)
+    seconds = time.perf_counter() - start
+    subpixels = sum(image.num_subpixels for _, image in decoded)
+    click.echo(f"{archive_file} -> {output}: {len(decoded)} images, {_size(len(data))}, "
+               f"{8 * len(data) / subpixels:.3f} bits/subpixel, {seconds:.1f} s")
+
+
+def _unpacked_name(name: str) -> str:
+    return name if name.lower().endswith(".png") else name + ".png"
+
+
+def _check_unpack_targets(output: Path, targets: list[Path], names: list[str], force: bool) -> None:
+    """Refuse clashing names, paths blocked by files, and (without --force) existing files."""
+    by_target: dict[Path, str] = {}
+    for target, name in zip(targets, names):
+        if target in by_target:
+            raise VaezipError(f"archive members {by_target[target]!r} and {name!r} would both be written to {target}")
+        by_target[target] = name
+    folders = {parent for t in targets for parent in t.parents if parent != output and output in parent.parents}
+    for target, name in zip(targets, names):
+        if target in folders:
+            raise VaezipError(f"archive member {name!r} would be written to {target}, a folder of other members")
+        for parent in target.parents:
+            if parent == output:
+                break
+            if parent.exists() and not parent.is_dir():
+                raise VaezipError(f"cannot write {target}: {parent} is not a folder")
+        _check_output(target, force)
 
 
 def _register_train() -> None:
@@ -254,7 +325,14 @@ def _register_train() -> None:
     main.add_command(train_command)
 
 
+def _register_bpd() -> None:
+    from .bpd import bpd_command
+
+    main.add_command(bpd_command)
+
+
 _register_train()
+_register_bpd()
 
 if __name__ == "__main__":
     main()

@@ -13,9 +13,8 @@ first-out, so what is pushed first is popped last):
 from __future__ import annotations
 
 import os
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -258,57 +257,8 @@ def decompress_pil(data: bytes, **kwargs):
     return to_pil(decompress_image(data, **kwargs))
 
 
-@dataclass
-class Report:
-    """Rate of one image, all in bits per subpixel unless named otherwise.
-
-    nelbo_bpd: the model's −ELBO (model-coded planes plus plane-coder bits);
-    iwae_bpd: importance-weighted estimate with `samples` samples (None if not asked);
-    coded_bpd: payload bits; file_bpd: whole file including the header.
-    """
-
-    model: str
-    mode: str
-    width: int
-    height: int
-    subpixels: int
-    nelbo_bpd: float
-    coded_bpd: float
-    file_bpd: float
-    file_bytes: int
-    header_bytes: int
-    iwae_bpd: Optional[float] = None
-    samples: int = 0
-    encode_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def gap(self) -> float:
-        """File bits over −ELBO bits, minus one (0.01 = 1% overhead)."""
-        return self.file_bpd / self.nelbo_bpd - 1.0 if self.nelbo_bpd else float("nan")
-
-
-def model_bits(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, samples: int = 0,
-               seed: int = 0) -> tuple[float, Optional[float]]:
-    """−ELBO (and IWAE with `samples` samples) in bits for the whole image, tiled as coded."""
-    import torch
-
-    from .tiles import TileGrid
-
-    grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
-    torch.manual_seed(seed)
-    nelbo = iwae = 0.0
-    net = loaded.net
-    batch = 16
-    with torch.inference_mode():
-        for start in range(0, grid.count, batch):
-            indices = range(start, min(start + batch, grid.count))
-            x = torch.from_numpy(_padded_tiles(pixels, grid, indices))
-            mask = torch.from_numpy(grid.pixel_masks(indices))
-            nelbo += float(net.nelbo(x, mask).nelbo_bits.sum())
-            if samples:
-                iwae += float(net.iwae_bits(x, samples, mask).sum())
-    return nelbo, (iwae if samples else None)
+# Measurement lives in measure.py; these names stay importable from here.
+from .rates import Report, measure, model_bits  # noqa: E402,F401
 
 
 def _padded_tiles(pixels: np.ndarray, grid, indices) -> np.ndarray:
@@ -317,30 +267,220 @@ def _padded_tiles(pixels: np.ndarray, grid, indices) -> np.ndarray:
     return lattice_to_pixels(split_tiles(pixels, grid, indices))
 
 
-def measure(image: ImageLike, model: Optional[str] = None, *, samples: int = 0,
-            loaded: Optional[registry.LoadedModel] = None) -> Report:
-    """Compress `image` and report −ELBO, IWAE (if samples > 0) and the real file size."""
-    from . import planes
+# ---- archives (.vzp): many images on one bits-back stack -----------------------
 
-    img = as_image(image)
-    start = time.perf_counter()
-    data = compress(img, model, loaded=loaded)
-    seconds = time.perf_counter() - start
-    header, words = container.unpack(data)
-    n = img.num_subpixels
-    layout = _layout(img.mode, header.model_name)
-    plane_bits = sum(planes.estimate_bits(img.pixels[:, :, c], layout.levels) for c in layout.plane_channels)
-    nelbo_bits, iwae_bits = plane_bits, None
-    if layout.model_channels:
-        lm = _model_for(header, loaded)
-        pixels = np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)])
-        bits, iwae = model_bits(lm, pixels, header.tile_size, samples)
-        nelbo_bits += bits
-        iwae_bits = None if iwae is None else iwae + plane_bits
-    coded_bits = 32 * len(words)
-    return Report(
-        model=header.model_name or "planes", mode=img.mode, width=img.width, height=img.height, subpixels=n,
-        nelbo_bpd=nelbo_bits / n, coded_bpd=coded_bits / n, file_bpd=8 * len(data) / n,
-        file_bytes=len(data), header_bytes=len(data) - 4 * len(words),
-        iwae_bpd=None if iwae_bits is None else iwae_bits / n, samples=samples, encode_seconds=seconds,
-    )
+ArchiveItem = tuple[str, ImageLike]
+LoadedModels = Union[registry.LoadedModel, "Sequence[registry.LoadedModel]", None]
+
+
+def pack(items: "Sequence[ArchiveItem]", model: Optional[str] = None, *, loaded: LoadedModels = None,
+         join: bool = True, progress: Optional[Progress] = None) -> bytes:
+    """Compress named images into the bytes of one .vzp archive.
+
+    The images are pushed in order onto ONE ANS stack, so only the first pays
+    a start-up cost: every later image borrows its latents from the bits of
+    the images before it. With `join`, consecutive images that share model and
+    tile side are coded as one tile sequence whose network batches straddle
+    image boundaries (`bitsback.encode_tile_sets`): the same code, far fewer
+    network calls for small images. Without it each image is `push_image`d.
+
+    Args:
+        items: (name, image) pairs; a name is a relative "/"-separated path
+            (`archive.name_problem`), unique; an image is anything `compress` takes.
+        model: registered model name for every image; default: each image gets
+            the registered model for its mode, as `compress` does.
+        loaded: already loaded model(s) (tests): each image takes the first
+            whose channel count fits its mode, else falls back to `model`.
+        join: code runs of images as shared tile sequences (see above).
+        progress: called with the number of tiles finished.
+
+    Raises:
+        InputError: no items, a bad or duplicate name. VaezipError: as `compress`.
+    """
+    from . import archive, coders
+    from .errors import InputError
+
+    items = list(items)
+    if not items:
+        raise InputError("nothing to pack")
+    names = [name for name, _ in items]
+    for name in names:
+        problem = archive.name_problem(name)
+        if problem:
+            raise InputError(f"cannot store {name!r}: {problem}")
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"duplicate name {duplicate!r}")
+    images = [as_image(image) for _, image in items]
+    models = [_archive_model(img.mode, model, loaded) for img in images]
+    ans = coders.new_coder()
+    entries: list = [None] * len(images)
+    for run in _tile_runs(images, models, join):
+        name, lm = models[run.start]
+        if len(run) == 1:
+            header, ans = push_image(ans, images[run.start], name, lm, progress)
+            entries[run.start] = archive.Entry(names[run.start], header)
+            continue
+        headers, ans = _push_tile_set(ans, images[run.start:run.stop], name, lm, progress)
+        for k, (i, header) in enumerate(zip(run, headers)):
+            entries[i] = archive.Entry(names[i], header, joined=k > 0)
+    return archive.pack(entries, ans.get_compressed())
+
+
+def unpack(data: bytes, *, loaded: LoadedModels = None,
+           progress: Optional[Progress] = None) -> list[tuple[str, Image]]:
+    """Decode .vzp bytes to the (name, `Image`) pairs `pack` was given, in order.
+
+    Pops the images in reverse order (ANS is last-in first-out), checks each
+    image's pixel checksum and that the stack ends empty.
+
+    Raises:
+        CorruptFileError: damaged, truncated or foreign data.
+        DecodeMismatchError: an image fails its checksum (never returned).
+        ModelError: a model the archive names is missing or has other weights.
+    """
+    from . import archive, coders
+
+    entries, words = archive.unpack(bytes(data))
+    try:
+        ans = coders.new_coder(words)
+    except Exception:
+        raise CorruptFileError("corrupt payload") from None
+    images: list = [None] * len(entries)
+    for run in reversed(archive.tile_sets(entries)):  # reversed: the last pushed is on top
+        headers = [entries[i].header for i in run]
+        lm = _archive_loaded(headers[0].model_name, loaded)
+        try:
+            if len(run) == 1:
+                images[run.start] = pop_image(ans, headers[0], lm, progress)
+            else:
+                images[run.start:run.stop] = _pop_tile_set(ans, headers, lm, progress)
+        except DecodeMismatchError as exc:
+            names = ", ".join(entries[i].name for i in run)
+            raise DecodeMismatchError(f"{names}: {exc}") from None
+    if not ans.is_empty():
+        raise CorruptFileError("corrupt payload: data left over after decoding")
+    return [(entry.name, image) for entry, image in zip(entries, images)]
+
+
+def _archive_model(mode: str, model: Optional[str], loaded: LoadedModels):
+    """(name, loaded model or None) for one image of an archive."""
+    channels = {"RGB": 3, "RGBA": 3, "L": 1, "LA": 1}.get(mode)
+    if channels is None:
+        return "", None  # P and 1 are plane-coded, whatever model is asked for
+    candidates = [loaded] if isinstance(loaded, registry.LoadedModel) else list(loaded or ())
+    for lm in candidates:
+        if lm.spec.config.channels == channels:
+            return lm.spec.name, lm
+    return _resolve_model(mode, model, None)
+
+
+def _archive_loaded(name: str, loaded: LoadedModels) -> Optional[registry.LoadedModel]:
+    """The given loaded model called `name`, or None (the registry loads it)."""
+    candidates = [loaded] if isinstance(loaded, registry.LoadedModel) else list(loaded or ())
+    return next((lm for lm in candidates if lm.spec.name == name), None)
+
+
+def _tile_runs(images, models, join: bool) -> list[range]:
+    """Runs of consecutive images coded as one tile sequence: same model and tile side."""
+    def key(i: int):
+        name, lm = models[i]
+        if not join or not name:
+            return None
+        return name, tile_size(images[i].height, images[i].width, lm.spec.config.downsampling)
+
+    runs: list[range] = []
+    for i in range(len(images)):
+        if runs and key(i) is not None and key(i) == key(runs[-1].stop - 1):
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
+
+
+def _schedule_per_image(schedule: tuple[int, ...], counts: list[int]) -> list[tuple[int, ...]]:
+    """Split a tile-sequence schedule: each batch goes to the image holding its first tile."""
+    from .bitsback import DETERMINISTIC_FLAG
+
+    ends = np.cumsum(counts)
+    out: list[list[int]] = [[] for _ in counts]
+    position = 0
+    for entry in schedule:
+        out[int(np.searchsorted(ends, position, side="right"))].append(entry)
+        position += entry & ~DETERMINISTIC_FLAG
+    return [tuple(s) for s in out]
+
+
+def _push_tile_set(ans, imgs: list[Image], name: str, loaded: registry.LoadedModel,
+                   progress: Optional[Progress]):
+    """Push images sharing model and tile side; returns (headers, coder).
+
+    Stack before: S. After: S + every image's plane-coded planes (in order),
+    then all their model-coded tiles as one sequence (the last batch on top).
+    """
+    from . import planes
+    from .bitsback import encode_tile_sets
+
+    layouts = [_layout(img.mode, name) for img in imgs]
+    for img, layout in zip(imgs, layouts):
+        for c in layout.plane_channels:
+            planes.plane_codec(img.height, img.width, layout.levels).push(ans, img.pixels[:, :, c])
+    params = _coding_params(loaded, imgs[0].height, imgs[0].width)
+    pixels = [np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)]) for img, layout in zip(imgs, layouts)]
+    with _deterministic_torch():
+        schedule, ans = encode_tile_sets(loaded.net, ans, pixels, params, progress or (lambda n: None))
+    counts = [-(-img.height // params.tile) * -(-img.width // params.tile) for img in imgs]
+    headers = [
+        container.Header(
+            mode=img.mode, width=img.width, height=img.height, model_name=name,
+            model_hash=loaded.spec.hash_prefix, tile_size=params.tile, schedule=part, num_initial_words=0,
+            pixel_checksum=container.pixel_checksum(img), palette=img.palette,
+            transparency=img.transparency, icc_profile=img.icc_profile, runtime=_runtime(),
+        )
+        for img, part in zip(imgs, _schedule_per_image(schedule, counts))
+    ]
+    return headers, ans
+
+
+def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registry.LoadedModel],
+                  progress: Optional[Progress]) -> list[Image]:
+    """Pop what `_push_tile_set` pushed; checks every image's pixel checksum.
+
+    Stack before: S + the images. After: S.
+    """
+    from . import planes
+    from .bitsback import CodingParams, decode_tile_sets
+
+    model = _model_for(headers[0], loaded)
+    cfg = model.spec.config
+    layouts = [_layout(h.mode, h.model_name) for h in headers]
+    if {len(layout.model_channels) for layout in layouts} != {cfg.channels}:
+        raise CorruptFileError("corrupt header: joined images need the model's channel count")
+    for h in headers:
+        if h.tile_size != tile_size(h.height, h.width, cfg.downsampling):
+            raise CorruptFileError("corrupt header: unexpected tile size")
+    params = CodingParams(tile=headers[0].tile_size, latent_grid=cfg.latent_grid)
+    schedule = tuple(entry for h in headers for entry in h.schedule)
+    pixels = [np.zeros((h.height, h.width, {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[h.mode]), dtype=np.uint8)
+              for h in headers]
+    try:
+        with _deterministic_torch():
+            colour = decode_tile_sets(model.net, ans, [(h.height, h.width) for h in headers], cfg.channels,
+                                      params, schedule, progress or (lambda n: None))
+        for k in reversed(range(len(headers))):  # reversed: planes were pushed image by image
+            h, layout = headers[k], layouts[k]
+            pixels[k][:, :, list(layout.model_channels)] = colour[k]
+            for c in reversed(layout.plane_channels):
+                pixels[k][:, :, c] = planes.plane_codec(h.height, h.width, layout.levels).pop(ans)
+    except VaezipError:
+        raise
+    except Exception as exc:  # a damaged payload can upset any decoding step
+        raise CorruptFileError(f"corrupt payload ({type(exc).__name__})") from None
+    images = []
+    for h, p in zip(headers, pixels):
+        image = Image(h.mode, p, h.palette, h.transparency, h.icc_profile)
+        if container.pixel_checksum(image) != h.pixel_checksum:
+            note = "" if h.runtime == _runtime() else f" (written by {h.runtime}; this is {_runtime()})"
+            raise DecodeMismatchError(f"decoded pixels fail the checksum{note}")
+        images.append(image)
+    return images
