@@ -52,7 +52,7 @@ def active_channels(kl_bits: list[np.ndarray], threshold: float) -> tuple[tuple[
 
 
 def main(argv=None) -> int:
-    from .data import evaluation_crops, load_dataset
+    from .data import evaluation_crops, load_dataset, pad_to_multiple
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights")
@@ -61,14 +61,15 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="heldout", help="images to measure KL on (never the test set)")
     parser.add_argument("--threshold", type=float, default=0.01, help="bits per latent dimension")
     parser.add_argument("--crops", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=64, help="crop side; smaller images are edge-padded to it")
     args = parser.parse_args(argv)
     meta = json.loads(open(args.meta).read())
     config = ModelConfig.from_dict({**meta["config"], "active_latents": None})
     net = HierarchicalVAE(config)
     net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True), strict=True)
     net.eval()
-    images = load_dataset(args.data, channels=config.channels)
-    crops = evaluation_crops(images, 64, args.crops, seed=20240601)
+    images = [pad_to_multiple(im, 16, minimum=args.crop) for im in load_dataset(args.data, channels=config.channels)]
+    crops = evaluation_crops(images, args.crop, args.crops, seed=20240601)
     kl = channel_kl_bits(net, crops)
     active = active_channels(kl, args.threshold)
     meta["config"] = replace(config, active_latents=active).to_dict()
