@@ -209,9 +209,9 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
             raise CorruptFileError("corrupt header: tile schedule without a model")
         for c in reversed(layout.plane_channels):  # reversed: pushed first, popped last
             pixels[:, :, c] = planes.plane_codec(header.height, header.width, layout.levels).pop(ans)
-    except VaezipError:
+    except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:  # a damaged payload can upset any decoding step
+    except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
         raise CorruptFileError(f"corrupt payload ({type(exc).__name__})") from None
     if header.mode == "1" and pixels.max(initial=0) > 1:
         raise DecodeMismatchError("decoded pixels fail the checksum")
@@ -472,9 +472,9 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
             pixels[k][:, :, list(layout.model_channels)] = colour[k]
             for c in reversed(layout.plane_channels):
                 pixels[k][:, :, c] = planes.plane_codec(h.height, h.width, layout.levels).pop(ans)
-    except VaezipError:
+    except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:  # a damaged payload can upset any decoding step
+    except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
         raise CorruptFileError(f"corrupt payload ({type(exc).__name__})") from None
     images = []
     for h, p in zip(headers, pixels):

@@ -32,10 +32,14 @@ def categorical(probabilities: np.ndarray) -> Codec:
     """Codec for int symbols, symbol i drawn from row i of `probabilities`.
 
     Args:
-        probabilities: (n, K) float array, rows need not be normalised; every
-            symbol in 0..K-1 keeps a nonzero probability (constriction's leak).
+        probabilities: (n, K) float array of non-negative rows with positive
+            sums; rows need not be normalised; every symbol in 0..K-1 keeps a
+            nonzero probability (constriction's leak).
     """
-    probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
+    # Normalised here in float64: constriction 0.5.0's leaky Categorical panics on
+    # a zero-probability symbol in some unnormalised rows.
+    rows = np.asarray(probabilities, dtype=np.float64)
+    probabilities = np.ascontiguousarray(rows / rows.sum(axis=1, keepdims=True))
     family = _model.Categorical(perfect=False)
 
     def push(ans: AnsCoder, symbols: np.ndarray) -> None:
@@ -81,7 +85,9 @@ def quantized_gaussian(means: np.ndarray, stds: np.ndarray, radius: int) -> Code
 
 
 def uniform(size: int, count: int) -> Codec:
-    """Codec for `count` i.i.d. integers uniform on 0..size-1 (size <= 2**24)."""
+    """Codec for `count` i.i.d. integers uniform on 0..size-1 (2 <= size <= 2**24)."""
+    if size < 2:
+        raise ValueError(f"uniform codec needs size >= 2, got {size}")
     model = _model.Uniform(size)
 
     def push(ans: AnsCoder, symbols: np.ndarray) -> None:

@@ -41,8 +41,11 @@ class ModelSpec:
 
     @property
     def hash_prefix(self) -> bytes:
-        """The 8 bytes of the hash stored in every .vz file made with this model."""
-        return bytes.fromhex(self.sha256)[:8]
+        """The 8-byte model identity stored in every .vz file made with this model:
+        a hash of the weights' sha256 and the config, so a changed config (pruning,
+        latent grid) under the same weights is reported, not mis-decoded."""
+        identity = self.sha256.encode() + self.config.to_json().encode()
+        return hashlib.sha256(identity).digest()[:8]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny seeded random-weight models and random images of every mode.
+
+The tiny models code a 64x64 tile in a few milliseconds, so coder and bits-back
+tests do not pay for the shipped models; tests that are about the shipped
+models load them through `registry.load_model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaezip.images import CHANNELS, Image
+
+DATA = Path("/work/shared/data")
+KODAK = DATA / "kodak"
+
+TINY_SCALES = ((16, 1, 4), (4, 1, 2))
+
+
+def _state_sha256(state: dict) -> str:
+    """sha256 of the state dict as `torch.save` writes it (what a weights file would hash to)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def make_tiny_model(channels: int, name: str):
+    """A `LoadedModel` with seeded random weights (torch.manual_seed(0)).
+
+    Built with `registry.model_from_weights`, so the strict load path is the
+    one the shipped models take.
+    """
+    import torch
+
+    from vaezip import registry
+    from vaezip.config import ModelConfig
+    from vaezip.model import HierarchicalVAE
+
+    cfg = ModelConfig(channels=channels, width=16, bottleneck=8, pixel_width=8, mixtures=2, latent_scales=TINY_SCALES)
+    torch.manual_seed(0)
+    state = HierarchicalVAE(cfg).state_dict()
+    mode = "RGB" if channels == 3 else "L"
+    spec = registry.ModelSpec(name, f"{name}.pt", _state_sha256(state), cfg, (mode,))
+    return registry.model_from_weights(spec, state)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Tiny 3-channel (RGB) model, seeded random weights."""
+    return make_tiny_model(3, "tiny-test")
+
+
+@pytest.fixture(scope="session")
+def tiny_gray_model():
+    """Tiny 1-channel (L) model, seeded random weights."""
+    return make_tiny_model(1, "tiny-gray-test")
+
+
+def random_pixels(mode: str, height: int, width: int, seed: int = 0, *, smooth: bool = False) -> np.ndarray:
+    """uint8 (H, W, C) pixels valid for `mode` (P: indices < 40, 1: 0/1).
+
+    smooth: a low-frequency pattern plus a little noise (photo-like), else i.i.d. noise.
+    """
+    rng = np.random.default_rng(seed)
+    channels = CHANNELS[mode]
+    high = {"1": 2, "P": 40}.get(mode, 256)
+    if not smooth:
+        return rng.integers(0, high, size=(height, width, channels), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    out = np.empty((height, width, channels), dtype=np.uint8)
+    for c in range(channels):
+        field = np.sin(xx / (9.0 + 3 * c) + seed) + np.cos(yy / (7.0 + 2 * c)) + 0.1 * rng.standard_normal((height, width))
+        out[:, :, c] = np.clip((field + 2.2) / 4.4 * high, 0, high - 1).astype(np.uint8)
+    return out
+
+
+def random_image(mode: str, height: int, width: int, seed: int = 0, *, smooth: bool = False,
+                 transparency: bytes = b"", icc_profile: bytes = b"") -> Image:
+    """A random `Image` of `mode`; mode P gets a random 40-colour palette."""
+    pixels = random_pixels(mode, height, width, seed, smooth=smooth)
+    palette = b""
+    if mode == "P":
+        palette = np.random.default_rng(seed + 1).integers(0, 256, size=40 * 3, dtype=np.uint8).tobytes()
+    return Image(mode, pixels, palette, transparency, icc_profile)
+
+
+def kodak_crop(name: str, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """An (H, W, 3) uint8 crop of a Kodak image; skips the test if the data is absent."""
+    from PIL import Image as PILImage
+
+    path = KODAK / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    with PILImage.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    return np.ascontiguousarray(rgb[top : top + height, left : left + width])
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) -> (H, W) uint8 with Pillow's L conversion."""
+    from PIL import Image as PILImage
+
+    return np.asarray(PILImage.fromarray(rgb, "RGB").convert("L"))

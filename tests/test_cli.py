@@ -1,0 +1,243 @@
+"""Tests for the `vaezip` command line: names, --force, -o, errors as one line, no stray files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import random_image
+from PIL import Image as PILImage
+
+from vaezip import api, container
+from vaezip.cli.main import main
+from vaezip.images import pixels_equal, read_image, write_png
+
+
+def _run(*args, cwd: Path | None = None):
+    runner = CliRunner()
+    if cwd is None:
+        return runner.invoke(main, [str(a) for a in args])
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(main, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def _ok(result) -> None:
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def _one_line_error(result, *needles: str) -> str:
+    """The command failed with exactly one line on stderr, no traceback."""
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_temp_files(folder: Path) -> None:
+    stray = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    assert not stray, stray
+
+
+@pytest.fixture
+def png(tmp_path) -> Path:
+    """A small RGB PNG (one 32x32 tile of the shipped model)."""
+    path = tmp_path / "img.png"
+    write_png(random_image("RGB", 20, 27, seed=1, smooth=True), path)
+    return path
+
+
+def test_compress_decompress_default_names_and_force(png, tmp_path):
+    original = read_image(png)
+    _ok(_run("compress", png))
+    vz_path = png.with_name("img.png.vz")
+    assert vz_path.is_file() and png.is_file()  # input kept
+
+    # IMG.vz -> IMG, which exists: refused, and untouched.
+    before = png.read_bytes()
+    result = _run("decompress", vz_path)
+    _one_line_error(result, "exists")
+    assert png.read_bytes() == before
+
+    _ok(_run("decompress", vz_path, "-o", tmp_path / "back.png"))
+    assert pixels_equal(read_image(tmp_path / "back.png"), original)
+
+    png.unlink()
+    _ok(_run("decompress", vz_path))
+    assert pixels_equal(read_image(png), original)
+
+    # --force overwrites (with a different file in the way).
+    png.write_bytes(b"something else")
+    _ok(_run("decompress", "--force", vz_path))
+    assert pixels_equal(read_image(png), original)
+    _no_temp_files(tmp_path)
+
+
+def test_compress_refuses_existing_output_without_force(png, tmp_path):
+    target = tmp_path / "taken.vz"
+    target.write_bytes(b"precious")
+    result = _run("compress", png, "-o", target)
+    _one_line_error(result, "taken.vz", "--force")
+    assert target.read_bytes() == b"precious"
+    _ok(_run("compress", png, "-o", target, "-f"))
+    assert api.decompress(target.read_bytes()).shape == (20, 27, 3)
+    _no_temp_files(tmp_path)
+
+
+def test_decompressed_name_without_png_suffix(tmp_path):
+    image = random_image("1", 9, 14, seed=3)
+    (tmp_path / "scan.vz").write_bytes(api.compress(image))
+    (tmp_path / "raw").write_bytes(api.compress(image))
+    _ok(_run("decompress", tmp_path / "scan.vz", tmp_path / "raw"))
+    assert pixels_equal(read_image(tmp_path / "scan.png"), image)
+    assert pixels_equal(read_image(tmp_path / "raw.png"), image)
+
+
+def test_several_inputs_into_an_output_folder(tmp_path):
+    images = {f"im{k}.png": random_image(mode, 8 + k, 5 + k, seed=k) for k, mode in enumerate(["P", "1", "RGB"])}
+    for name, image in images.items():
+        write_png(image, tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    _ok(_run("compress", *[tmp_path / n for n in images], "-o", out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(n + ".vz" for n in images)
+    back = tmp_path / "back"
+    back.mkdir()
+    _ok(_run("decompress", *sorted(out.iterdir()), "-o", back))
+    for name, image in images.items():
+        assert pixels_equal(read_image(back / name), image)
+
+    # -o that is not a folder, with several inputs.
+    result = _run("compress", tmp_path / "im0.png", tmp_path / "im1.png", "-o", tmp_path / "nofolder")
+    _one_line_error(result, "nofolder")
+    assert not (tmp_path / "nofolder").exists()
+    _no_temp_files(tmp_path)
+
+
+def test_one_existing_output_refuses_the_whole_batch(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_png(random_image("P", 4, 4), tmp_path / name)
+    (tmp_path / "b.png.vz").write_bytes(b"old")
+    _one_line_error(_run("compress", tmp_path / "a.png", tmp_path / "b.png"), "b.png.vz")
+    assert not (tmp_path / "a.png.vz").exists()
+    assert (tmp_path / "b.png.vz").read_bytes() == b"old"
+
+
+def test_missing_input_and_text_file(tmp_path):
+    _one_line_error(_run("compress", tmp_path / "nope.png"), "nope.png")
+    _one_line_error(_run("decompress", tmp_path / "nope.vz"), "nope.vz")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not an image\n")
+    _one_line_error(_run("compress", text), "notes.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("name,make,mode", [
+    ("deep.png", lambda: PILImage.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000), "I;16"),
+    ("print.tif", lambda: PILImage.new("CMYK", (5, 4), (1, 2, 3, 4)), "CMYK"),
+    ("float.tif", lambda: PILImage.fromarray(np.ones((3, 4), np.float32)), "F"),
+])
+def test_unsupported_mode_names_the_mode(tmp_path, name, make, mode):
+    path = tmp_path / name
+    make().save(path)
+    assert PILImage.open(path).mode == mode
+    _one_line_error(_run("compress", path), mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def _damaged_files(data: bytes):
+    """(label, bytes) of broken versions of a .vz file."""
+    out = [(f"truncated-{n}", data[:n]) for n in (0, 1, 7, 8, 10, 30, len(data) // 2, len(data) - 5, len(data) - 1)]
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    out.append(("flipped-bit", bytes(flipped)))
+    header, words = container.unpack(data)
+    words = words.copy()
+    words[0] ^= np.uint32(1 << 7)
+    out.append(("payload-bit-valid-crc", container.pack(header, words)))  # passes the CRC, fails decoding
+    out.append(("trailing-byte", data + b"\x00"))
+    return out
+
+
+def test_damaged_and_foreign_files_fail_cleanly(tmp_path, png):
+    data = api.compress(random_image("RGB", 20, 27, seed=5, smooth=True))
+    cases = _damaged_files(data) + [("foreign-png", png.read_bytes())]
+    work = tmp_path / "work"
+    work.mkdir()
+    for label, blob in cases:
+        source = work / f"{label}.vz"
+        source.write_bytes(blob)
+        result = _run("decompress", source)
+        _one_line_error(result)
+        assert not (work / f"{label}.png").exists(), label
+        source.unlink()
+    assert not list(work.iterdir())  # no output and no temporary file left behind
+    _one_line_error(_run("info", png), "magic")
+
+
+def test_info_and_models(tmp_path, png):
+    _ok(_run("compress", png))
+    result = _run("info", png.with_name("img.png.vz"))
+    _ok(result)
+    assert "27x20 RGB" in result.output
+    assert "photo-rgb-1" in result.output
+    assert "torch=" in result.output  # the runtime the file was written with
+
+    plane = tmp_path / "p.vz"
+    plane.write_bytes(api.compress(random_image("P", 5, 6)))
+    result = _run("info", plane)
+    _ok(result)
+    assert "6x5 P" in result.output and "plane coder" in result.output
+
+    result = _run("models")
+    _ok(result)
+    names = [line.split()[0] for line in result.output.splitlines() if line.strip()]
+    for name in ("photo-rgb-1", "photo-gray-1", "mnist-1"):
+        assert name in names
+
+
+def test_bpd_json(png):
+    result = _run("bpd", "--json", "--samples", "2", png)
+    _ok(result)
+    obj = json.loads(result.stdout)
+    obj = obj[0] if isinstance(obj, list) else obj
+    for key in ("model", "nelbo_bpd", "coded_bpd", "file_bpd", "iwae_bpd"):
+        assert key in obj, key
+    assert obj["model"] == "photo-rgb-1"
+    for key in ("nelbo_bpd", "coded_bpd", "file_bpd", "iwae_bpd"):
+        assert isinstance(obj[key], float) and 0 < obj[key] < 16
+
+
+def test_usage_errors_exit_nonzero():
+    assert _run("compress").exit_code != 0  # no inputs
+    assert _run("frobnicate").exit_code != 0
+    result = _run("--help")
+    _ok(result)
+    for command in ("compress", "decompress", "info", "models", "bpd"):
+        assert command in result.output
+
+
+def test_installed_entry_point(tmp_path, png):
+    """The console script installed by pip runs (one real process; the rest use CliRunner)."""
+    script = Path(sys.executable).parent / "vaezip"
+    if not script.exists():
+        pytest.skip("vaezip console script not installed beside this interpreter")
+    out = tmp_path / "x.vz"
+    proc = subprocess.run([str(script), "compress", str(png), "-o", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "x.vz" in proc.stdout
+    assert pixels_equal(api.decompress_image(out.read_bytes()), read_image(png))
