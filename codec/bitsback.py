@@ -17,9 +17,10 @@ Start-up: a batch can only borrow bits already on the stack. The encoder grows
 its batches with the bits available (measured, with a roll-back if a batch would
 run the stack dry); a batch that cannot borrow is coded *deterministic*: its
 latents are the rounded posterior means, pushed with the prior, borrowing
-nothing. Only a batch facing a too-shallow stack is deterministic: the first
-batch on a stack that already holds bits (an alpha plane, earlier images of a
-`vaezip pack` archive) tries bits-back first. The schedule (batch sizes,
+nothing. Only a batch facing a too-shallow stack is deterministic: a batch
+whose cost is unknown or looks too high for the stack (the first batch on a
+stack holding an alpha plane or earlier images of a `vaezip pack` archive, the
+batch after a deterministic one) tries bits-back on one tile first. The schedule (batch sizes,
 deterministic flag) goes into the header.
 
 Tile sets: `encode_tile_sets` codes the tiles of several images of one tile
@@ -45,6 +46,7 @@ from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_ti
 
 DETERMINISTIC_FLAG = 0x8000
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
+MAX_BATCH_PIXELS = MAX_BATCH * 64 * 64  # the same bound for smaller tiles (tile sets of small images)
 SAFETY_BITS = 64  # never let the posterior pops bring the stack below this
 
 
@@ -253,6 +255,12 @@ def _latent_tensor(k: np.ndarray, shape: torch.Size, params: CodingParams) -> to
     return torch.from_numpy(k.astype(np.float32) * np.float32(params.latent_grid)).reshape(shape)
 
 
+def batch_limit(tile: int) -> int:
+    """Most tiles in one network call: MAX_BATCH tiles of 64x64, more of smaller tiles
+    (the same number of pixels; only tile sets of small images have tiles under 64)."""
+    return max(1, min(MAX_BATCH_PIXELS // (tile * tile), DETERMINISTIC_FLAG - 1))
+
+
 def encode_tiles(model: HierarchicalVAE, ans: AnsCoder, pixels: np.ndarray, params: CodingParams,
                  progress: Callable[[int], None] = lambda n: None) -> tuple[tuple[int, ...], AnsCoder]:
     """Push all tiles of an (H, W, C) image.
@@ -277,7 +285,7 @@ def encode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, images: Sequence[np.
     """Push the tiles of several (H, W, C) images (same C, any sizes) as one sequence.
 
     Batches run over the concatenated tile sequence (`TileSequence`), up to
-    MAX_BATCH tiles each, so consecutive small images share network calls.
+    `batch_limit(tile)` tiles each, so consecutive small images share network calls.
     Stack before: S. After: S + every image (the last batch on top).
 
     Returns:
@@ -287,16 +295,20 @@ def encode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, images: Sequence[np.
         the one passed in).
     """
     sequence = TileSequence([TileGrid(p.shape[0], p.shape[1], params.tile) for p in images])
+    limit = batch_limit(params.tile)
     schedule: list[int] = []
     start, borrow_per_tile = 0, None
     while start < sequence.count:
         remaining = sequence.count - start
         available = ans.num_valid_bits() - 2 * SAFETY_BITS
-        if borrow_per_tile is None:  # cost unknown: try one tile with bits-back if there is anything to borrow
+        if borrow_per_tile is None or available < borrow_per_tile:
+            # Cost unknown or the stack looks shallow: still try one tile with bits-back
+            # (the estimate after a deterministic batch is rough); the roll-back below
+            # falls back to a deterministic tile only if the stack really runs dry.
             deterministic, size = available <= 0, 1
         else:
-            deterministic = available < borrow_per_tile
-            size = 1 if deterministic else int(min(remaining, MAX_BATCH, available // (1.25 * borrow_per_tile)))
+            deterministic = False
+            size = max(1, int(min(remaining, limit, available // (1.25 * borrow_per_tile))))
         while True:
             indices = range(start, start + size)
             lattice = sequence.split(images, indices)

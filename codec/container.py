@@ -324,3 +324,70 @@ def pixel_checksum(image: Image) -> bytes:
     digest.update(struct.pack("<I", len(image.palette)) + image.palette)
     digest.update(struct.pack("<I", len(image.transparency)) + image.transparency)
     return digest.digest()
+
+
+# ---- header fields on their own, for formats that embed them (.vzp archives) ----
+
+Reader = _Reader
+"""Public name of the bounds-checked field reader (`archive.py` reads with it)."""
+
+
+def header_fields(header: Header) -> bytes:
+    """The header's fields exactly as `pack` writes them between the version and the
+    payload count (mode through runtime).
+
+    Raises:
+        ValueError: If the header is invalid.
+    """
+    problem = header_problem(header)
+    if problem:
+        raise ValueError(f"cannot pack header: {problem}")
+    mode = header.mode.encode("ascii")
+    return b"".join([
+        struct.pack("<B", len(mode)) + mode,
+        struct.pack("<II", header.width, header.height),
+        _text(header.model_name),
+        header.model_hash,
+        struct.pack("<H", header.tile_size),
+        struct.pack("<H", len(header.schedule)),
+        np.asarray(header.schedule, dtype="<u2").tobytes(),
+        struct.pack("<I", header.num_initial_words),
+        header.pixel_checksum,
+        struct.pack("<H", len(header.palette)) + header.palette,
+        struct.pack("<H", len(header.transparency)) + header.transparency,
+        struct.pack("<I", len(header.icc_profile)) + header.icc_profile,
+        _text(header.runtime),
+    ])
+
+
+def read_header_fields(reader: Reader) -> Header:
+    """Reads what `header_fields` wrote and validates it like `unpack`.
+
+    Raises:
+        CorruptFileError: truncated or invalid fields.
+    """
+    mode = reader.take(reader.u8("mode length"), "mode").decode("latin-1")
+    if mode not in SUPPORTED_MODES:
+        raise CorruptFileError(f"corrupt vaezip file: unknown image mode {mode!r}")
+    width = reader.u32("width")
+    height = reader.u32("height")
+    model_name = reader.text("model name", reader.u16("model name length"))
+    model_hash = reader.take(MODEL_HASH_BYTES, "model hash")
+    tile_size = reader.u16("tile size")
+    schedule = tuple(int(n) for n in reader.array(reader.u16("schedule length"), "<u2", "schedule"))
+    num_initial_words = reader.u32("initial word count")
+    checksum = reader.take(CHECKSUM_BYTES, "pixel checksum")
+    palette = reader.take(reader.u16("palette length"), "palette")
+    transparency = reader.take(reader.u16("transparency length"), "transparency")
+    icc_profile = reader.take(reader.u32("ICC profile length"), "ICC profile")
+    runtime = reader.text("runtime", reader.u16("runtime length"))
+    header = Header(
+        mode=mode, width=width, height=height, model_name=model_name, model_hash=model_hash,
+        tile_size=tile_size, schedule=schedule, num_initial_words=num_initial_words,
+        pixel_checksum=checksum, palette=palette, transparency=transparency,
+        icc_profile=icc_profile, runtime=runtime,
+    )
+    problem = header_problem(header)
+    if problem:
+        raise CorruptFileError(f"corrupt vaezip file: {problem}")
+    return header
