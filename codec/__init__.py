@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = {"compress", "decompress", "decompress_image", "measure", "load_model", "Report"}
+_API = {"compress", "decompress", "decompress_image", "decompress_pil", "measure", "load_model", "Report", "pack", "unpack"}
 
 __all__ = sorted(_API) + ["__version__"]
 

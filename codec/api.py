@@ -165,6 +165,8 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[
 
     img = as_image(image)
     name, loaded = _resolve_model(img.mode, model, loaded)
+    if not _layout(img.mode, name).model_channels:  # P and 1: the plane coder alone
+        name, loaded = "", None
     header, ans = push_image(coders.new_coder(), img, name, loaded, progress)
     return container.pack(header, ans.get_compressed())
 

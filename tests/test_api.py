@@ -287,3 +287,18 @@ def test_decode_with_another_thread_count(tmp_path):
     assert dec.returncode == 0, dec.stderr
     assert dec.stdout.strip() == "1"
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), pixels)
+
+
+def test_plane_only_modes_ignore_a_passed_model(tiny_model):
+    """P and 1 never use the VAE, even when a loaded model is passed in."""
+    for mode, levels in (("P", 4), ("1", 2)):
+        pixels = np.random.default_rng(3).integers(0, levels, (9, 6, 1), dtype=np.uint8)
+        image = Image(mode, pixels, palette=bytes(range(12)) if mode == "P" else b"")
+        back = api.decompress_image(api.compress(image, loaded=tiny_model))
+        assert back.mode == mode and np.array_equal(back.pixels, pixels)
+
+
+def test_pack_and_unpack_are_exported():
+    import vaezip
+
+    assert vaezip.pack is api.pack and vaezip.unpack is api.unpack
