@@ -208,21 +208,7 @@ def pack(entries: Sequence[Entry], words: np.ndarray) -> bytes:
 def _check_preamble(data: bytes) -> None:
     if data[: len(container.MAGIC)] == container.MAGIC:
         raise CorruptFileError("this is a .vz file, not a .vzp archive (use vaezip decompress)")
-    if not data or data[: len(MAGIC)] != MAGIC[: len(data)]:
-        raise CorruptFileError("not a vaezip archive (wrong magic bytes)")
-    if len(data) < len(MAGIC) + 2:
-        raise CorruptFileError(f"truncated vaezip archive: only {len(data)} bytes")
-    (version,) = struct.unpack_from("<H", data, len(MAGIC))
-    if version not in KNOWN_VERSIONS:
-        known = ", ".join(str(v) for v in KNOWN_VERSIONS)
-        raise UnsupportedVersionError(
-            f"vaezip archive format version {version} is not supported (this build reads: {known})"
-        )
-    if len(data) < len(MAGIC) + 2 + 4:
-        raise CorruptFileError(f"truncated vaezip archive: only {len(data)} bytes")
-    (stored_crc,) = struct.unpack_from("<I", data, len(data) - 4)
-    if zlib.crc32(data[:-4]) != stored_crc:
-        raise CorruptFileError("vaezip archive is truncated or damaged (CRC-32 mismatch)")
+    container.check_preamble(data, MAGIC, KNOWN_VERSIONS, "archive")
 
 
 def _inflate(packed: bytes, size: int) -> bytes:

@@ -42,7 +42,7 @@ from . import coders, quantize
 from .coders import AnsCoder, Codec
 from .errors import CorruptFileError
 from .model import Gaussian, HierarchicalVAE
-from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles
+from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles, stage_masks
 
 DETERMINISTIC_FLAG = 0x8000
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
@@ -140,12 +140,7 @@ class TileSequence:
 
     def stage_masks(self, indices: range, stage: int) -> np.ndarray:
         """(n, tile/2, tile/2) bool: real positions of `stage` in the given tiles."""
-        half = self.tile // 2
-        masks = np.zeros((len(indices), half, half), dtype=bool)
-        for k, index in enumerate(indices):
-            rr, cc = self.stage_extent(index, stage)
-            masks[k, :rr, :cc] = True
-        return masks
+        return stage_masks(self, indices, stage)
 
     def runs(self, indices: range):
         """Yield (image, local range, offset in the batch) for the images a batch touches."""

@@ -157,23 +157,10 @@ def pack(header: Header, words: np.ndarray) -> bytes:
         raise ValueError("payload words must be in 0..2**32-1")
     if words.size > _U32:
         raise ValueError("payload longer than 2**32-1 words")
-    mode = header.mode.encode("ascii")
     parts = [
         MAGIC,
         struct.pack("<H", FORMAT_VERSION),
-        struct.pack("<B", len(mode)) + mode,
-        struct.pack("<II", header.width, header.height),
-        _text(header.model_name),
-        header.model_hash,
-        struct.pack("<H", header.tile_size),
-        struct.pack("<H", len(header.schedule)),
-        np.asarray(header.schedule, dtype="<u2").tobytes(),
-        struct.pack("<I", header.num_initial_words),
-        header.pixel_checksum,
-        struct.pack("<H", len(header.palette)) + header.palette,
-        struct.pack("<H", len(header.transparency)) + header.transparency,
-        struct.pack("<I", len(header.icc_profile)) + header.icc_profile,
-        _text(header.runtime),
+        header_fields(header),
         struct.pack("<I", words.size),
         np.asarray(words, dtype="<u4").tobytes(),
     ]
@@ -223,23 +210,28 @@ class _Reader:
         return np.frombuffer(self.take(count * size, what), dtype=dtype).astype(dtype[1:])
 
 
-def _check_preamble(data: bytes) -> None:
-    """Checks magic, version and CRC; raises CorruptFileError / UnsupportedVersionError."""
-    if not data or data[: len(MAGIC)] != MAGIC[: len(data)]:
-        raise CorruptFileError("not a vaezip file (wrong magic bytes)")
-    if len(data) < len(MAGIC) + 2:
-        raise CorruptFileError(f"truncated vaezip file: only {len(data)} bytes")
-    (version,) = struct.unpack_from("<H", data, len(MAGIC))
-    if version not in KNOWN_VERSIONS:
-        known = ", ".join(str(v) for v in KNOWN_VERSIONS)
+def check_preamble(data: bytes, magic: bytes = MAGIC, known: tuple[int, ...] = KNOWN_VERSIONS,
+                   kind: str = "file") -> None:
+    """Magic, version and CRC-32 of a vaezip file (`kind` "file") or archive ("archive").
+
+    Raises:
+        UnsupportedVersionError: unknown version; CorruptFileError: anything else.
+    """
+    if not data or data[: len(magic)] != magic[: len(data)]:
+        raise CorruptFileError(f"not a vaezip {kind} (wrong magic bytes)")
+    if len(data) < len(magic) + 2:
+        raise CorruptFileError(f"truncated vaezip {kind}: only {len(data)} bytes")
+    (version,) = struct.unpack_from("<H", data, len(magic))
+    if version not in known:
+        versions = ", ".join(str(v) for v in known)
         raise UnsupportedVersionError(
-            f"vaezip file format version {version} is not supported (this build reads: {known})"
+            f"vaezip {kind} format version {version} is not supported (this build reads: {versions})"
         )
-    if len(data) < len(MAGIC) + 2 + 4:
-        raise CorruptFileError(f"truncated vaezip file: only {len(data)} bytes")
+    if len(data) < len(magic) + 2 + 4:
+        raise CorruptFileError(f"truncated vaezip {kind}: only {len(data)} bytes")
     (stored_crc,) = struct.unpack_from("<I", data, len(data) - 4)
     if zlib.crc32(data[:-4]) != stored_crc:
-        raise CorruptFileError("vaezip file is truncated or damaged (CRC-32 mismatch)")
+        raise CorruptFileError(f"vaezip {kind} is truncated or damaged (CRC-32 mismatch)")
 
 
 def unpack(data: bytes) -> tuple[Header, np.ndarray]:
@@ -257,45 +249,12 @@ def unpack(data: bytes) -> tuple[Header, np.ndarray]:
             bytes, fail the CRC, or hold an invalid field.
     """
     data = bytes(data)
-    _check_preamble(data)
+    check_preamble(data)
     reader = _Reader(data[:-4], len(MAGIC) + 2)
-    mode_raw = reader.take(reader.u8("mode length"), "mode")
-    mode = mode_raw.decode("latin-1")
-    if mode not in SUPPORTED_MODES:
-        raise CorruptFileError(f"corrupt vaezip file: unknown image mode {mode!r}")
-    width = reader.u32("width")
-    height = reader.u32("height")
-    model_name = reader.text("model name", reader.u16("model name length"))
-    model_hash = reader.take(MODEL_HASH_BYTES, "model hash")
-    tile_size = reader.u16("tile size")
-    schedule = tuple(int(n) for n in reader.array(reader.u16("schedule length"), "<u2", "schedule"))
-    num_initial_words = reader.u32("initial word count")
-    checksum = reader.take(CHECKSUM_BYTES, "pixel checksum")
-    palette = reader.take(reader.u16("palette length"), "palette")
-    transparency = reader.take(reader.u16("transparency length"), "transparency")
-    icc_profile = reader.take(reader.u32("ICC profile length"), "ICC profile")
-    runtime = reader.text("runtime", reader.u16("runtime length"))
+    header = read_header_fields(reader)
     words = reader.array(reader.u32("payload word count"), "<u4", "payload")
     if reader.remaining:
         raise CorruptFileError(f"corrupt vaezip file: {reader.remaining} unexpected trailing bytes")
-    header = Header(
-        mode=mode,
-        width=width,
-        height=height,
-        model_name=model_name,
-        model_hash=model_hash,
-        tile_size=tile_size,
-        schedule=schedule,
-        num_initial_words=num_initial_words,
-        pixel_checksum=checksum,
-        palette=palette,
-        transparency=transparency,
-        icc_profile=icc_profile,
-        runtime=runtime,
-    )
-    problem = header_problem(header)
-    if problem:
-        raise CorruptFileError(f"corrupt vaezip file: {problem}")
     return header, words
 
 

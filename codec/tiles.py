@@ -50,12 +50,7 @@ class TileGrid:
 
     def stage_masks(self, indices: range, stage: int) -> np.ndarray:
         """(n, tile/2, tile/2) bool: real positions of `stage` in the given tiles."""
-        half = self.tile // 2
-        masks = np.zeros((len(indices), half, half), dtype=bool)
-        for k, index in enumerate(indices):
-            rr, cc = self.stage_extent(index, stage)
-            masks[k, :rr, :cc] = True
-        return masks
+        return stage_masks(self, indices, stage)
 
     def pixel_masks(self, indices: range) -> np.ndarray:
         """(n, 1, tile, tile) bool: real pixels of the given tiles."""
@@ -64,6 +59,17 @@ class TileGrid:
             hr, wr = self.real_size(index)
             masks[k, :, :hr, :wr] = True
         return masks
+
+
+def stage_masks(layout, indices: range, stage: int) -> np.ndarray:
+    """(n, tile/2, tile/2) bool: real positions of `stage` in the given tiles of a
+    `TileGrid` or any layout with `tile` and `stage_extent(index, stage)`."""
+    half = layout.tile // 2
+    masks = np.zeros((len(indices), half, half), dtype=bool)
+    for k, index in enumerate(indices):
+        rr, cc = layout.stage_extent(index, stage)
+        masks[k, :rr, :cc] = True
+    return masks
 
 
 def pad_stage(grid: TileGrid, indices: range, stage_values: np.ndarray, stage: int) -> None:
