@@ -183,13 +183,7 @@ def pack(entries: Sequence[Entry], words: np.ndarray) -> bytes:
     problem = entries_problem(entries)
     if problem:
         raise ValueError(f"cannot pack archive: {problem}")
-    words = np.asarray(words)
-    if words.ndim != 1 or (words.size and words.dtype.kind not in "ui"):
-        raise ValueError(f"payload must be a 1-D integer array, got {words.dtype} {words.shape}")
-    if words.size and (int(words.min()) < 0 or int(words.max()) > _U32):
-        raise ValueError("payload words must be in 0..2**32-1")
-    if words.size > _U32:
-        raise ValueError("payload longer than 2**32-1 words")
+    words = container.checked_payload(words)
     table = b"".join(_record(e) for e in entries)
     if len(table) > _U32:
         raise ValueError("record table longer than 2**32-1 bytes")

@@ -134,6 +134,22 @@ def _text(value: str) -> bytes:
     return struct.pack("<H", len(encoded)) + encoded
 
 
+def checked_payload(words: np.ndarray) -> np.ndarray:
+    """The payload as a 1-D array of u32 values.
+
+    Raises:
+        ValueError: not 1-D integers in 0..2**32-1, or longer than 2**32-1 words.
+    """
+    words = np.asarray(words)
+    if words.ndim != 1 or (words.size and words.dtype.kind not in "ui"):
+        raise ValueError(f"payload must be a 1-D integer array, got {words.dtype} {words.shape}")
+    if words.size and (int(words.min()) < 0 or int(words.max()) > _U32):
+        raise ValueError("payload words must be in 0..2**32-1")
+    if words.size > _U32:
+        raise ValueError("payload longer than 2**32-1 words")
+    return words
+
+
 def pack(header: Header, words: np.ndarray) -> bytes:
     """Serialises a header and payload into .vz bytes.
 
@@ -150,13 +166,7 @@ def pack(header: Header, words: np.ndarray) -> bytes:
     problem = header_problem(header)
     if problem:
         raise ValueError(f"cannot pack header: {problem}")
-    words = np.asarray(words)
-    if words.ndim != 1 or (words.size and words.dtype.kind not in "ui"):
-        raise ValueError(f"payload must be a 1-D integer array, got {words.dtype} {words.shape}")
-    if words.size and (int(words.min()) < 0 or int(words.max()) > _U32):
-        raise ValueError("payload words must be in 0..2**32-1")
-    if words.size > _U32:
-        raise ValueError("payload longer than 2**32-1 words")
+    words = checked_payload(words)
     parts = [
         MAGIC,
         struct.pack("<H", FORMAT_VERSION),
