@@ -72,8 +72,8 @@ def kodak_section(result: dict) -> str:
         "",
         f"- Date (UTC): {result['date']}.",
         f"- Command (run from the repository root): `{result['command']}`",
-        f"- Machine: {env['cores']} cores, {env['cpu']}; {env['platform']}. The machine was shared with "
-        "other jobs during the run, so times are indicative.",
+        f"- Machine: {env['cores']} cores, {env['cpu']}; {env['platform']}. Other jobs on the "
+        "2 cores inflate the times: check `uptime` before timing.",
         f"- torch {env['torch']}, threads: the CLI runs with torch's default ({env['torch_default_threads']}; "
         f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}); numpy {env['numpy']}, Python {env['python']}.",
         f"- Pillow {libs['pillow']} (zlib {libs['zlib']}, libwebp {libs['libwebp']}), imagecodecs "
