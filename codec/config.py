@@ -9,6 +9,11 @@ from typing import Optional
 from .errors import ModelError
 
 
+def unknown_keys(cls, data: dict) -> list[str]:
+    """Keys of `data` that are not fields of the dataclass `cls`, sorted."""
+    return sorted(set(data) - {f.name for f in fields(cls)})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a `HierarchicalVAE`.
@@ -61,10 +66,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        unknown = unknown_keys(cls, data)
         if unknown:
-            raise ModelError(f"unknown model config keys: {sorted(unknown)}")
+            raise ModelError(f"unknown model config keys: {unknown}")
         return cls(**data)
 
     def to_json(self) -> str:

@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import data as datasets
-from .config import ModelConfig
+from .config import ModelConfig, unknown_keys
 from .errors import InputError, OutputExistsError, VaezipError
 from .model import HierarchicalVAE
 
@@ -119,10 +119,9 @@ class TrainOptions:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        unknown = unknown_keys(cls, values)
         if unknown:
-            raise VaezipError(f"unknown training options: {sorted(unknown)}")
+            raise VaezipError(f"unknown training options: {unknown}")
         values = dict(values)
         if "config" in values:
             values["config"] = ModelConfig.from_dict(values["config"])
