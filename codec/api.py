@@ -90,26 +90,18 @@ def _runtime() -> str:
     return f"torch={torch.__version__} numpy={np.__version__} constriction={getattr(constriction, '__version__', '0.5.0')}"
 
 
-def _coding_params(loaded: registry.LoadedModel, height: int, width: int):
+def _coding_params(loaded: registry.LoadedModel, height: int, width: int, version: int):
     from .bitsback import CodingParams
 
     cfg = loaded.spec.config
-    return CodingParams(tile=tile_size(height, width, cfg.downsampling), latent_grid=cfg.latent_grid)
+    return CodingParams(tile=tile_size(height, width, cfg.downsampling), latent_grid=cfg.latent_grid, version=version)
 
 
-@contextmanager
-def _deterministic_torch():
-    """Network settings both directions share: inference mode, and native
-    convolutions instead of oneDNN, whose results change with the thread count."""
-    import torch
+def _network(loaded: registry.LoadedModel, version: int):
+    """The model set up for coding with format `version`'s numerics (`inference.coding_network`)."""
+    from .inference import coding_network
 
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
+    return coding_network(loaded.net, version)
 
 
 def _resolve_model(mode: str, model: Optional[str], loaded: Optional[registry.LoadedModel]):
@@ -121,8 +113,8 @@ def _resolve_model(mode: str, model: Optional[str], loaded: Optional[registry.Lo
 
 
 def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel],
-               progress: Optional[Progress] = None):
-    """Push one image onto the stack; returns (header fields, coder).
+               progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION):
+    """Push one image onto the stack with format `version`; returns (header fields, coder).
 
     Stack before: S (may hold earlier images, whose bits the first tiles borrow).
     After: S + the image. The returned coder replaces `ans` (roll-backs).
@@ -136,23 +128,23 @@ def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel
     if layout.model_channels:
         from .bitsback import encode_tiles
 
-        params = _coding_params(loaded, img.height, img.width)
+        params = _coding_params(loaded, img.height, img.width, version)
         tile = params.tile
         pixels = np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)])
-        with _deterministic_torch():
-            schedule, ans = encode_tiles(loaded.net, ans, pixels, params, progress or (lambda n: None))
+        with _network(loaded, version) as net:
+            schedule, ans = encode_tiles(net, ans, pixels, params, progress or (lambda n: None))
     header = container.Header(
         mode=img.mode, width=img.width, height=img.height,
         model_name=name, model_hash=loaded.spec.hash_prefix if loaded else bytes(8),
         tile_size=tile, schedule=schedule, num_initial_words=0,
         pixel_checksum=container.pixel_checksum(img), palette=img.palette,
-        transparency=img.transparency, icc_profile=img.icc_profile, runtime=_runtime(),
+        transparency=img.transparency, icc_profile=img.icc_profile, runtime=_runtime(), version=version,
     )
     return header, ans
 
 
 def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[registry.LoadedModel] = None,
-             progress: Optional[Progress] = None) -> bytes:
+             progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION) -> bytes:
     """Compress an image losslessly to the bytes of a .vz file.
 
     Args:
@@ -160,14 +152,17 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[
         model: registered model name; default: the registered model for the mode.
         loaded: an already loaded model (overrides `model`; used by tests).
         progress: called with the number of tiles finished.
+        version: format version to write (`container.KNOWN_VERSIONS`; older ones for compatibility tests).
     """
     from . import coders
 
+    if version not in container.KNOWN_VERSIONS:
+        raise ValueError(f"unknown format version {version}")
     img = as_image(image)
     name, loaded = _resolve_model(img.mode, model, loaded)
     if not _layout(img.mode, name).model_channels:  # P and 1: the plane coder alone
         name, loaded = "", None
-    header, ans = push_image(coders.new_coder(), img, name, loaded, progress)
+    header, ans = push_image(coders.new_coder(), img, name, loaded, progress, version)
     return container.pack(header, ans.get_compressed())
 
 
@@ -183,8 +178,9 @@ def _model_for(header: container.Header, loaded: Optional[registry.LoadedModel])
 
 
 def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedModel] = None,
-              progress: Optional[Progress] = None) -> Image:
-    """Pop the image `push_image` pushed with this header; checks its pixel checksum.
+              progress: Optional[Progress] = None, check: bool = True) -> Image:
+    """Pop the image `push_image` pushed with this header; checks its pixel checksum
+    unless `check` is False (the caller checks it, e.g. an archive's set checksum).
 
     Stack before: S + the image. After: S.
     Raises:
@@ -200,11 +196,12 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
             from .bitsback import CodingParams, decode_tiles
 
             model = _model_for(header, loaded)
-            params = CodingParams(tile=header.tile_size, latent_grid=model.spec.config.latent_grid)
+            params = CodingParams(tile=header.tile_size, latent_grid=model.spec.config.latent_grid,
+                                  version=header.version)
             if params.tile != tile_size(header.height, header.width, model.spec.config.downsampling):
                 raise CorruptFileError("corrupt header: unexpected tile size")
-            with _deterministic_torch():
-                colour = decode_tiles(model.net, ans, header.height, header.width, len(layout.model_channels),
+            with _network(model, header.version) as net:
+                colour = decode_tiles(net, ans, header.height, header.width, len(layout.model_channels),
                                       params, header.schedule, progress or (lambda n: None))
             pixels[:, :, list(layout.model_channels)] = colour
         elif header.schedule or header.model_name:
@@ -218,10 +215,17 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
     if header.mode == "1" and pixels.max(initial=0) > 1:
         raise DecodeMismatchError("decoded pixels fail the checksum")
     image = Image(header.mode, pixels, header.palette, header.transparency, header.icc_profile)
-    if container.pixel_checksum(image) != header.pixel_checksum:
-        note = "" if header.runtime == _runtime() else f" (written by {header.runtime}; this is {_runtime()})"
-        raise DecodeMismatchError(f"decoded pixels fail the checksum{note}")
+    if check:
+        _check_pixels([image], [header.pixel_checksum], header.runtime)
     return image
+
+
+def _check_pixels(images: list[Image], checksums: list[bytes], runtime: str) -> None:
+    """Raises DecodeMismatchError unless every image has its stored pixel checksum."""
+    for image, checksum in zip(images, checksums, strict=True):
+        if container.pixel_checksum(image) != checksum:
+            note = "" if runtime == _runtime() else f" (written by {runtime}; this is {_runtime()})"
+            raise DecodeMismatchError(f"decoded pixels fail the checksum{note}")
 
 
 def decompress_image(data: bytes, *, loaded: Optional[registry.LoadedModel] = None,
@@ -276,7 +280,7 @@ LoadedModels = Union[registry.LoadedModel, "Sequence[registry.LoadedModel]", Non
 
 
 def pack(items: "Sequence[ArchiveItem]", model: Optional[str] = None, *, loaded: LoadedModels = None,
-         join: bool = True, progress: Optional[Progress] = None) -> bytes:
+         join: bool = True, progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION) -> bytes:
     """Compress named images into the bytes of one .vzp archive.
 
     The images are pushed in order onto ONE ANS stack, so only the first pays
@@ -295,6 +299,7 @@ def pack(items: "Sequence[ArchiveItem]", model: Optional[str] = None, *, loaded:
             whose channel count fits its mode, else falls back to `model`.
         join: code runs of images as shared tile sequences (see above).
         progress: called with the number of tiles finished.
+        version: format version to write (`archive.KNOWN_VERSIONS`).
 
     Raises:
         InputError: no items, a bad or duplicate name. VaezipError: as `compress`.
@@ -302,6 +307,8 @@ def pack(items: "Sequence[ArchiveItem]", model: Optional[str] = None, *, loaded:
     from . import archive, coders
     from .errors import InputError
 
+    if version not in archive.KNOWN_VERSIONS:
+        raise ValueError(f"unknown format version {version}")
     items = list(items)
     if not items:
         raise InputError("nothing to pack")
@@ -320,10 +327,10 @@ def pack(items: "Sequence[ArchiveItem]", model: Optional[str] = None, *, loaded:
     for run in _tile_runs(images, models, join):
         name, lm = models[run.start]
         if len(run) == 1:
-            header, ans = push_image(ans, images[run.start], name, lm, progress)
+            header, ans = push_image(ans, images[run.start], name, lm, progress, version)
             entries[run.start] = archive.Entry(names[run.start], header)
             continue
-        headers, ans = _push_tile_set(ans, images[run.start:run.stop], name, lm, progress)
+        headers, ans = _push_tile_set(ans, images[run.start:run.stop], name, lm, progress, version)
         for k, (i, header) in enumerate(zip(run, headers)):
             entries[i] = archive.Entry(names[i], header, joined=k > 0)
     return archive.pack(entries, ans.get_compressed())
@@ -343,9 +350,10 @@ def unpack(data: bytes, *, loaded: LoadedModels = None,
     """
     from . import archive, coders
 
-    entries, words = archive.unpack(bytes(data))
+    contents = archive.read(bytes(data))
+    entries, check = contents.entries, contents.checksum is None  # version 1: per image
     try:
-        ans = coders.new_coder(words)
+        ans = coders.new_coder(contents.words)
     except Exception:
         raise CorruptFileError("corrupt payload") from None
     images: list = [None] * len(entries)
@@ -354,14 +362,20 @@ def unpack(data: bytes, *, loaded: LoadedModels = None,
         lm = _archive_loaded(headers[0].model_name, loaded)
         try:
             if len(run) == 1:
-                images[run.start] = pop_image(ans, headers[0], lm, progress)
+                images[run.start] = pop_image(ans, headers[0], lm, progress, check)
             else:
-                images[run.start:run.stop] = _pop_tile_set(ans, headers, lm, progress)
+                images[run.start:run.stop] = _pop_tile_set(ans, headers, lm, progress, check)
         except DecodeMismatchError as exc:
             names = ", ".join(entries[i].name for i in run)
             raise DecodeMismatchError(f"{names}: {exc}") from None
     if not ans.is_empty():
         raise CorruptFileError("corrupt payload: data left over after decoding")
+    if not check:
+        checksums = [container.pixel_checksum(image) for image in images]
+        if archive.set_checksum(checksums) != contents.checksum:
+            runtime = entries[0].header.runtime
+            note = "" if runtime == _runtime() else f" (written by {runtime}; this is {_runtime()})"
+            raise DecodeMismatchError(f"decoded images fail the archive's checksum{note}")
     return [(entry.name, image) for entry, image in zip(entries, images)]
 
 
@@ -414,7 +428,7 @@ def _schedule_per_image(schedule: tuple[int, ...], counts: list[int]) -> list[tu
 
 
 def _push_tile_set(ans, imgs: list[Image], name: str, loaded: registry.LoadedModel,
-                   progress: Optional[Progress]):
+                   progress: Optional[Progress], version: int):
     """Push images sharing model and tile side; returns (headers, coder).
 
     Stack before: S. After: S + every image's plane-coded planes (in order),
@@ -427,17 +441,17 @@ def _push_tile_set(ans, imgs: list[Image], name: str, loaded: registry.LoadedMod
     for img, layout in zip(imgs, layouts):
         for c in layout.plane_channels:
             planes.plane_codec(img.height, img.width, layout.levels).push(ans, img.pixels[:, :, c])
-    params = _coding_params(loaded, imgs[0].height, imgs[0].width)
+    params = _coding_params(loaded, imgs[0].height, imgs[0].width, version)
     pixels = [np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)]) for img, layout in zip(imgs, layouts)]
-    with _deterministic_torch():
-        schedule, ans = encode_tile_sets(loaded.net, ans, pixels, params, progress or (lambda n: None))
+    with _network(loaded, version) as net:
+        schedule, ans = encode_tile_sets(net, ans, pixels, params, progress or (lambda n: None))
     counts = [-(-img.height // params.tile) * -(-img.width // params.tile) for img in imgs]
     headers = [
         container.Header(
             mode=img.mode, width=img.width, height=img.height, model_name=name,
             model_hash=loaded.spec.hash_prefix, tile_size=params.tile, schedule=part, num_initial_words=0,
             pixel_checksum=container.pixel_checksum(img), palette=img.palette,
-            transparency=img.transparency, icc_profile=img.icc_profile, runtime=_runtime(),
+            transparency=img.transparency, icc_profile=img.icc_profile, runtime=_runtime(), version=version,
         )
         for img, part in zip(imgs, _schedule_per_image(schedule, counts))
     ]
@@ -445,8 +459,8 @@ def _push_tile_set(ans, imgs: list[Image], name: str, loaded: registry.LoadedMod
 
 
 def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registry.LoadedModel],
-                  progress: Optional[Progress]) -> list[Image]:
-    """Pop what `_push_tile_set` pushed; checks every image's pixel checksum.
+                  progress: Optional[Progress], check: bool = True) -> list[Image]:
+    """Pop what `_push_tile_set` pushed; checks every image's pixel checksum if `check`.
 
     Stack before: S + the images. After: S.
     """
@@ -461,13 +475,13 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
     for h in headers:
         if h.tile_size != tile_size(h.height, h.width, cfg.downsampling):
             raise CorruptFileError("corrupt header: unexpected tile size")
-    params = CodingParams(tile=headers[0].tile_size, latent_grid=cfg.latent_grid)
+    params = CodingParams(tile=headers[0].tile_size, latent_grid=cfg.latent_grid, version=headers[0].version)
     schedule = tuple(entry for h in headers for entry in h.schedule)
     pixels = [np.zeros((h.height, h.width, {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[h.mode]), dtype=np.uint8)
               for h in headers]
     try:
-        with _deterministic_torch():
-            colour = decode_tile_sets(model.net, ans, [(h.height, h.width) for h in headers], cfg.channels,
+        with _network(model, params.version) as net:
+            colour = decode_tile_sets(net, ans, [(h.height, h.width) for h in headers], cfg.channels,
                                       params, schedule, progress or (lambda n: None))
         for k in reversed(range(len(headers))):  # reversed: planes were pushed image by image
             h, layout = headers[k], layouts[k]
@@ -478,11 +492,7 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
         raise
     except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
         raise CorruptFileError(f"corrupt payload ({type(exc).__name__})") from None
-    images = []
-    for h, p in zip(headers, pixels):
-        image = Image(h.mode, p, h.palette, h.transparency, h.icc_profile)
-        if container.pixel_checksum(image) != h.pixel_checksum:
-            note = "" if h.runtime == _runtime() else f" (written by {h.runtime}; this is {_runtime()})"
-            raise DecodeMismatchError(f"decoded pixels fail the checksum{note}")
-        images.append(image)
+    images = [Image(h.mode, p, h.palette, h.transparency, h.icc_profile) for h, p in zip(headers, pixels)]
+    if check:
+        _check_pixels(images, [h.pixel_checksum for h in headers], headers[0].runtime)
     return images

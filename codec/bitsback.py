@@ -9,9 +9,10 @@ One batch of tiles is coded as (ANS is last-in first-out):
           stage; bottom-up on x; rebuild the posteriors; push each z_g back with
           its posterior, last group first (returns the borrowed bits).
 
-Both directions walk the same `model.top_down` with the same tensor shapes and
-get every probability table from `quantize`, so the decoder rebuilds the
-encoder's integer distributions exactly.
+Both directions walk the same `top_down` with the same tensor shapes, run the
+network under the format version's numerics (`inference.Network`) and get every
+probability table from `quantize`, so the decoder rebuilds the encoder's
+integer distributions exactly.
 
 Start-up: a batch can only borrow bits already on the stack. The encoder grows
 its batches with the bits available (measured, with a roll-back if a batch would
@@ -41,7 +42,8 @@ import torch
 from . import coders, quantize
 from .coders import AnsCoder, Codec
 from .errors import CorruptFileError
-from .model import Gaussian, HierarchicalVAE
+from .inference import Network
+from .model import Gaussian
 from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles, stage_masks
 
 DETERMINISTIC_FLAG = 0x8000
@@ -56,6 +58,8 @@ class CodingParams:
 
     tile: int
     latent_grid: float
+    version: int = 2
+    """Format version: which numerics and probability-table layout apply."""
 
     @property
     def radius(self) -> int:
@@ -78,22 +82,48 @@ def latent_codec(g: Gaussian, params: CodingParams) -> Codec:
     return coders.quantized_gaussian(means, stds, params.radius)
 
 
-def stage_codec(model: HierarchicalVAE, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray) -> Codec:
+def stage_codec(net: Network, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray,
+                version: int) -> Codec:
     """Codec for the real subpixels (m, C) of one sub-lattice stage of a batch.
 
     Channels are autoregressive: pop R, then G given R, then B given R and G.
+    Version 2 codes each subpixel as its bin, then its value in the bin.
     Stack: push puts B, G, R (R on top); pop takes R first.
     """
-    params = model.stage_params(features, torch.from_numpy(lattice), stage)
-    q = quantize.quantize_mixture(params, mask)
+    params = net.stage_params(features, torch.from_numpy(lattice), stage)
+    q = quantize.quantize_mixture(params, mask, version)
     channels = lattice.shape[2]
+    if version == 1:
+        return _stage_codec_v1(q, channels)
+
+    def push(ans: AnsCoder, values: np.ndarray) -> None:
+        for c in reversed(range(channels)):
+            tables = quantize.ChannelTables(q, c, values)
+            bins = values[:, c] // quantize.BIN
+            coders.categorical(net.rows(len(values), lambda r: tables.fine(bins, r))).push(ans, values[:, c] % quantize.BIN)
+            coders.categorical(net.rows(len(values), tables.coarse)).push(ans, bins)
+
+    def pop(ans: AnsCoder) -> np.ndarray:
+        values = np.zeros((int(mask.sum()), channels), dtype=np.int64)
+        for c in range(channels):
+            tables = quantize.ChannelTables(q, c, values)
+            bins = coders.categorical(net.rows(len(values), tables.coarse)).pop(ans).astype(np.int64)
+            rest = coders.categorical(net.rows(len(values), lambda r: tables.fine(bins, r))).pop(ans)
+            values[:, c] = quantize.BIN * bins + rest
+        return values
+
+    return Codec(push, pop)
+
+
+def _stage_codec_v1(q: quantize.QuantizedMixture, channels: int) -> Codec:
+    """Version 1: one 256-entry table per subpixel."""
 
     def push(ans: AnsCoder, values: np.ndarray) -> None:
         for c in reversed(range(channels)):
             coders.categorical(quantize.channel_pmf(q, c, values)).push(ans, values[:, c])
 
     def pop(ans: AnsCoder) -> np.ndarray:
-        values = np.zeros((int(mask.sum()), channels), dtype=np.int64)
+        values = np.zeros((len(q.logits), channels), dtype=np.int64)
         for c in range(channels):
             values[:, c] = coders.categorical(quantize.channel_pmf(q, c, values)).pop(ans)
         return values
@@ -162,7 +192,7 @@ class TileSequence:
             merge_tiles(lattice[offset : offset + len(local)], self.grids[i], local, outs[i])
 
 
-def encode_batch(model: HierarchicalVAE, ans: AnsCoder, lattice: np.ndarray, grid: "TileGrid | TileSequence",
+def encode_batch(net: Network, ans: AnsCoder, lattice: np.ndarray, grid: "TileGrid | TileSequence",
                  indices: range, params: CodingParams, deterministic: bool) -> int:
     """Push one batch of tiles; returns the bits its posterior pops borrow.
 
@@ -175,7 +205,7 @@ def encode_batch(model: HierarchicalVAE, ans: AnsCoder, lattice: np.ndarray, gri
     """
     n = len(indices)
     x = torch.from_numpy(lattice_to_pixels(lattice))
-    acts = model.bottom_up(x)
+    acts = net.bottom_up(x)
     latents, priors = [], []
     bits_before = ans.num_bits()
     estimate = 0.0
@@ -194,19 +224,19 @@ def encode_batch(model: HierarchicalVAE, ans: AnsCoder, lattice: np.ndarray, gri
         priors.append(prior)
         return _latent_tensor(k, prior.mean.shape, params)
 
-    features = model.top_down(n, grid.tile, grid.tile, choose, acts)
+    features = net.top_down(n, grid.tile, grid.tile, choose, acts)
     if not deterministic and ans.num_valid_bits() < SAFETY_BITS:
         raise _StackTooShallow
     borrowed = estimate if deterministic else bits_before - ans.num_bits()
     for stage in reversed(range(4)):  # reversed: the decoder pops stage 0 first
         mask = grid.stage_masks(indices, stage)
-        stage_codec(model, features, lattice, stage, mask).push(ans, _stage_values(lattice, stage, mask))
+        stage_codec(net, features, lattice, stage, mask, params.version).push(ans, _stage_values(lattice, stage, mask))
     for k, prior in zip(reversed(latents), reversed(priors)):
         latent_codec(prior, params).push(ans, k)
     return borrowed
 
 
-def decode_batch(model: HierarchicalVAE, ans: AnsCoder, grid: "TileGrid | TileSequence", indices: range,
+def decode_batch(net: Network, ans: AnsCoder, grid: "TileGrid | TileSequence", indices: range,
                  channels: int, params: CodingParams, deterministic: bool) -> np.ndarray:
     """Pop one batch of tiles; returns lattices (n, 4, C, tile/2, tile/2) uint8.
 
@@ -220,11 +250,11 @@ def decode_batch(model: HierarchicalVAE, ans: AnsCoder, grid: "TileGrid | TileSe
         latents.append(k)
         return _latent_tensor(k, prior.mean.shape, params)
 
-    features = model.top_down(n, grid.tile, grid.tile, pop_prior)
+    features = net.top_down(n, grid.tile, grid.tile, pop_prior)
     lattice = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
     for stage in range(4):
         mask = grid.stage_masks(indices, stage)
-        values = stage_codec(model, features, lattice, stage, mask).pop(ans)
+        values = stage_codec(net, features, lattice, stage, mask, params.version).pop(ans)
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
         view = lattice[:, stage].transpose(0, 2, 3, 1)
@@ -238,8 +268,8 @@ def decode_batch(model: HierarchicalVAE, ans: AnsCoder, grid: "TileGrid | TileSe
         posteriors.append(posterior)
         return _latent_tensor(latents[g], prior.mean.shape, params)
 
-    acts = model.bottom_up(torch.from_numpy(lattice_to_pixels(lattice)))
-    model.top_down(n, grid.tile, grid.tile, known, acts)
+    acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(lattice)))
+    net.top_down(n, grid.tile, grid.tile, known, acts)
     for k, posterior in zip(reversed(latents), reversed(posteriors)):
         latent_codec(posterior, params).push(ans, k)
     return lattice
@@ -256,7 +286,7 @@ def batch_limit(tile: int) -> int:
     return max(1, min(MAX_BATCH_PIXELS // (tile * tile), DETERMINISTIC_FLAG - 1))
 
 
-def encode_tiles(model: HierarchicalVAE, ans: AnsCoder, pixels: np.ndarray, params: CodingParams,
+def encode_tiles(net: Network, ans: AnsCoder, pixels: np.ndarray, params: CodingParams,
                  progress: Callable[[int], None] = lambda n: None) -> tuple[tuple[int, ...], AnsCoder]:
     """Push all tiles of an (H, W, C) image.
 
@@ -265,17 +295,17 @@ def encode_tiles(model: HierarchicalVAE, ans: AnsCoder, pixels: np.ndarray, para
         with DETERMINISTIC_FLAG for a batch coded without borrowing) and the
         coder holding the result (a roll-back may replace the one passed in).
     """
-    return encode_tile_sets(model, ans, [pixels], params, progress)
+    return encode_tile_sets(net, ans, [pixels], params, progress)
 
 
-def decode_tiles(model: HierarchicalVAE, ans: AnsCoder, height: int, width: int, channels: int,
+def decode_tiles(net: Network, ans: AnsCoder, height: int, width: int, channels: int,
                  params: CodingParams, schedule: tuple[int, ...],
                  progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """Pop all tiles of an image coded by `encode_tiles`; returns (H, W, C) uint8."""
-    return decode_tile_sets(model, ans, [(height, width)], channels, params, schedule, progress)[0]
+    return decode_tile_sets(net, ans, [(height, width)], channels, params, schedule, progress)[0]
 
 
-def encode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, images: Sequence[np.ndarray], params: CodingParams,
+def encode_tile_sets(net: Network, ans: AnsCoder, images: Sequence[np.ndarray], params: CodingParams,
                      progress: Callable[[int], None] = lambda n: None) -> tuple[tuple[int, ...], AnsCoder]:
     """Push the tiles of several (H, W, C) images (same C, any sizes) as one sequence.
 
@@ -309,7 +339,7 @@ def encode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, images: Sequence[np.
             lattice = sequence.split(images, indices)
             snapshot = None if deterministic else ans.clone()
             try:
-                borrowed = encode_batch(model, ans, lattice, sequence, indices, params, deterministic)
+                borrowed = encode_batch(net, ans, lattice, sequence, indices, params, deterministic)
                 break
             except _StackTooShallow:
                 ans = snapshot  # roll back, retry smaller or without borrowing
@@ -322,7 +352,7 @@ def encode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, images: Sequence[np.
     return tuple(schedule), ans
 
 
-def decode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, shapes: Sequence[tuple[int, int]], channels: int,
+def decode_tile_sets(net: Network, ans: AnsCoder, shapes: Sequence[tuple[int, int]], channels: int,
                      params: CodingParams, schedule: tuple[int, ...],
                      progress: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
     """Pop the images `encode_tile_sets` pushed; returns one (H, W, C) uint8 array per shape.
@@ -341,7 +371,7 @@ def decode_tile_sets(model: HierarchicalVAE, ans: AnsCoder, shapes: Sequence[tup
         indices = range(int(start), int(start) + size)
         if ans.is_empty():  # every batch left a non-empty stack; bounds a hostile file's work
             raise CorruptFileError("corrupt payload: ran out of data")
-        lattice = decode_batch(model, ans, sequence, indices, channels, params, bool(entry & DETERMINISTIC_FLAG))
+        lattice = decode_batch(net, ans, sequence, indices, channels, params, bool(entry & DETERMINISTIC_FLAG))
         sequence.merge(lattice, indices, outs)
         progress(size)
     return outs

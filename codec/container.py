@@ -1,9 +1,11 @@
 """The .vz file format: header dataclass, `pack`/`unpack`, checksums.
 
-Format version 1, every integer little-endian, strings UTF-8 with a length prefix:
+Format versions 1 and 2 share one layout, every integer little-endian, strings
+UTF-8 with a length prefix; the version says how the payload was coded
+(`inference.NUMERICS`, `quantize` table layout):
 
     magic              8 bytes   b"VZIP\\r\\n\\x1a\\n"
-    version            u16       1
+    version            u16       1 or 2
     mode               u8 length + ASCII
     width, height      u32, u32  pixels, each 1..65535, width * height <= 2**28
     model_name         u16 length + UTF-8   ("" when no neural model was used)
@@ -19,7 +21,7 @@ Format version 1, every integer little-endian, strings UTF-8 with a length prefi
     payload            u32 count + count x u32   ANS words
     crc32              u32       zlib.crc32 of every byte before it
 
-Any change to this layout bumps `FORMAT_VERSION`; `unpack` refuses versions not in
+Any change to this layout or to how payloads are coded bumps `FORMAT_VERSION`; `unpack` refuses versions not in
 `KNOWN_VERSIONS`. Everything read is validated and reported as `CorruptFileError`.
 """
 
@@ -38,8 +40,10 @@ from .images import SUPPORTED_MODES, Image, decode_transparency
 MAGIC = b"VZIP\r\n\x1a\n"
 """8 bytes; the CR LF, ^Z and LF catch text-mode mangling, as in PNG."""
 
-FORMAT_VERSION = 1
-KNOWN_VERSIONS: tuple[int, ...] = (1,)
+FORMAT_VERSION = 2
+"""Written by this build. 1: native convolutions, one 256-entry table per subpixel;
+2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (2.5x faster)."""
+KNOWN_VERSIONS: tuple[int, ...] = (1, 2)
 
 MAX_SIDE = 65535
 """Largest width or height, pixels."""
@@ -69,6 +73,7 @@ class Header:
         transparency: Serialised transparency (`images.encode_transparency`).
         icc_profile: Raw ICC profile.
         runtime: Library versions that affect the coded numbers.
+        version: Format version the payload is coded with.
     """
 
     mode: str
@@ -84,10 +89,13 @@ class Header:
     transparency: bytes = b""
     icc_profile: bytes = b""
     runtime: str = ""
+    version: int = FORMAT_VERSION
 
 
 def header_problem(header: Header) -> str:
     """Returns why `header` cannot be stored or used, or "" if it is valid."""
+    if header.version not in KNOWN_VERSIONS:
+        return f"unknown format version {header.version}"
     if header.mode not in SUPPORTED_MODES:
         return f"unknown image mode {header.mode!r}"
     if not (1 <= header.width <= MAX_SIDE and 1 <= header.height <= MAX_SIDE):
@@ -169,7 +177,7 @@ def pack(header: Header, words: np.ndarray) -> bytes:
     words = checked_payload(words)
     parts = [
         MAGIC,
-        struct.pack("<H", FORMAT_VERSION),
+        struct.pack("<H", header.version),
         header_fields(header),
         struct.pack("<I", words.size),
         np.asarray(words, dtype="<u4").tobytes(),
@@ -261,7 +269,7 @@ def unpack(data: bytes) -> tuple[Header, np.ndarray]:
     data = bytes(data)
     check_preamble(data)
     reader = _Reader(data[:-4], len(MAGIC) + 2)
-    header = read_header_fields(reader)
+    header = read_header_fields(reader, struct.unpack_from("<H", data, len(MAGIC))[0])
     words = reader.array(reader.u32("payload word count"), "<u4", "payload")
     if reader.remaining:
         raise CorruptFileError(f"corrupt vaezip file: {reader.remaining} unexpected trailing bytes")
@@ -329,8 +337,9 @@ def header_fields(header: Header) -> bytes:
     ])
 
 
-def read_header_fields(reader: Reader) -> Header:
-    """Reads what `header_fields` wrote and validates it like `unpack`.
+def read_header_fields(reader: Reader, version: int) -> Header:
+    """Reads what `header_fields` wrote and validates it like `unpack`; `version`
+    comes from the file's preamble.
 
     Raises:
         CorruptFileError: truncated or invalid fields.
@@ -354,7 +363,7 @@ def read_header_fields(reader: Reader) -> Header:
         mode=mode, width=width, height=height, model_name=model_name, model_hash=model_hash,
         tile_size=tile_size, schedule=schedule, num_initial_words=num_initial_words,
         pixel_checksum=checksum, palette=palette, transparency=transparency,
-        icc_profile=icc_profile, runtime=runtime,
+        icc_profile=icc_profile, runtime=runtime, version=version,
     )
     problem = header_problem(header)
     if problem:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Generator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,17 @@ class Gaussian:
 
 # choose(group index, prior, posterior or None) -> latent tensor fed to the decoder.
 LatentChooser = Callable[[int, Gaussian, Optional[Gaussian]], torch.Tensor]
+TopDownSteps = Generator[tuple[int, Gaussian, Optional[Gaussian]], torch.Tensor, torch.Tensor]
+
+
+def drive(steps: TopDownSteps, choose: LatentChooser) -> torch.Tensor:
+    """Run a `top_down_steps` generator to the end, answering each group with `choose`."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(choose(*request))
+    except StopIteration as done:
+        return done.value
 
 
 def _act(x: torch.Tensor) -> torch.Tensor:
@@ -282,6 +293,12 @@ class HierarchicalVAE(nn.Module):
         Returns:
             Pixel-decoder features (N, pixel_width, H/2, W/2).
         """
+        return drive(self.top_down_steps(batch, height, width, acts), choose)
+
+    def top_down_steps(self, batch: int, height: int, width: int,
+                       acts: Optional[dict[int, torch.Tensor]] = None) -> TopDownSteps:
+        """`top_down` as a generator: yields (g, prior, posterior) per group, is sent
+        z_g, returns the features. Lets a caller run several sub-batches in lockstep."""
         first = self.groups[0].factor
         h = self.top_bias.expand(batch, -1, height // first, width // first)
         for g, (spec, group) in enumerate(zip(self.groups, self.decoder)):
@@ -291,7 +308,7 @@ class HierarchicalVAE(nn.Module):
             prior, feat = group.prior_params(h)
             posterior = None if acts is None else group.posterior_params(h, acts[spec.factor], prior)
             keep = self.active[g]
-            z = choose(g, prior.channels(keep), None if posterior is None else posterior.channels(keep))
+            z = yield g, prior.channels(keep), None if posterior is None else posterior.channels(keep)
             if keep is not None:  # pruned channels sit at the prior mean, uncoded
                 z_all = prior.mean.clone()
                 z_all[:, keep] = z

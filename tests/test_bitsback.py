@@ -13,15 +13,18 @@ from hypothesis import strategies as st
 
 from vaezip import api, coders, quantize, registry
 from vaezip.bitsback import DETERMINISTIC_FLAG, CodingParams, decode_tiles, encode_tiles
+from vaezip.container import KNOWN_VERSIONS
 from vaezip.errors import CorruptFileError
+from vaezip.inference import coding_network
 from vaezip.quantize import QuantizedMixture
 
 SIZES = [(1, 1), (17, 23), (64, 64), (65, 130)]  # (height, width)
 
 
-def _params(loaded, height: int, width: int) -> CodingParams:
+def _params(loaded, height: int, width: int, version: int = 2) -> CodingParams:
     cfg = loaded.spec.config
-    return CodingParams(tile=api.tile_size(height, width, cfg.downsampling), latent_grid=cfg.latent_grid)
+    return CodingParams(tile=api.tile_size(height, width, cfg.downsampling), latent_grid=cfg.latent_grid,
+                        version=version)
 
 
 def _prefilled(count: int, seed: int = 0):
@@ -31,36 +34,38 @@ def _prefilled(count: int, seed: int = 0):
     return ans
 
 
-def _round_trip(loaded, pixels: np.ndarray, prefill: int):
+def _round_trip(loaded, pixels: np.ndarray, prefill: int, version: int = 2):
     """Encode onto a coder holding `prefill` symbols, decode; returns (schedule, decoded, coder)."""
     height, width, channels = pixels.shape
-    params = _params(loaded, height, width)
+    params = _params(loaded, height, width, version)
     ans = _prefilled(prefill)
     before = ans.get_compressed().copy()
-    with api._deterministic_torch():
-        schedule, ans = encode_tiles(loaded.net, ans, pixels, params)
+    with coding_network(loaded.net, params.version) as net:
+        schedule, ans = encode_tiles(net, ans, pixels, params)
         # Through the words, as a file would carry them.
         ans = coders.new_coder(ans.get_compressed())
-        out = decode_tiles(loaded.net, ans, height, width, channels, params, schedule)
+        out = decode_tiles(net, ans, height, width, channels, params, schedule)
     np.testing.assert_array_equal(ans.get_compressed(), before)
     return schedule, out, ans
 
 
+@pytest.mark.parametrize("version", KNOWN_VERSIONS)
 @pytest.mark.parametrize("smooth", [False, True], ids=["random", "smooth"])
 @pytest.mark.parametrize("height,width", SIZES)
-def test_round_trip_from_empty_stack(tiny_model, height, width, smooth):
+def test_round_trip_from_empty_stack(tiny_model, height, width, smooth, version):
     pixels = random_pixels("RGB", height, width, seed=height + width, smooth=smooth)
-    schedule, out, ans = _round_trip(tiny_model, pixels, prefill=0)
+    schedule, out, ans = _round_trip(tiny_model, pixels, prefill=0, version=version)
     np.testing.assert_array_equal(out, pixels)
     assert out.dtype == np.uint8
     assert ans.is_empty()
     assert schedule[0] & DETERMINISTIC_FLAG, "the first batch cannot borrow from an empty stack"
 
 
+@pytest.mark.parametrize("version", KNOWN_VERSIONS)
 @pytest.mark.parametrize("height,width", [(17, 23), (65, 130)])
-def test_round_trip_gray_model(tiny_gray_model, height, width):
+def test_round_trip_gray_model(tiny_gray_model, height, width, version):
     pixels = random_pixels("L", height, width, seed=3, smooth=True)
-    _, out, ans = _round_trip(tiny_gray_model, pixels, prefill=0)
+    _, out, ans = _round_trip(tiny_gray_model, pixels, prefill=0, version=version)
     np.testing.assert_array_equal(out, pixels)
     assert ans.is_empty()
 
@@ -87,8 +92,8 @@ def test_first_batch_is_deterministic_and_encoding_is_repeatable(tiny_model):
     params = _params(tiny_model, 64, 64)
     results = []
     for _ in range(2):
-        with api._deterministic_torch():
-            schedule, ans = encode_tiles(tiny_model.net, coders.new_coder(), pixels, params)
+        with coding_network(tiny_model.net, params.version) as net:
+            schedule, ans = encode_tiles(net, coders.new_coder(), pixels, params)
         results.append((schedule, ans.get_compressed().tolist()))
     assert results[0] == results[1]
     assert results[0][0] == (1 | DETERMINISTIC_FLAG,)
@@ -96,10 +101,10 @@ def test_first_batch_is_deterministic_and_encoding_is_repeatable(tiny_model):
 
 def test_schedule_not_covering_the_image_is_corrupt(tiny_model):
     params = _params(tiny_model, 65, 130)
-    with api._deterministic_torch():
+    with coding_network(tiny_model.net, params.version) as net:
         for schedule in [(), (5,), (7,), (0, 6), (DETERMINISTIC_FLAG,)]:
             with pytest.raises(CorruptFileError):
-                decode_tiles(tiny_model.net, _prefilled(50), 65, 130, 3, params, schedule)
+                decode_tiles(net, _prefilled(50), 65, 130, 3, params, schedule)
 
 
 # ------------------------------------------------------------- real model rate
@@ -115,8 +120,8 @@ def test_real_model_codes_close_to_nelbo():
     loaded = registry.load_model("photo-rgb-1")
     pixels = kodak_crop("kodim03.png", 0, 0, 128, 128)
     params = _params(loaded, 128, 128)
-    with api._deterministic_torch():
-        schedule, ans = encode_tiles(loaded.net, coders.new_coder(), pixels, params)
+    with coding_network(loaded.net, params.version) as net:
+        schedule, ans = encode_tiles(net, coders.new_coder(), pixels, params)
     coded_bits = ans.num_bits()
     # -ELBO is a one-sample estimate: average a few seeds so the bar is not noise.
     nelbo_bits = float(np.mean([api.model_bits(loaded, pixels, params.tile, seed=s)[0] for s in range(2)]))
@@ -125,8 +130,8 @@ def test_real_model_codes_close_to_nelbo():
     # Measured: coded 165888, -ELBO ~164816 (ratio 1.0065; 3.375 vs 3.353 bits/subpixel).
     assert coded_bits <= 1.01 * nelbo_bits + STARTUP_BITS
     assert coded_bits >= 0.97 * nelbo_bits  # far below -ELBO would mean lost information
-    with api._deterministic_torch():
-        out = decode_tiles(loaded.net, ans, 128, 128, 3, params, schedule)
+    with coding_network(loaded.net, params.version) as net:
+        out = decode_tiles(net, ans, 128, 128, 3, params, schedule)
     np.testing.assert_array_equal(out, pixels)
     assert ans.is_empty()
 
@@ -137,8 +142,8 @@ def test_real_model_full_photo_gap():
     loaded = registry.load_model("photo-rgb-1")
     pixels = kodak_crop("kodim03.png", 0, 0, 512, 768)
     params = _params(loaded, 512, 768)
-    with api._deterministic_torch():
-        _, ans = encode_tiles(loaded.net, coders.new_coder(), pixels, params)
+    with coding_network(loaded.net, params.version) as net:
+        _, ans = encode_tiles(net, coders.new_coder(), pixels, params)
     nelbo_bits = api.model_bits(loaded, pixels, params.tile)[0]
     print(f"kodim03 full: coded {ans.num_bits()} bits, -ELBO {nelbo_bits:.0f}, ratio {ans.num_bits() / nelbo_bits:.4f}")
     assert ans.num_bits() <= 1.01 * nelbo_bits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 import tracemalloc
@@ -51,7 +52,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x01\x00",  # version
+            b"\x02\x00",  # version
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",
@@ -176,7 +177,7 @@ def test_bad_magic():
 def test_unknown_version():
     body = pack(HEADER, WORDS)[:-4]
     data = _with_crc(MAGIC + struct.pack("<H", 7) + body[len(MAGIC) + 2 :])
-    with pytest.raises(UnsupportedVersionError, match=r"version 7 .*reads: 1"):
+    with pytest.raises(UnsupportedVersionError, match=r"version 7 .*reads: 1, 2"):
         unpack(data)
 
 
@@ -280,3 +281,11 @@ def test_pixel_checksum_covers_lossless_fields():
     assert len({checksum, *(pixel_checksum(o) for o in others)}) == 1 + len(others)
     index = Image("P", np.zeros((1, 1, 1), np.uint8), b"\x00\x00\x00")
     assert pixel_checksum(index) != pixel_checksum(Image("P", index.pixels, b"\x00\x00\x01"))
+
+
+def test_both_versions_share_the_layout():
+    """Versions differ in how the payload is coded, not in the header layout."""
+    v1 = pack(dataclasses.replace(HEADER, version=1), WORDS)
+    v2 = pack(HEADER, WORDS)
+    assert v1[:8] == v2[:8] and v1[10:-4] == v2[10:-4] and (v1[8], v2[8]) == (1, 2)
+    assert unpack(v1)[0] == dataclasses.replace(HEADER, version=1)

@@ -1,7 +1,10 @@
-"""Golden files: committed .vz files must decode to their PNGs, and re-encoding the PNGs
-must give the same bytes, so any change to the bitstream is a visible diff.
+"""Golden files, one folder per format version (tests/golden/v1, v2, ...): every
+committed .vz file and .vzp archive must decode to its PNGs forever, and re-encoding
+the PNGs with that version must give the same bytes, so any change to a bitstream is
+a visible diff.
 
-Regenerate (after a deliberate bitstream change, never to make a failure go away):
+Regenerate the current version's folder (after a deliberate bitstream change that
+bumps the version, never to make a failure go away; older folders are never rewritten):
     VAEZIP_REGEN_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden.py
 """
 
@@ -15,10 +18,11 @@ import numpy as np
 import pytest
 from conftest import kodak_crop, random_image, to_gray
 
-from vaezip import api, container
+from vaezip import api, archive, container
 from vaezip.images import Image, encode_transparency, pixels_equal, read_image, write_png
 
 GOLDEN = Path(__file__).parent / "golden"
+VERSIONS = sorted(int(p.name[1:]) for p in GOLDEN.glob("v*"))
 REGEN = os.environ.get("VAEZIP_REGEN_GOLDEN") == "1"
 FAKE_ICC = b"vaezip golden test: ICC bytes kept verbatim \x00\x01\xfe\xff"
 
@@ -52,13 +56,29 @@ CASES = {
 }
 
 
+# The archive: the cases above in one .vzp, with a mirrored copy of the RGB crop
+# right after it (same tile side: the two are coded as one tile set, JOINED).
+SET_CASES = ["rgb_kodim23_48x40", "gray_kodim23_48x40", "rgba_kodim03_20x13", "p_trns_33x17", "bilevel_25x9"]
+MIRRORED = "flipped/rgb_kodim23_48x40.png"
+
+
+def set_items() -> list[tuple[str, Image]]:
+    items = [(f"{name}.png", read_image(GOLDEN / f"{name}.png")) for name in SET_CASES]
+    rgb = items[0][1]
+    items.insert(1, (MIRRORED, Image("RGB", np.ascontiguousarray(rgb.pixels[:, ::-1]))))
+    return items
+
+
 def regenerate() -> None:
-    GOLDEN.mkdir(exist_ok=True)
+    """Writes the PNGs if missing and the current version's folder."""
+    folder = GOLDEN / f"v{container.FORMAT_VERSION}"
+    folder.mkdir(parents=True, exist_ok=True)
     for name, (build, _) in CASES.items():
-        image = build()
-        write_png(image, GOLDEN / f"{name}.png")
+        if not (GOLDEN / f"{name}.png").exists():
+            write_png(build(), GOLDEN / f"{name}.png")
         # Encode what the PNG reads back as, exactly as the re-encoding test does.
-        (GOLDEN / f"{name}.vz").write_bytes(api.compress(read_image(GOLDEN / f"{name}.png")))
+        (folder / f"{name}.vz").write_bytes(api.compress(read_image(GOLDEN / f"{name}.png")))
+    (folder / "set.vzp").write_bytes(api.pack(set_items()))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,12 +87,20 @@ def _maybe_regenerate():
         regenerate()
 
 
+def test_every_known_version_has_golden_files():
+    assert VERSIONS == list(container.KNOWN_VERSIONS) == list(archive.KNOWN_VERSIONS)
+    for version in VERSIONS:
+        names = {p.name for p in (GOLDEN / f"v{version}").iterdir()}
+        assert names == {f"{n}.vz" for n in CASES} | {"set.vzp"}, version
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_golden_file_decodes_to_its_png(name):
+def test_golden_file_decodes_to_its_png(name, version):
     expected = read_image(GOLDEN / f"{name}.png")
-    data = (GOLDEN / f"{name}.vz").read_bytes()
+    data = (GOLDEN / f"v{version}" / f"{name}.vz").read_bytes()
     header, _ = container.unpack(data)
-    assert header.model_name == CASES[name][1]
+    assert header.model_name == CASES[name][1] and header.version == version
     back = api.decompress_image(data)
     assert pixels_equal(back, expected)
     if name.startswith("rgb_strip"):
@@ -98,14 +126,35 @@ def _assert_same_code(golden: bytes, fresh: bytes) -> None:
         "If the bitstream change is deliberate: VAEZIP_REGEN_GOLDEN=1 pytest tests/test_golden.py"))
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_reencoding_gives_identical_bytes(name):
-    golden = (GOLDEN / f"{name}.vz").read_bytes()
-    _assert_same_code(golden, api.compress(read_image(GOLDEN / f"{name}.png")))
+def test_reencoding_gives_identical_bytes(name, version):
+    golden = (GOLDEN / f"v{version}" / f"{name}.vz").read_bytes()
+    _assert_same_code(golden, api.compress(read_image(GOLDEN / f"{name}.png"), version=version))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_archive_unpacks_and_repacks_identically(version):
+    golden = (GOLDEN / f"v{version}" / "set.vzp").read_bytes()
+    contents = archive.read(golden)
+    assert contents.version == version
+    assert [e.joined for e in contents.entries] == [False, True, False, False, False, False]
+    items = set_items()
+    back = api.unpack(golden)
+    assert [name for name, _ in back] == [name for name, _ in items]
+    for (_, image), (_, expected) in zip(back, items):
+        assert pixels_equal(image, expected)
+    fresh = archive.read(api.pack(items, version=version))
+    # As for .vz files, only the runtime may differ.
+    assert fresh.checksum == contents.checksum
+    np.testing.assert_array_equal(fresh.words, contents.words, err_msg="archive payload changed")
+    for old, new in zip(contents.entries, fresh.entries):
+        assert dataclasses.replace(new.header, runtime=old.header.runtime) == old.header
+        assert (new.name, new.joined) == (old.name, old.joined)
 
 
 def test_comparison_ignores_only_the_runtime():
-    golden = (GOLDEN / "p_trns_33x17.vz").read_bytes()
+    golden = (GOLDEN / "v1" / "p_trns_33x17.vz").read_bytes()
     header, words = container.unpack(golden)
     _assert_same_code(golden, container.pack(dataclasses.replace(header, runtime="torch=0.0 numpy=0.0"), words))
     changed = words.copy()
@@ -117,9 +166,9 @@ def test_comparison_ignores_only_the_runtime():
 
 
 def test_golden_files_are_small():
-    files = sorted(GOLDEN.glob("*"))
+    files = [p for p in GOLDEN.rglob("*") if p.is_file()]
     assert {p.name for p in files} >= {f"{n}.{ext}" for n in CASES for ext in ("png", "vz")}
-    assert sum(p.stat().st_size for p in files) < 50_000
+    assert sum(p.stat().st_size for p in files) < 30_000 * (1 + len(VERSIONS))
 
 
 if __name__ == "__main__":

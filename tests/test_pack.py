@@ -7,6 +7,7 @@ model names onto them, so no shipped weights are loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 
@@ -17,6 +18,7 @@ from conftest import make_tiny_model, random_image, random_pixels
 from PIL import Image as PILImage
 
 from vaezip import api, archive, bitsback, coders, container, registry
+from vaezip.inference import coding_network
 from vaezip.cli.main import main
 from vaezip.errors import CorruptFileError, DecodeMismatchError, InputError, UnsupportedVersionError, VaezipError
 from vaezip.images import encode_transparency
@@ -74,10 +76,11 @@ def test_round_trip_one_image_at_a_time(models):
 def test_single_item_payload_equals_compress(tiny_model):
     """A run of one image is coded exactly as `compress` codes it."""
     img = random_image("RGB", 40, 50, seed=9, smooth=True)
-    entries, words = archive.unpack(api.pack([("x", img)], loaded=tiny_model))
+    contents = archive.read(api.pack([("x", img)], loaded=tiny_model))
     header, vz_words = container.unpack(api.compress(img, loaded=tiny_model))
-    assert entries[0].header == header
-    np.testing.assert_array_equal(words, vz_words)
+    assert contents.entries[0].header == dataclasses.replace(header, pixel_checksum=archive.NO_CHECKSUM)
+    assert contents.checksum == archive.set_checksum([header.pixel_checksum])
+    np.testing.assert_array_equal(contents.words, vz_words)
 
 
 def test_packing_is_repeatable_and_progress_counts_tiles(models):
@@ -114,10 +117,10 @@ def test_tile_set_batches_straddle_images_and_restore_the_stack(tiny_gray_model)
     ans = coders.new_coder()
     coders.uniform(1 << 16, 20000).push(ans, np.random.default_rng(0).integers(0, 1 << 16, 20000))
     before = ans.get_compressed().copy()
-    with api._deterministic_torch():
-        schedule, ans = bitsback.encode_tile_sets(tiny_gray_model.net, ans, images, params)
+    with coding_network(tiny_gray_model.net, params.version) as net:
+        schedule, ans = bitsback.encode_tile_sets(net, ans, images, params)
         ans = coders.new_coder(ans.get_compressed())
-        out = bitsback.decode_tile_sets(tiny_gray_model.net, ans, shapes, 1, params, schedule)
+        out = bitsback.decode_tile_sets(net, ans, shapes, 1, params, schedule)
     for a, b in zip(images, out):
         np.testing.assert_array_equal(b, a)
     np.testing.assert_array_equal(ans.get_compressed(), before)
@@ -167,24 +170,91 @@ def _parts(data: bytes):
     return count, table, data[22 + zsize:-4]
 
 
-def _rebuild(count: int, table: bytes, payload: bytes, version: int = 1, magic: bytes = archive.MAGIC) -> bytes:
+def _rebuild(count: int, table: bytes, payload: bytes, version: int = archive.FORMAT_VERSION,
+             magic: bytes = archive.MAGIC) -> bytes:
     packed_table = zlib.compress(table, 9)
     return _with_crc(magic + struct.pack("<HIII", version, count, len(table), len(packed_table)) + packed_table + payload)
 
 
+def _pin_header(version: int) -> container.Header:
+    return container.Header(mode="P", width=3, height=2, model_name="", model_hash=bytes(8), tile_size=0,
+                            schedule=(), num_initial_words=0, pixel_checksum=bytes(range(16)),
+                            palette=b"\x01\x02\x03", runtime="rt", version=version)
+
+
+PIN_WORDS = np.array([7, 0xFFFFFFFF], dtype=np.uint32)
+PIN_PAYLOAD = b"\x02\x00\x00\x00\x07\x00\x00\x00\xff\xff\xff\xff"
+
+
 def test_layout_is_pinned():
-    header = container.Header(mode="P", width=3, height=2, model_name="", model_hash=bytes(8), tile_size=0,
-                              schedule=(), num_initial_words=0, pixel_checksum=bytes(range(16)),
-                              palette=b"\x01\x02\x03", runtime="rt")
-    words = np.array([7, 0xFFFFFFFF], dtype=np.uint32)
-    data = archive.pack([archive.Entry("n.png", header)], words)
-    record = b"\x05\x00n.png" + b"\x00" + container.header_fields(header)
-    assert data == _rebuild(1, record, b"\x02\x00\x00\x00\x07\x00\x00\x00\xff\xff\xff\xff")
+    header = _pin_header(2)
+    data = archive.pack([archive.Entry("n.png", header)], PIN_WORDS)
+    table = b"".join([
+        b"\x02\x00rt", archive.set_checksum([bytes(range(16))]),
+        b"\x00\x05\x00n.png",  # names: listed
+        b"\x00", b"\x01P", b"\x03\x00\x00\x00\x02\x00\x00\x00", b"\x00\x00" + bytes(8), b"\x00\x00",  # flags .. tile
+        b"\x00\x00", b"\x03\x00\x01\x02\x03", b"\x00\x00", b"\x00\x00\x00\x00",  # schedule .. ICC
+    ])
+    assert data == _rebuild(1, table, PIN_PAYLOAD)
     assert data[:8] == b"VZPK\r\n\x1a\n" and archive.MAGIC != container.MAGIC
+    contents = archive.read(data)
+    assert contents.entries == [archive.Entry("n.png", dataclasses.replace(header, pixel_checksum=archive.NO_CHECKSUM))]
+    assert contents.checksum == archive.set_checksum([header.pixel_checksum]) and contents.version == 2
+
+
+def test_version_1_layout_is_pinned():
+    header = _pin_header(1)
+    data = archive.pack([archive.Entry("n.png", header)], PIN_WORDS)
+    record = b"\x05\x00n.png" + b"\x00" + container.header_fields(header)
+    assert data == _rebuild(1, record, PIN_PAYLOAD, version=1)
     # The record's header fields are byte for byte those of a .vz file.
-    vz = container.pack(header, words)
+    vz = container.pack(header, PIN_WORDS)
     assert vz[10:10 + len(container.header_fields(header))] == container.header_fields(header)
     assert archive.unpack(data)[0] == [archive.Entry("n.png", header)]
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["0000", "0001", "0002"], ("", 0, 4, "")),
+    (["img_7.png", "img_8.png", "img_9.png", "img_10.png"], ("img_", 7, 1, ".png")),  # padded to at least 1
+    (["a/x9.png", "a/x10.png"], ("a/x", 9, 1, ".png")),
+    (["set2/img_099.png", "set2/img_100.png"], ("set2/img_", 99, 3, ".png")),
+    (["a.png"], None),
+    (["01", "03"], None),
+])
+def test_numbered_names(names, expected):
+    assert archive.numbered_names(names) == expected
+
+
+def test_numbered_names_cost_no_table_bytes(tiny_gray_model):
+    """10 numbered 1x1 images vs the same with one odd name: the template is a few bytes."""
+    img = random_image("L", 1, 1, seed=0)
+    numbered = archive.read(api.pack([(f"{i:03d}.png", img) for i in range(10)], loaded=tiny_gray_model))
+    assert [e.name for e in numbered.entries] == [f"{i:03d}.png" for i in range(10)]
+    data = api.pack([(f"{i:03d}.png", img) for i in range(10)], loaded=tiny_gray_model)
+    listed = api.pack([(f"{i:03d}.png", img) for i in range(9)] + [("other.png", img)], loaded=tiny_gray_model)
+    assert len(_parts(data)[1]) + 50 < len(_parts(listed)[1])
+
+
+def test_archives_refuse_mixed_versions_and_runtimes(packed):
+    entries, words = archive.unpack(packed)
+    mixed = [archive.Entry(e.name, dataclasses.replace(e.header, version=1), e.joined) if i == 0 else e
+             for i, e in enumerate(entries)]
+    with pytest.raises(ValueError, match="versions"):
+        archive.pack(mixed, words)
+    other = [archive.Entry(e.name, dataclasses.replace(e.header, runtime="x"), e.joined) if i == 0 else e
+             for i, e in enumerate(entries)]
+    with pytest.raises(ValueError, match="runtimes"):
+        archive.pack(other, words)
+
+
+def test_a_wrong_image_fails_the_set_checksum(packed, models):
+    """Decoding that yields other pixels (here: a forged set checksum) is an error, never a result."""
+    count, table, payload = _parts(packed)
+    runtime_length = struct.unpack_from("<H", table)[0]
+    at = 2 + runtime_length
+    forged = table[:at] + bytes(16) + table[at + 16:]
+    with pytest.raises(DecodeMismatchError, match="archive's checksum"):
+        api.unpack(_rebuild(count, forged, payload), loaded=models)
 
 
 def test_every_truncation_is_corrupt(packed):
@@ -217,6 +287,13 @@ def test_payload_damage_behind_a_valid_crc_is_a_typed_error(packed, models):
             api.unpack(_with_crc(body + bytes(damaged)), loaded=models)
 
 
+def _set_flag(table: bytes, flags: int) -> bytes:
+    """The table with the first image's flags byte (the column after the names) set."""
+    at = table.index(b"\x01\x00h") + 3  # the last name, "h", ends the names block
+    assert table[at:at + 8] == bytes([0, 1, 0, 1, 0, 0, 0, 0])
+    return table[:at] + bytes([flags]) + table[at + 1:]
+
+
 def test_crafted_fields_are_corrupt(packed):
     count, table, payload = _parts(packed)
     cases = {
@@ -226,8 +303,9 @@ def test_crafted_fields_are_corrupt(packed):
         "count too low": _rebuild(count - 1, table, payload),
         "trailing bytes": _rebuild(count, table, payload + b"\x00"),
         "payload count": _rebuild(count, table, struct.pack("<I", 0xFFFFFFFF) + payload[4:]),
-        "unknown flag": _rebuild(count, table.replace(b"photos/a.png\x00", b"photos/a.png\x02", 1), payload),
-        "first joined": _rebuild(count, table.replace(b"photos/a.png\x00", b"photos/a.png\x01", 1), payload),
+        "unknown flag": _rebuild(count, _set_flag(table, 0x02), payload),
+        "first joined": _rebuild(count, _set_flag(table, 0x01), payload),
+        "unknown name kind": _rebuild(count, table.replace(b"\x00\x0c\x00photos/a.png", b"\x02\x0c\x00photos/a.png", 1), payload),
         "absolute name": _rebuild(count, table.replace(b"photos/a.png", b"/hotos/a.png", 1), payload),
         "dotdot name": _rebuild(count, table.replace(b"photos/a.png", b"../tos/a.png", 1), payload),
         "backslash name": _rebuild(count, table.replace(b"photos/a.png", b"photos\\a.png", 1), payload),
@@ -246,7 +324,7 @@ def test_crafted_fields_are_corrupt(packed):
 def test_table_size_claims_are_checked_before_inflating(packed):
     count, table, payload = _parts(packed)
     packed_table = zlib.compress(table, 9)
-    head = archive.MAGIC + struct.pack("<H", 1)
+    head = archive.MAGIC + struct.pack("<H", archive.FORMAT_VERSION)
     for size, zsize in [(0xFFFFFFFF, len(packed_table)), (len(table), 0xFFFFFFFF), (len(table) - 1, len(packed_table)),
                         (len(table) + 1, len(packed_table))]:
         data = _with_crc(head + struct.pack("<III", count, size, zsize) + packed_table + payload)
@@ -270,8 +348,10 @@ def test_structured_fuzz_never_escapes_as_another_exception(packed):
 
 def test_version_and_foreign_magic(packed, tiny_model):
     count, table, payload = _parts(packed)
-    with pytest.raises(UnsupportedVersionError, match="version 2"):
-        archive.unpack(_rebuild(count, table, payload, version=2))
+    with pytest.raises(UnsupportedVersionError, match="version 3"):
+        archive.unpack(_rebuild(count, table, payload, version=3))
+    with pytest.raises(CorruptFileError):  # a version 2 table read as version 1
+        archive.unpack(_rebuild(count, table, payload, version=1))
     with pytest.raises(CorruptFileError, match="wrong magic"):
         archive.unpack(b"\x89PNG\r\n\x1a\n" + packed[8:])
     with pytest.raises(CorruptFileError, match=r"\.vz file"):

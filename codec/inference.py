@@ -1,0 +1,176 @@
+"""How coding runs the network: the float arithmetic each format version fixes.
+
+Encoder and decoder must compute bit-identical network outputs, so the way the
+network runs is part of the format:
+
+  numerics 1 (.vz/.vzp version 1): PyTorch's native convolutions on the whole
+      tile batch at the process's thread count (native results do not depend on
+      it; oneDNN's do, measured on this machine's 2 cores).
+  numerics 2 (version 2): oneDNN convolutions, ~2.5x faster, each call on ONE
+      thread and on a fixed sub-batch of tiles (`SUB_BATCH_PIXELS`); the
+      sub-batches run side by side in a thread pool. A single-threaded call on a
+      fixed shape computes the same numbers however many workers there are, so
+      files decode identically with any thread count.
+
+Either way the results still depend on the CPU's instruction set (docs/PORTABILITY.md).
+`coding_network` sets torch up for one version and hands out a `Network` with the
+three calls bits-back coding makes: `bottom_up`, `top_down`, `stage_params`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .model import Gaussian, HierarchicalVAE, LatentChooser, MixtureParams
+
+SUB_BATCH_PIXELS = 4 * 64 * 64
+"""Numerics 2: tile pixels per network call (four 64x64 tiles)."""
+ROW_CHUNK = 8192
+"""Positions per probability-table chunk (`Network.rows`)."""
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Network settings of one format version."""
+
+    version: int
+    onednn: bool
+    sub_batch_pixels: Optional[int]  # None: the whole batch in one call
+
+
+NUMERICS = {1: Numerics(1, onednn=False, sub_batch_pixels=None), 2: Numerics(2, onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)}
+
+
+def _parts(count: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _cat(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    if tensors[0] is None:
+        return None
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+class Network:
+    """The network calls of bits-back coding, run under one version's numerics.
+
+    Same signatures as `HierarchicalVAE.bottom_up`, `top_down` and `stage_params`;
+    outputs are whole-batch tensors whatever the sub-batching.
+    """
+
+    def __init__(self, model: HierarchicalVAE, numerics: Numerics, pool: Optional[ThreadPoolExecutor]):
+        self.model = model
+        self.config = model.config
+        self.numerics = numerics
+        self._pool = pool
+
+    def _slices(self, batch: int, pixels_per_item: int) -> list[slice]:
+        size = self.numerics.sub_batch_pixels
+        if size is None:
+            return [slice(0, batch)]
+        return _parts(batch, max(1, size // pixels_per_item))
+
+    def _map(self, fn: Callable, *iterables) -> list:
+        """fn over the sub-batches, in the pool's threads (each in inference mode)."""
+        def call(*args):
+            with torch.inference_mode():
+                return fn(*args)
+
+        if self._pool is None or len(iterables[0]) == 1:
+            return [call(*args) for args in zip(*iterables)]
+        return list(self._pool.map(call, *iterables))
+
+    def rows(self, count: int, table: Callable[[slice], np.ndarray]) -> np.ndarray:
+        """table(rows) over fixed chunks of `ROW_CHUNK` positions, side by side in the
+        pool (numpy releases the GIL), concatenated: the tables of `count` positions."""
+        slices = _parts(count, ROW_CHUNK)
+        if self._pool is None or len(slices) <= 1:
+            return table(slice(0, count)) if len(slices) <= 1 else np.concatenate([table(s) for s in slices])
+        return np.concatenate(list(self._pool.map(table, slices)))
+
+    def bottom_up(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        slices = self._slices(x.shape[0], x.shape[-2] * x.shape[-1])
+        parts = self._map(self.model.bottom_up, [x[s] for s in slices])
+        return {factor: _cat([p[factor] for p in parts]) for factor in parts[0]}
+
+    def top_down(self, batch: int, height: int, width: int, choose: LatentChooser,
+                 acts: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
+        """The sub-batches walk the groups in lockstep; `choose` sees the whole batch."""
+        slices = self._slices(batch, height * width)
+        walks = [
+            self.model.top_down_steps(s.stop - s.start, height, width,
+                                      None if acts is None else {f: a[s] for f, a in acts.items()})
+            for s in slices
+        ]
+        requests = self._map(_step, walks, [None] * len(walks))
+        while not isinstance(requests[0], _Done):
+            g = requests[0][0]
+            prior = Gaussian(_cat([r[1].mean for r in requests]), _cat([r[1].log_std for r in requests]))
+            posterior = None
+            if requests[0][2] is not None:
+                posterior = Gaussian(_cat([r[2].mean for r in requests]), _cat([r[2].log_std for r in requests]))
+            z = choose(g, prior, posterior)
+            requests = self._map(_step, walks, [z[s] for s in slices])
+        return _cat([r.features for r in requests])
+
+    def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
+        slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
+        parts = self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage), slices)
+        return MixtureParams(
+            logits=_cat([p.logits for p in parts]), means=_cat([p.means for p in parts]),
+            log_scales=_cat([p.log_scales for p in parts]), coeffs=_cat([p.coeffs for p in parts]),
+        )
+
+
+@dataclass
+class _Done:
+    features: torch.Tensor
+
+
+def _step(walk, z: Optional[torch.Tensor]):
+    """Advance a `top_down_steps` walk: its next request, or `_Done` with the features."""
+    try:
+        return next(walk) if z is None else walk.send(z)
+    except StopIteration as done:
+        return _Done(done.value)
+
+
+def default_workers() -> int:
+    """Threads for numerics 2: torch's intra-op thread count (OMP_NUM_THREADS or the cores)."""
+    return max(1, torch.get_num_threads() or os.cpu_count() or 1)
+
+
+@contextmanager
+def coding_network(model: HierarchicalVAE, version: int, workers: Optional[int] = None) -> Iterator[Network]:
+    """Torch set up for coding with format `version`'s numerics; restored afterwards.
+
+    Changes process-wide torch settings (oneDNN on or off, and for numerics 2
+    one intra-op thread) while it is open: do not run other torch work in
+    parallel threads meanwhile.
+
+    Raises:
+        KeyError: unknown version (callers validate versions first).
+    """
+    numerics = NUMERICS[version]
+    previous = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    workers = workers or default_workers()
+    torch.backends.mkldnn.enabled = numerics.onednn
+    pool = None
+    if numerics.sub_batch_pixels is not None:
+        torch.set_num_threads(1)
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        with torch.inference_mode():
+            yield Network(model, numerics, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        torch.backends.mkldnn.enabled, threads = previous
+        torch.set_num_threads(threads)
