@@ -96,19 +96,22 @@ def stage_codec(net: Network, features: torch.Tensor, lattice: np.ndarray, stage
     if version == 1:
         return _stage_codec_v1(q, channels)
 
+    def tables(count: int, build: Callable[[slice], np.ndarray]) -> Codec:
+        return coders.categorical(net.rows(count, lambda r: coders.normalized_rows(build(r))), normalized=True)
+
     def push(ans: AnsCoder, values: np.ndarray) -> None:
         for c in reversed(range(channels)):
-            tables = quantize.ChannelTables(q, c, values)
+            channel = quantize.ChannelTables(q, c, values)
             bins = values[:, c] // quantize.BIN
-            coders.categorical(net.rows(len(values), lambda r: tables.fine(bins, r))).push(ans, values[:, c] % quantize.BIN)
-            coders.categorical(net.rows(len(values), tables.coarse)).push(ans, bins)
+            tables(len(values), lambda r: channel.fine(bins, r)).push(ans, values[:, c] % quantize.BIN)
+            tables(len(values), channel.coarse).push(ans, bins)
 
     def pop(ans: AnsCoder) -> np.ndarray:
         values = np.zeros((int(mask.sum()), channels), dtype=np.int64)
         for c in range(channels):
-            tables = quantize.ChannelTables(q, c, values)
-            bins = coders.categorical(net.rows(len(values), tables.coarse)).pop(ans).astype(np.int64)
-            rest = coders.categorical(net.rows(len(values), lambda r: tables.fine(bins, r))).pop(ans)
+            channel = quantize.ChannelTables(q, c, values)
+            bins = tables(len(values), channel.coarse).pop(ans).astype(np.int64)
+            rest = tables(len(values), lambda r: channel.fine(bins, r)).pop(ans)
             values[:, c] = quantize.BIN * bins + rest
         return values
 

@@ -28,18 +28,25 @@ class Codec:
     pop: Callable[[AnsCoder], Any]
 
 
-def categorical(probabilities: np.ndarray) -> Codec:
+def normalized_rows(probabilities: np.ndarray) -> np.ndarray:
+    """(n, K) float64 C-contiguous rows summing to 1, from non-negative rows with positive sums."""
+    rows = np.asarray(probabilities, dtype=np.float64)
+    return np.ascontiguousarray(rows / rows.sum(axis=1, keepdims=True))
+
+
+def categorical(probabilities: np.ndarray, normalized: bool = False) -> Codec:
     """Codec for int symbols, symbol i drawn from row i of `probabilities`.
 
     Args:
         probabilities: (n, K) float array of non-negative rows with positive
             sums; rows need not be normalised; every symbol in 0..K-1 keeps a
             nonzero probability (constriction's leak).
+        normalized: the rows already are `normalized_rows` (skips that pass).
     """
-    # Normalised here in float64: constriction 0.5.0's leaky Categorical panics on
+    # Normalised in float64: constriction 0.5.0's leaky Categorical panics on
     # a zero-probability symbol in some unnormalised rows.
-    rows = np.asarray(probabilities, dtype=np.float64)
-    probabilities = np.ascontiguousarray(rows / rows.sum(axis=1, keepdims=True))
+    if not normalized:
+        probabilities = normalized_rows(probabilities)
     family = _model.Categorical(perfect=False)
 
     def push(ans: AnsCoder, symbols: np.ndarray) -> None:
