@@ -32,7 +32,7 @@ from .model import Gaussian, HierarchicalVAE, LatentChooser, MixtureParams
 
 SUB_BATCH_PIXELS = 4 * 64 * 64
 """Numerics 2: tile pixels per network call (four 64x64 tiles)."""
-ROW_CHUNK = 8192
+ROW_CHUNK = 4096
 """Positions per probability-table chunk (`Network.rows`)."""
 
 

@@ -259,10 +259,10 @@ class ChannelTables:
     def fine(self, bins: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
         """(m, BIN) float32: masses of the values of bin `bins[rows]` (value % BIN),
         unnormalised, each + `FINE_FLOOR`."""
-        edges = BIN * bins[rows].astype(np.int64)[:, None] + np.arange(-1, BIN)  # (m, BIN + 1)
-        cdf = self._cdf(rows, np.clip(edges, 0, 254))
-        cdf[edges < 0] = 0.0
-        cdf[edges > 254] = 1.0
+        bins = bins[rows]
+        cdf = self._cdf(rows, BIN * bins.astype(np.int64)[:, None] + np.arange(-1, BIN))  # (m, BIN + 1)
+        cdf[bins == 0, 0] = 0.0  # the edges below 0 and above 255 (edge indices -1 and 255)
+        cdf[bins == 256 // BIN - 1, -1] = 1.0
         out = np.subtract(cdf[:, 1:], cdf[:, :-1])
         np.maximum(out, 0.0, out=out)
         out += FINE_FLOOR
