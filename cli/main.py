@@ -1,8 +1,9 @@
 """The `vaezip` command: a click group whose commands are thin calls into `vaezip.api`.
 
 Every `VaezipError` becomes one line on stderr and exit status 1; outputs are
-written to a temporary name in the target folder and renamed, so a failure
-never leaves a partial file, and nothing is overwritten without --force.
+written to a temporary name in the target folder and moved into place, so a
+failure never leaves a partial file, and nothing is overwritten without --force,
+not even by another vaezip process writing the same name at the same time.
 """
 
 from __future__ import annotations
@@ -50,16 +51,54 @@ def _check_output(path: Path, force: bool) -> None:
 
 
 @contextmanager
-def _atomic_output(path: Path):
-    """Yield a temporary path beside `path`; rename it into place on success."""
+def _atomic_output(path: Path, force: bool):
+    """Yield a temporary path beside `path`; move it into place on success.
+
+    With `force` the move is a rename (the last of several writers wins, whole).
+    Without, it is a hard link, which fails if `path` has appeared since
+    `_check_output` looked: another vaezip writing the same name keeps its file
+    and this one raises OutputExistsError instead of silently replacing it.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         yield Path(tmp)
-        os.replace(tmp, path)
+        if force:
+            os.replace(tmp, path)
+        else:
+            _move_no_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _move_no_replace(tmp: str, path: Path) -> None:
+    """Put `tmp` at `path` unless something is there already (the caller unlinks `tmp`)."""
+    exists = OutputExistsError(f"{path} exists (use --force to overwrite)")
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise exists from None
+    except OSError:
+        pass  # no hard links on this file system (FAT, some network shares)
+    try:
+        # Claim the name, then rename over the claim: a reader may briefly see an empty file.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        raise exists from None
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(path)
+        raise
 
 
 def _progress(total: int, label: str):
@@ -105,7 +144,7 @@ def compress(images, output, model, force) -> None:
         bar, task = _progress(_tile_count(image.height, image.width), f"compress {source.name}")
         with bar:
             data = api.compress(image, model, progress=lambda n: bar.advance(task, n))
-        with _atomic_output(target) as tmp:
+        with _atomic_output(target, force) as tmp:
             tmp.write_bytes(data)
         seconds = time.perf_counter() - start
         bpd = 8 * len(data) / image.num_subpixels
@@ -135,7 +174,7 @@ def decompress(files, output, force) -> None:
         bar, task = _progress(tiles, f"decompress {source.name}")
         with bar:
             image = api.decompress_image(data, progress=lambda n: bar.advance(task, n))
-        with _atomic_output(target) as tmp:
+        with _atomic_output(target, force) as tmp:
             write_png(image, tmp)
         seconds = time.perf_counter() - start
         click.echo(f"{source} -> {target}: {image.width}x{image.height} {image.mode}, {seconds:.1f} s")
@@ -241,7 +280,7 @@ def pack(inputs, output, model, force) -> None:
     bar, task = _progress(tiles, f"pack {output.name}")
     with bar:
         data = api.pack(items, model, progress=lambda n: bar.advance(task, n))
-    with _atomic_output(output) as tmp:
+    with _atomic_output(output, force) as tmp:
         tmp.write_bytes(data)
     seconds = time.perf_counter() - start
     subpixels = sum(img.num_subpixels for _, img in items)
@@ -288,7 +327,7 @@ def unpack(archive_file, output, force) -> None:
         decoded = api.unpack(data, progress=lambda n: bar.advance(task, n))
     for target, (_, image) in zip(targets, decoded):
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_output(target) as tmp:
+        with _atomic_output(target, force) as tmp:
             write_png(image, tmp)
     seconds = time.perf_counter() - start
     subpixels = sum(image.num_subpixels for _, image in decoded)

@@ -241,3 +241,36 @@ def test_installed_entry_point(tmp_path, png):
     assert proc.returncode == 0, proc.stderr
     assert "x.vz" in proc.stdout
     assert pixels_equal(api.decompress_image(out.read_bytes()), read_image(png))
+
+
+def test_outputs_get_the_usual_file_mode(png, tmp_path):
+    """Outputs are made from a mkstemp file (0600); they must end up as the umask says, like the inputs."""
+    old = os.umask(0o022)
+    try:
+        _ok(_run("compress", png, "-o", tmp_path / "a.vz"))
+        _ok(_run("decompress", tmp_path / "a.vz", "-o", tmp_path / "a.png"))
+    finally:
+        os.umask(old)
+    for name in ("a.vz", "a.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height RGB, with no pixel data (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_one_line(tmp_path):
+    """A file claiming 100000x100000 pixels is refused from its header, before any pixel is decoded."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))
+    _one_line_error(_run("compress", bomb), "bomb.png", "too large")
+    _one_line_error(_run("pack", bomb, "-o", tmp_path / "set.vzp"), "bomb.png", "too large")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png"]
