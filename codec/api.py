@@ -84,10 +84,30 @@ def choose_model(mode: str, model: Optional[str]) -> str:
 
 
 def _runtime() -> str:
+    """Library versions and the instruction sets their float kernels dispatch on: what a
+    decoder needs to match (docs/PORTABILITY.md). Shown when a checksum fails."""
     import constriction
     import torch
 
-    return f"torch={torch.__version__} numpy={np.__version__} constriction={getattr(constriction, '__version__', '0.5.0')}"
+    return (f"torch={torch.__version__} numpy={np.__version__} "
+            f"constriction={getattr(constriction, '__version__', '0.5.0')} cpu={_instruction_sets()}")
+
+
+def _instruction_sets() -> str:
+    """torch's CPU capability and numpy's highest x86 SIMD level, e.g. "AVX2/X86_V3"."""
+    import torch
+
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # pragma: no cover - numpy moved its private module
+        features = {}
+    level = next((name for name in ("X86_V4", "X86_V3", "X86_V2") if features.get(name)), "baseline")
+    return f"{torch.backends.cpu.get_cpu_capability()}/{level}"
+
+
+def _mismatch_note(runtime: str) -> str:
+    """' (written by X; this is Y)' when the file's runtime differs from this one, else ''."""
+    return "" if runtime == _runtime() else f" (written by {runtime}; this is {_runtime()})"
 
 
 def _coding_params(loaded: registry.LoadedModel, height: int, width: int, version: int):
@@ -208,10 +228,12 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
             raise CorruptFileError("corrupt header: tile schedule without a model")
         for c in reversed(layout.plane_channels):  # reversed: pushed first, popped last
             pixels[:, :, c] = planes.plane_codec(header.height, header.width, layout.levels).pop(ans)
+    except CorruptFileError as exc:  # from another build, the cause may be its arithmetic: say so
+        raise CorruptFileError(f"{exc}{_mismatch_note(header.runtime)}") from None
     except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
-        raise CorruptFileError(f"corrupt payload ({type(exc).__name__})") from None
+        raise CorruptFileError(f"corrupt payload ({type(exc).__name__}){_mismatch_note(header.runtime)}") from None
     if header.mode == "1" and pixels.max(initial=0) > 1:
         raise DecodeMismatchError("decoded pixels fail the checksum")
     image = Image(header.mode, pixels, header.palette, header.transparency, header.icc_profile)
@@ -224,8 +246,7 @@ def _check_pixels(images: list[Image], checksums: list[bytes], runtime: str) -> 
     """Raises DecodeMismatchError unless every image has its stored pixel checksum."""
     for image, checksum in zip(images, checksums, strict=True):
         if container.pixel_checksum(image) != checksum:
-            note = "" if runtime == _runtime() else f" (written by {runtime}; this is {_runtime()})"
-            raise DecodeMismatchError(f"decoded pixels fail the checksum{note}")
+            raise DecodeMismatchError(f"decoded pixels fail the checksum{_mismatch_note(runtime)}")
 
 
 def decompress_image(data: bytes, *, loaded: Optional[registry.LoadedModel] = None,
@@ -373,9 +394,8 @@ def unpack(data: bytes, *, loaded: LoadedModels = None,
     if not check:
         checksums = [container.pixel_checksum(image) for image in images]
         if archive.set_checksum(checksums) != contents.checksum:
-            runtime = entries[0].header.runtime
-            note = "" if runtime == _runtime() else f" (written by {runtime}; this is {_runtime()})"
-            raise DecodeMismatchError(f"decoded images fail the archive's checksum{note}")
+            raise DecodeMismatchError(
+                f"decoded images fail the archive's checksum{_mismatch_note(entries[0].header.runtime)}")
     return [(entry.name, image) for entry, image in zip(entries, images)]
 
 
@@ -488,10 +508,12 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
             pixels[k][:, :, list(layout.model_channels)] = colour[k]
             for c in reversed(layout.plane_channels):
                 pixels[k][:, :, c] = planes.plane_codec(h.height, h.width, layout.levels).pop(ans)
+    except CorruptFileError as exc:  # from another build, the cause may be its arithmetic: say so
+        raise CorruptFileError(f"{exc}{_mismatch_note(headers[0].runtime)}") from None
     except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
-        raise CorruptFileError(f"corrupt payload ({type(exc).__name__})") from None
+        raise CorruptFileError(f"corrupt payload ({type(exc).__name__}){_mismatch_note(headers[0].runtime)}") from None
     images = [Image(h.mode, p, h.palette, h.transparency, h.icc_profile) for h, p in zip(headers, pixels)]
     if check:
         _check_pixels(images, [h.pixel_checksum for h in headers], headers[0].runtime)

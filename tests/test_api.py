@@ -302,3 +302,15 @@ def test_pack_and_unpack_are_exported():
     import vaezip
 
     assert vaezip.pack is api.pack and vaezip.unpack is api.unpack
+
+
+def test_a_failure_names_both_builds_when_another_build_wrote_the_file(tiny_model):
+    """A file from another build (library versions, instruction sets) that fails to decode
+    says so: the likely cause is that build's arithmetic, not damage."""
+    data = api.compress(random_pixels("RGB", 20, 30, seed=2, smooth=True), loaded=tiny_model)
+    assert "cpu=" in container.unpack(data)[0].runtime
+    foreign = "torch=0.0 numpy=0.0 constriction=0.0 cpu=AVX512/X86_V4"
+    for damaged in [_with_header(data, pixel_checksum=bytes(16), runtime=foreign),
+                    *(_with_header(d, runtime=foreign) for d in _damaged_payloads(data, 8, seed=5))]:
+        with pytest.raises((CorruptFileError, DecodeMismatchError), match="written by torch=0.0 .* this is torch="):
+            api.decompress_image(damaged, loaded=tiny_model)
