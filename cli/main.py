@@ -14,6 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -101,11 +102,11 @@ def _move_no_replace(tmp: str, path: Path) -> None:
         raise
 
 
-def _progress(total: int, label: str):
-    """A rich progress bar over tiles, shown only on a terminal."""
+def _progress(total: Optional[int], label: str, unit: str = "tiles"):
+    """A rich progress bar over tiles (or `unit`), shown only on a terminal."""
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} tiles",
+    bar = Progress("[progress.description]{task.description}", BarColumn(), f"{{task.completed}}/{{task.total}} {unit}",
                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True, disable=not sys.stderr.isatty())
     return bar, bar.add_task(label, total=total)
 
@@ -126,30 +127,59 @@ def _inputs_exist(paths) -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (one input) or folder.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output file (one image) or folder (several images, or folders: their tree is kept).")
 @click.option("--model", help="Registered model name (default: the one for the image mode).")
+@click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Images compressed at once, one process and core each.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
-def compress(images, output, model, force) -> None:
-    """Compress IMAGES losslessly: IMG -> IMG.vz (inputs are kept)."""
-    from vaezip import api
-    from vaezip.images import read_image
+def compress(images, output, model, jobs, force) -> None:
+    """Compress IMAGES losslessly: IMG -> IMG.vz, DIR -> every image in it (inputs are kept)."""
+    from vaezip.cli.jobs import compress_file, compress_parallel
 
-    _inputs_exist(images)
-    targets = _targets(images, output, lambda p: p.with_name(p.name + ".vz"))
+    targets = _compress_targets(images, output)
     for source, target in targets:
         _check_output(target, force)
-    for source, target in targets:
-        start = time.perf_counter()
-        image = read_image(source)
-        bar, task = _progress(_tile_count(image.height, image.width), f"compress {source.name}")
+
+    def report(done) -> None:
+        bpd = 8 * done.output_bytes / done.subpixels
+        click.echo(f"{done.source} -> {done.target}: {_size(done.source_bytes)} -> {_size(done.output_bytes)}, "
+                   f"{bpd:.3f} bits/subpixel, ratio {done.subpixels / done.output_bytes:.2f}:1, {done.seconds:.1f} s")
+
+    if jobs > 1 and len(targets) > 1:
+        bar, task = _progress(len(targets), f"compress {len(targets)} images", unit="images")
         with bar:
-            data = api.compress(image, model, progress=lambda n: bar.advance(task, n))
-        with _atomic_output(target, force) as tmp:
-            tmp.write_bytes(data)
-        seconds = time.perf_counter() - start
-        bpd = 8 * len(data) / image.num_subpixels
-        click.echo(f"{source} -> {target}: {_size(source.stat().st_size)} -> {_size(len(data))}, "
-                   f"{bpd:.3f} bits/subpixel, ratio {image.num_subpixels / len(data):.2f}:1, {seconds:.1f} s")
+            compress_parallel(targets, model, force, jobs, lambda done: (bar.advance(task, 1), report(done)))
+        return
+    for source, target in targets:
+        bar, task = _progress(None, f"compress {source.name}")
+        with bar:
+            done = compress_file(source, target, model, force, progress=lambda n: bar.advance(task, n),
+                                 on_image=lambda img: bar.update(task, total=_tile_count(img.height, img.width)))
+        report(done)
+
+
+def _compress_targets(inputs, output: Optional[Path]) -> list[tuple[Path, Path]]:
+    """(image, .vz path) pairs. A file IMG gives IMG.vz (or -o); a folder gives every
+    image under it, IMG.vz beside it, or under -o at the same relative path."""
+    for p in inputs:
+        if not p.exists():
+            raise VaezipError(f"{p}: no such file or folder")
+    if not any(p.is_dir() for p in inputs):
+        return _targets(inputs, output, lambda p: p.with_name(p.name + ".vz"))
+    if output is not None and output.exists() and not output.is_dir():
+        raise VaezipError(f"{output}: -o must be a folder when compressing folders")
+    pairs = []
+    for p in inputs:
+        if not p.is_dir():
+            pairs.append((p, (output / p.name if output else p).with_name(p.name + ".vz")))
+            continue
+        for name, source in _image_members([p]):
+            target = (output / name if output else source)
+            pairs.append((source, target.with_name(target.name + ".vz")))
+    if not pairs:
+        raise VaezipError("no images to compress")
+    return pairs
 
 
 @main.command()
@@ -263,7 +293,7 @@ def pack(inputs, output, model, force) -> None:
         if not p.exists():
             raise VaezipError(f"{p}: no such file or folder")
     _check_output(output, force)
-    members = _pack_members(inputs)
+    members = _image_members(inputs)
     if not members:
         raise VaezipError("no images to pack")
     seen: dict[str, Path] = {}
@@ -289,7 +319,7 @@ def pack(inputs, output, model, force) -> None:
                f"{8 * len(data) / subpixels:.3f} bits/subpixel, {seconds:.1f} s")
 
 
-def _pack_members(inputs) -> list[tuple[str, Path]]:
+def _image_members(inputs) -> list[tuple[str, Path]]:
     """(stored name, path): a folder's images by relative path, a file by its name."""
     image_suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
     members = []

@@ -274,3 +274,42 @@ def test_decompression_bomb_is_one_line(tmp_path):
     _one_line_error(_run("compress", bomb), "bomb.png", "too large")
     _one_line_error(_run("pack", bomb, "-o", tmp_path / "set.vzp"), "bomb.png", "too large")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png"]
+
+
+def _image_tree(root: Path) -> dict[str, object]:
+    """A folder of small images in three modes, one in a subfolder, and a non-image."""
+    images = {"a.png": random_image("RGB", 20, 27, seed=1, smooth=True),
+              "b.png": random_image("L", 18, 9, seed=2, smooth=True),
+              "sub/c.png": random_image("RGBA", 12, 30, seed=3, smooth=True)}
+    for name, image in images.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_png(image, root / name)
+    (root / "notes.txt").write_text("not an image")
+    return images
+
+
+def test_compress_a_folder_with_jobs_keeps_the_tree_and_the_bytes(tmp_path):
+    """--jobs 2 (worker processes) writes the same files as --jobs 1, under -o at the
+    images' relative paths; each decodes to its image."""
+    images = _image_tree(tmp_path / "in")
+    _ok(_run("compress", tmp_path / "in", "-o", tmp_path / "one"))
+    result = _run("compress", tmp_path / "in", "-o", tmp_path / "two", "--jobs", "2")
+    _ok(result)
+    assert result.output.count("bits/subpixel") == 3
+    for name, image in images.items():
+        data = (tmp_path / "two" / f"{name}.vz").read_bytes()
+        assert data == (tmp_path / "one" / f"{name}.vz").read_bytes(), name
+        assert pixels_equal(api.decompress_image(data), image)
+    assert sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*.vz")) == \
+        ["a.png.vz", "b.png.vz", "sub/c.png.vz"]
+    _no_temp_files(tmp_path)
+
+
+def test_compress_a_folder_in_place_and_its_errors(tmp_path):
+    _image_tree(tmp_path / "in")
+    _ok(_run("compress", tmp_path / "in"))
+    assert (tmp_path / "in" / "sub" / "c.png.vz").is_file()
+    _one_line_error(_run("compress", tmp_path / "in", "--jobs", "2"), "exists")  # checked before any work
+    (tmp_path / "empty").mkdir()
+    _one_line_error(_run("compress", tmp_path / "empty"), "no images")
+    _one_line_error(_run("compress", tmp_path / "in", "-o", tmp_path / "in" / "a.png"), "folder")
