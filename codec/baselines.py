@@ -9,8 +9,10 @@ is also None.
 Settings (fixed here so that every reported number has one meaning):
   png:    Pillow, `optimize=True` (zlib level 9 with filter search).
   webp:   Pillow, `lossless=True, quality=100, method=6, exact=True`; modes RGB and
-          RGBA only. `exact=True` keeps the colour of fully transparent pixels, which
-          libwebp otherwise rewrites (the file would not be lossless for RGBA).
+          RGBA, and L / LA stored as RGB / RGBA with equal channels (WebP has no gray
+          mode; its subtract-green transform makes the copies nearly free), read back
+          as the first channel. `exact=True` keeps the colour of fully transparent
+          pixels, which libwebp otherwise rewrites (the file would not be lossless for RGBA).
   jpegxl: `imagecodecs.jpegxl_encode(arr, lossless=True, effort=9)` (imagecodecs'
           default thread count); modes L, LA, RGB and RGBA.
 
@@ -33,7 +35,8 @@ from .images import Image, from_pil, to_pil
 BASELINES: tuple[str, ...] = ("png", "webp", "jpegxl")
 """Baseline names, in the order tables print them."""
 
-WEBP_MODES: tuple[str, ...] = ("RGB", "RGBA")
+WEBP_MODES: tuple[str, ...] = ("RGB", "RGBA", "L", "LA")
+_WEBP_STORED_AS = {"L": "RGB", "LA": "RGBA"}
 JPEGXL_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA")
 JPEGXL_EFFORT = 9
 
@@ -140,10 +143,11 @@ def webp_result(image: Image) -> BaselineResult:
     if image.mode not in WEBP_MODES:
         return BaselineResult("webp", None, reason=f"mode {image.mode} not supported")
     pil = PILImage.frombytes(image.mode, (image.width, image.height), np.ascontiguousarray(image.pixels).tobytes())
+    stored = _WEBP_STORED_AS.get(image.mode, image.mode)
 
     def encode() -> bytes:
         buffer = io.BytesIO()
-        pil.save(buffer, format="WEBP", lossless=True, quality=100, method=6, exact=True)
+        pil.convert(stored).save(buffer, format="WEBP", lossless=True, quality=100, method=6, exact=True)
         return buffer.getvalue()
 
     data, encode_seconds = _timed(encode)
@@ -154,6 +158,10 @@ def webp_result(image: Image) -> BaselineResult:
             return back.mode, np.asarray(back)
 
     (mode, pixels), decode_seconds = _timed(decode)
+    if image.mode in _WEBP_STORED_AS and mode == stored:
+        pixels = np.atleast_3d(pixels)
+        if np.array_equal(pixels[:, :, 0], pixels[:, :, 1]) and np.array_equal(pixels[:, :, 0], pixels[:, :, 2]):
+            mode, pixels = image.mode, pixels[:, :, [0, 3]] if image.mode == "LA" else pixels[:, :, 0]
     _check_same("webp", image, mode, pixels)
     return BaselineResult("webp", len(data), encode_seconds, decode_seconds)
 

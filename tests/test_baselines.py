@@ -21,7 +21,7 @@ def _image(mode: str, height: int = 13, width: int = 11, seed: int = 0) -> Image
     return from_array(((ramp + noise) % 256).astype(np.uint8), mode)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
 def test_sizes_positive(mode):
     sizes = baselines.baseline_sizes(_image(mode))
     assert set(sizes) == set(baselines.BASELINES)
@@ -31,6 +31,13 @@ def test_sizes_positive(mode):
         assert sizes["webp"] > 0
     else:
         assert sizes["webp"] is None
+
+
+def test_gray_webp_is_stored_as_rgb_and_read_back_exactly():
+    """Gray through WebP (RGB with equal channels) is checked lossless like any baseline."""
+    result = baselines.webp_result(_image("L", 24, 40, seed=4))
+    assert result.size_bytes and result.size_bytes > 0
+    assert baselines.webp_result(_image("LA", 24, 40, seed=5)).size_bytes > 0
 
 
 def test_transparent_pixels_keep_their_colour():
