@@ -1,11 +1,13 @@
-"""Fuzz the decoder: corrupted .vz files must decode exactly or raise VaezipError.
+"""Fuzz the decoder: corrupted .vz and .vzp files must decode exactly or raise VaezipError.
 
-Mutations of valid files (small images of every mode): truncation, bit flips,
+Mutations of valid files (small images of every mode as .vz files of both format
+versions, and .vzp archives of them of both versions): truncation, bit flips,
 byte swaps, random bytes, 32-bit fields set to huge values; half of them with
 the CRC-32 recomputed, so the field parser and the payload decoder are reached,
 not only the checksum. Plus random byte strings. Every outcome must be either
 the original pixels or a `VaezipError`; anything else (another exception, a
-wrong image, a decode slower than --max-seconds) is a failure.
+wrong image, a decode slower than --max-seconds) is a failure. The peak RSS of
+the whole run is reported: headers that claim gigantic images must not allocate.
 
     python benchmarks/fuzz.py --cases 10000 [--seed 0]
 """
@@ -15,19 +17,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import resource
 import struct
 import time
 import zlib
 
 import numpy as np
 
-from vaezip import api
+from vaezip import api, archive, container
 from vaezip.errors import VaezipError
 from vaezip.images import Image
 
 
-def samples(rng: np.random.Generator) -> list[tuple[Image, bytes]]:
-    """Small valid files: RGB and L through the models, RGBA, P and 1 through the plane coder."""
+def samples(rng: np.random.Generator) -> list[tuple[list[Image], bytes]]:
+    """Small valid files: RGB and L through the models, RGBA, P and 1 through the plane
+    coder, each as a .vz of every format version, and all of them as one .vzp per version."""
     images = [
         Image("RGB", rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)),
         Image("L", np.repeat(np.arange(20, dtype=np.uint8)[:, None], 9, axis=1)[:, :, None]),
@@ -35,7 +39,17 @@ def samples(rng: np.random.Generator) -> list[tuple[Image, bytes]]:
         Image("P", rng.integers(0, 4, (9, 6, 1), dtype=np.uint8), palette=bytes(range(12))),
         Image("1", rng.integers(0, 2, (8, 13, 1), dtype=np.uint8)),
     ]
-    return [(image, api.compress(image)) for image in images]
+    files = [([image], api.compress(image, version=v)) for image in images for v in container.KNOWN_VERSIONS]
+    named = [(f"{i:02d}.png", image) for i, image in enumerate(images + images[:2])]
+    files += [(images + images[:2], api.pack(named, version=v)) for v in archive.KNOWN_VERSIONS]
+    return files
+
+
+def decode(data: bytes) -> list[Image]:
+    """The images of a .vz or .vzp file, by its magic bytes."""
+    if data[:8] == archive.MAGIC:
+        return [image for _, image in api.unpack(data)]
+    return [api.decompress_image(data)]
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
@@ -79,21 +93,23 @@ def main() -> None:
     for case in range(args.cases):
         if case % 10 == 9:
             kind, data = "random", rng.integers(0, 256, int(rng.integers(0, 400)), dtype=np.uint8).tobytes()
-            original = None
+            originals = None
         else:
-            original, good = valid[int(rng.integers(0, len(valid)))]
+            originals, good = valid[int(rng.integers(0, len(valid)))]
             kind, data = mutate(good, rng)
+            kind = ("vzp " if good[:8] == archive.MAGIC else "vz ") + kind
         t = time.perf_counter()
         try:
-            image = api.decompress_image(data)
-            same = original is not None and image.mode == original.mode and np.array_equal(image.pixels, original.pixels)
-            outcomes["decoded exactly" if same else "WRONG IMAGE"] += 1
+            images = decode(data)
+            same = originals is not None and len(images) == len(originals) and all(
+                a.mode == b.mode and np.array_equal(a.pixels, b.pixels) for a, b in zip(images, originals))
+            outcomes[f"{kind.split()[0]}: " + ("decoded exactly" if same else "WRONG IMAGE")] += 1
             if not same:
                 failures.append((case, kind, "wrong image"))
         except VaezipError as exc:
-            outcomes[f"rejected: {type(exc).__name__}"] += 1
+            outcomes[f"{kind.split()[0]}: rejected, {type(exc).__name__}"] += 1
         except Exception as exc:  # noqa: BLE001 - the point is to catch everything else
-            outcomes[f"CRASH: {type(exc).__name__}"] += 1
+            outcomes[f"{kind.split()[0]}: CRASH, {type(exc).__name__}"] += 1
             failures.append((case, kind, repr(exc)[:200]))
         seconds = time.perf_counter() - t
         slowest = max(slowest, seconds)
@@ -102,6 +118,7 @@ def main() -> None:
     result = {
         "cases": args.cases, "seed": args.seed, "outcomes": dict(outcomes), "failures": failures[:50],
         "failure_count": len(failures), "slowest_decode_s": slowest, "total_s": time.perf_counter() - start,
+        "valid_files": len(valid), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     with open(args.json_out, "w") as f:
         json.dump(result, f, indent=1)
