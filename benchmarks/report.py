@@ -1,9 +1,12 @@
-"""Render the docs/RESULTS.md sections from the JSON files the benchmarks wrote.
+"""Render the docs/RESULTS.md tables from the JSON files the benchmarks wrote.
 
-Every number in those sections comes from the JSON; nothing is typed by hand.
+Every number in those tables comes from the JSON; nothing is typed by hand.
 
     .venv/bin/python benchmarks/report.py --kodak /tmp/vaezip-bench/kodak.json \
-        --determinism /tmp/vaezip-bench/determinism.json
+        --determinism /tmp/vaezip-bench/determinism.json \
+        --packed /tmp/vaezip-bench/packed_mnist.json /tmp/vaezip-bench/packed_cifar.json \
+        --large /tmp/vaezip-bench/large_mp.json /tmp/vaezip-bench/large_8000.json \
+        --iwae-kodak /tmp/vaezip-bench/iwae_kodak.json --fuzz /tmp/vaezip-bench/fuzz.json
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kodak import _code_line, markdown  # noqa: E402
+from large_image import markdown as large_markdown  # noqa: E402
 
 
 def kodak_section(result: dict) -> str:
@@ -111,16 +115,70 @@ def determinism_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+def packed_table(results: list[dict]) -> str:
+    """`benchmarks/packed.py` results, one row per data set."""
+    def bpd(value) -> str:
+        return "(missing)" if value is None else f"{value:.3f}"
+
+    lines = ["| data set | images | model | −ELBO bpd | payload bpd | file bpd | file / −ELBO | table bytes / image "
+             "| PNG | WebP | JPEG-XL e9 | pack s | unpack s |", "|" + "---|" * 13]
+    for r in results:
+        b = r.get("baselines_bpd", {})
+        lines.append(
+            f"| {r['dataset']} | {r['images']:,} | {', '.join(r['models'])} | {r['nelbo_bpd']:.4f} | {r['payload_bpd']:.4f} "
+            f"| {r['file_bpd']:.4f} | {100 * r['overhead_file']:+.3f} % | {r['metadata_bytes_per_image']:.2f} "
+            f"| {bpd(b.get('png'))} | {bpd(b.get('webp'))} | {bpd(b.get('jpegxl'))} "
+            f"| {r['pack_seconds']:.0f} | {r['unpack_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def iwae_kodak_table(result: dict) -> str:
+    """`benchmarks/iwae_kodak.py`: IWAE, time and peak RSS against K on full images."""
+    lines = [f"{result['model']} on {', '.join(result['images'])} (full size, {result['subpixels']:,} subpixels); "
+             f"RSS after loading the model {result['rss_after_load_mib']:.0f} MiB. Command: `{result['command']}`.", "",
+             "| K | IWAE bpd | −ELBO bpd | seconds | peak RSS MiB |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['k']} | {row['iwae_bpd']:.4f} | {row['nelbo_bpd']:.4f} | {row['seconds']:.0f} "
+                     f"| {row['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def fuzz_table(result: dict) -> str:
+    """`benchmarks/fuzz.py`: outcomes by file kind."""
+    lines = ["| file | outcome | cases |", "|---|---|---|"]
+    for key, count in sorted(result["outcomes"].items()):
+        kind, outcome = key.split(": ", 1)
+        lines.append(f"| {kind} | {outcome} | {count:,} |")
+    lines += ["", f"{result['cases']:,} cases (seed {result['seed']}) from {result['valid_files']} valid files; "
+              f"failures (crash, wrong image, decode over the time limit): **{result['failure_count']}**. "
+              f"Slowest decode {result['slowest_decode_s']:.2f} s, whole run {result['total_s']:.0f} s, "
+              f"peak RSS {result['peak_rss_mib']:.0f} MiB."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kodak", type=Path)
     parser.add_argument("--determinism", type=Path)
+    parser.add_argument("--packed", type=Path, nargs="+")
+    parser.add_argument("--large", type=Path, nargs="+")
+    parser.add_argument("--iwae-kodak", type=Path)
+    parser.add_argument("--fuzz", type=Path)
     args = parser.parse_args()
+    load = lambda path: json.loads(path.read_text())  # noqa: E731
     sections = []
     if args.kodak:
-        sections.append(kodak_section(json.loads(args.kodak.read_text())))
+        sections.append(kodak_section(load(args.kodak)))
     if args.determinism:
-        sections.append(determinism_section(json.loads(args.determinism.read_text())))
+        sections.append(determinism_section(load(args.determinism)))
+    if args.packed:
+        sections.append(packed_table([load(p) for p in args.packed]))
+    for path in args.large or ():
+        sections.append(large_markdown(load(path)))
+    if args.iwae_kodak:
+        sections.append(iwae_kodak_table(load(args.iwae_kodak)))
+    if args.fuzz:
+        sections.append(fuzz_table(load(args.fuzz)))
     print("\n\n".join(sections))
     return 0
 
