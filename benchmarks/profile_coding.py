@@ -1,0 +1,101 @@
+"""Where the time of one compress / decompress goes: start-up, network, tables, ANS.
+
+Times, in one process: the imports (vaezip and torch), the model load, then a cold and a
+warm `vaezip.compress` and `vaezip.decompress` of one image, and for the warm runs the
+wall time spent in each phase, measured by wrapping the functions that do the work:
+
+  network   `inference.Network.bottom_up`, `top_down` (which includes the latent
+            pops and pushes its chooser does), `stage_params`;
+  tables    `inference.Network.rows`: the probability tables, in the thread pool;
+  ANS       constriction's encode/decode calls for the pixels;
+  rest      everything else (parameter rounding, channel means, lattices, checksums).
+
+    .venv/bin/python benchmarks/profile_coding.py [IMAGE] [--json-out FILE]
+
+Default image: kodim03 (768x512). Run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+
+START = time.perf_counter()
+
+from vaezip import api, coders, inference, registry  # noqa: E402  (timed: the imports)
+
+IMPORTED = time.perf_counter()
+PHASES = {"bottom_up": "network", "top_down": "network", "stage_params": "network", "rows": "tables"}
+
+
+def instrument(totals: collections.Counter) -> None:
+    """Wrap the phase functions so each call adds its wall time to `totals`."""
+    for name, phase in PHASES.items():
+        original = getattr(inference.Network, name)
+
+        def timed(*args, _original=original, _phase=phase, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                totals[_phase] += time.perf_counter() - start
+
+        setattr(inference.Network, name, timed)
+    categorical = coders.categorical
+
+    def timed_categorical(probabilities, normalized=False):
+        codec = categorical(probabilities, normalized)
+
+        def push(ans, symbols):
+            start = time.perf_counter()
+            codec.push(ans, symbols)
+            totals["ANS"] += time.perf_counter() - start
+
+        def pop(ans):
+            start = time.perf_counter()
+            try:
+                return codec.pop(ans)
+            finally:
+                totals["ANS"] += time.perf_counter() - start
+
+        return coders.Codec(push, pop)
+
+    coders.categorical = timed_categorical
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("image", nargs="?", default="/work/shared/data/kodak/kodim03.png")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    registry.load_model("photo-rgb-1")
+    loaded = time.perf_counter() - start
+    image = api.as_image(args.image)
+    result = {"image": args.image, "size": [image.width, image.height], "import_s": IMPORTED - START,
+              "model_load_s": loaded, "threads": inference.default_workers()}
+    totals: collections.Counter = collections.Counter()
+    for label, run in (("compress", lambda: api.compress(image)), ("decompress", lambda: api.decompress_image(data))):
+        start = time.perf_counter()
+        out = run()
+        cold = time.perf_counter() - start
+        if label == "compress":
+            data = out
+            instrument(totals)
+        totals.clear()
+        start = time.perf_counter()
+        run()
+        warm = time.perf_counter() - start
+        phases = {phase: totals[phase] for phase in ("network", "tables", "ANS")}
+        phases["rest"] = warm - sum(phases.values())
+        result[label] = {"cold_s": cold, "warm_s": warm, "phases_s": phases}
+    print(json.dumps(result, indent=1))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
