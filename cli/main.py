@@ -246,7 +246,7 @@ def info(file) -> None:
     header, words = unpack(data)
     det = sum(1 for e in header.schedule if e & 0x8000)
     rows = [
-        ("file", f"{file} ({len(data)} bytes)"),
+        ("file", f"{file} ({len(data)} bytes, format version {header.version})"),
         ("image", f"{header.width}x{header.height} {header.mode}"),
         ("model", f"{header.model_name or '(plane coder only)'} {header.model_hash.hex() if header.model_name else ''}"),
         ("tiles", f"{header.tile_size}px, {len(header.schedule)} batches ({det} without bits-back)" if header.model_name else "-"),
