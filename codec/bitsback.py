@@ -253,7 +253,8 @@ def decode_batch(net: Network, ans: AnsCoder, grid: "TileGrid | TileSequence", i
         latents.append(k)
         return _latent_tensor(k, prior.mean.shape, params)
 
-    features = net.top_down(n, grid.tile, grid.tile, pop_prior)
+    states: list = []  # what the posteriors need, recorded on the way down
+    features = net.top_down(n, grid.tile, grid.tile, pop_prior, states=states)
     lattice = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
     for stage in range(4):
         mask = grid.stage_masks(indices, stage)
@@ -265,14 +266,8 @@ def decode_batch(net: Network, ans: AnsCoder, grid: "TileGrid | TileSequence", i
         pad_stage(grid, indices, lattice[:, stage], stage)
     if deterministic:
         return lattice
-    posteriors = []
-
-    def known(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
-        posteriors.append(posterior)
-        return _latent_tensor(latents[g], prior.mean.shape, params)
-
     acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(lattice)))
-    net.top_down(n, grid.tile, grid.tile, known, acts)
+    posteriors = net.posteriors(states, acts, grid.tile, grid.tile)
     for k, posterior in zip(reversed(latents), reversed(posteriors)):
         latent_codec(posterior, params).push(ans, k)
     return lattice

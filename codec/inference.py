@@ -101,13 +101,19 @@ class Network:
         return {factor: _cat([p[factor] for p in parts]) for factor in parts[0]}
 
     def top_down(self, batch: int, height: int, width: int, choose: LatentChooser,
-                 acts: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
-        """The sub-batches walk the groups in lockstep; `choose` sees the whole batch."""
+                 acts: Optional[dict[int, torch.Tensor]] = None, states: Optional[list] = None) -> torch.Tensor:
+        """The sub-batches walk the groups in lockstep; `choose` sees the whole batch.
+
+        `states`, if a list, gets one list of recorded (h, prior) per sub-batch, for `posteriors`.
+        """
         slices = self._slices(batch, height * width)
+        if states is not None:
+            states.extend([] for _ in slices)
         walks = [
             self.model.top_down_steps(s.stop - s.start, height, width,
-                                      None if acts is None else {f: a[s] for f, a in acts.items()})
-            for s in slices
+                                      None if acts is None else {f: a[s] for f, a in acts.items()},
+                                      None if states is None else states[i])
+            for i, s in enumerate(slices)
         ]
         requests = self._map(_step, walks, [None] * len(walks))
         while not isinstance(requests[0], _Done):
@@ -119,6 +125,14 @@ class Network:
             z = choose(g, prior, posterior)
             requests = self._map(_step, walks, [z[s] for s in slices])
         return _cat([r.features for r in requests])
+
+    def posteriors(self, states: list, acts: dict[int, torch.Tensor], height: int, width: int) -> list[Gaussian]:
+        """`HierarchicalVAE.posteriors` on the sub-batches `top_down` recorded `states` for."""
+        batch = next(iter(acts.values())).shape[0]
+        slices = self._slices(batch, height * width)
+        parts = self._map(lambda s, st: self.model.posteriors(st, {f: a[s] for f, a in acts.items()}), slices, states)
+        return [Gaussian(_cat([p[g].mean for p in parts]), _cat([p[g].log_std for p in parts]))
+                for g in range(len(parts[0]))]
 
     def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])

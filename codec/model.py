@@ -296,9 +296,15 @@ class HierarchicalVAE(nn.Module):
         return drive(self.top_down_steps(batch, height, width, acts), choose)
 
     def top_down_steps(self, batch: int, height: int, width: int,
-                       acts: Optional[dict[int, torch.Tensor]] = None) -> TopDownSteps:
+                       acts: Optional[dict[int, torch.Tensor]] = None,
+                       states: Optional[list] = None) -> TopDownSteps:
         """`top_down` as a generator: yields (g, prior, posterior) per group, is sent
-        z_g, returns the features. Lets a caller run several sub-batches in lockstep."""
+        z_g, returns the features. Lets a caller run several sub-batches in lockstep.
+
+        Args:
+            states: if a list, gets each group's decoder state and full prior, (h, prior),
+                from which `posteriors` rebuilds the posteriors without walking again.
+        """
         first = self.groups[0].factor
         h = self.top_bias.expand(batch, -1, height // first, width // first)
         for g, (spec, group) in enumerate(zip(self.groups, self.decoder)):
@@ -306,6 +312,8 @@ class HierarchicalVAE(nn.Module):
             if h.shape[-2:] != size:
                 h = F.interpolate(h, size=size, mode="nearest")
             prior, feat = group.prior_params(h)
+            if states is not None:
+                states.append((h, prior))
             posterior = None if acts is None else group.posterior_params(h, acts[spec.factor], prior)
             keep = self.active[g]
             z = yield g, prior.channels(keep), None if posterior is None else posterior.channels(keep)
@@ -317,6 +325,15 @@ class HierarchicalVAE(nn.Module):
         if h.shape[-2:] != (height // 4, width // 4):
             h = F.interpolate(h, size=(height // 4, width // 4), mode="nearest")
         return F.pixel_shuffle(self.to_pixels(h), 2)
+
+    def posteriors(self, states: list, acts: dict[int, torch.Tensor]) -> list[Gaussian]:
+        """Each group's posterior (active channels) from the `states` a walk with the same
+        latents recorded: the numbers `top_down_steps` with `acts` yields, without
+        recomputing the priors and decoder updates."""
+        return [
+            group.posterior_params(h, acts[spec.factor], prior).channels(keep)
+            for (h, prior), spec, group, keep in zip(states, self.groups, self.decoder, self.active)
+        ]
 
     # ---- pixels ----------------------------------------------------------
     def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
