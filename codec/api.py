@@ -132,6 +132,14 @@ def _resolve_model(mode: str, model: Optional[str], loaded: Optional[registry.Lo
     return name, (registry.load_model(name) if name else None)
 
 
+def _model_planes(img: Image, layout: _Layout) -> np.ndarray:
+    """The model-coded channels, (H, W, C) C-contiguous: the pixels themselves when those
+    are all the channels (no copy of a large image), else a copy."""
+    if layout.model_channels == tuple(range(img.channels)):
+        return np.ascontiguousarray(img.pixels)
+    return np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)])
+
+
 def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel],
                progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION):
     """Push one image onto the stack with format `version`; returns (header fields, coder).
@@ -150,7 +158,7 @@ def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel
 
         params = _coding_params(loaded, img.height, img.width, version)
         tile = params.tile
-        pixels = np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)])
+        pixels = _model_planes(img, layout)
         with _network(loaded, version) as net:
             schedule, ans = encode_tiles(net, ans, pixels, params, progress or (lambda n: None))
     header = container.Header(
@@ -223,7 +231,10 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
             with _network(model, header.version) as net:
                 colour = decode_tiles(net, ans, header.height, header.width, len(layout.model_channels),
                                       params, header.schedule, progress or (lambda n: None))
-            pixels[:, :, list(layout.model_channels)] = colour
+            if layout.model_channels == tuple(range(channels)):
+                pixels = colour  # every channel: no copy of a large image
+            else:
+                pixels[:, :, list(layout.model_channels)] = colour
         elif header.schedule or header.model_name:
             raise CorruptFileError("corrupt header: tile schedule without a model")
         for c in reversed(layout.plane_channels):  # reversed: pushed first, popped last
@@ -462,7 +473,7 @@ def _push_tile_set(ans, imgs: list[Image], name: str, loaded: registry.LoadedMod
         for c in layout.plane_channels:
             planes.plane_codec(img.height, img.width, layout.levels).push(ans, img.pixels[:, :, c])
     params = _coding_params(loaded, imgs[0].height, imgs[0].width, version)
-    pixels = [np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)]) for img, layout in zip(imgs, layouts)]
+    pixels = [_model_planes(img, layout) for img, layout in zip(imgs, layouts)]
     with _network(loaded, version) as net:
         schedule, ans = encode_tile_sets(net, ans, pixels, params, progress or (lambda n: None))
     counts = [-(-img.height // params.tile) * -(-img.width // params.tile) for img in imgs]

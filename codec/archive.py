@@ -278,15 +278,14 @@ def pack(entries: Sequence[Entry], words: np.ndarray) -> bytes:
     if len(table) > _U32:
         raise ValueError("image table longer than 2**32-1 bytes")
     packed_table = zlib.compress(table, 9)
-    body = b"".join([
+    return container.with_crc([
         MAGIC,
         struct.pack("<H", version),
         struct.pack("<III", len(entries), len(table), len(packed_table)),
         packed_table,
         struct.pack("<I", words.size),
-        np.asarray(words, dtype="<u4").tobytes(),
+        memoryview(np.ascontiguousarray(words, dtype="<u4")).cast("B"),
     ])
-    return body + struct.pack("<I", zlib.crc32(body))
 
 
 def _check_preamble(data: bytes) -> None:

@@ -180,10 +180,17 @@ def pack(header: Header, words: np.ndarray) -> bytes:
         struct.pack("<H", header.version),
         header_fields(header),
         struct.pack("<I", words.size),
-        np.asarray(words, dtype="<u4").tobytes(),
+        memoryview(np.ascontiguousarray(words, dtype="<u4")).cast("B"),
     ]
-    body = b"".join(parts)
-    return body + struct.pack("<I", zlib.crc32(body))
+    return with_crc(parts)
+
+
+def with_crc(parts: list) -> bytes:
+    """The parts (bytes-like) joined, then the CRC-32 of all of them: one copy of the payload."""
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join([*parts, struct.pack("<I", crc)])
 
 
 class _Reader:
@@ -297,7 +304,7 @@ def pixel_checksum(image: Image) -> bytes:
     mode = image.mode.encode("ascii")
     digest.update(struct.pack("<B", len(mode)) + mode)
     digest.update(struct.pack("<III", image.width, image.height, image.channels))
-    digest.update(np.ascontiguousarray(image.pixels, dtype=np.uint8).tobytes())
+    digest.update(memoryview(np.ascontiguousarray(image.pixels, dtype=np.uint8)).cast("B"))  # no copy
     digest.update(struct.pack("<I", len(image.palette)) + image.palette)
     digest.update(struct.pack("<I", len(image.transparency)) + image.transparency)
     return digest.digest()
