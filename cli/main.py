@@ -422,5 +422,25 @@ def _register_bpd() -> None:
 _register_train()
 _register_bpd()
 
+def run() -> None:
+    """The console entry point: `main`, then exit without the interpreter's teardown.
+
+    Tearing down an interpreter that has loaded torch takes about 0.27 s, a tenth of
+    compressing a Kodak photo (kodim03: 3.2 s -> 2.9 s). Nothing needs it: every command
+    closes and renames its outputs before it returns, and the streams are flushed here.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()
