@@ -68,6 +68,11 @@ class QuantizedMixture:
     def mean_range(self) -> tuple[int, int]:
         return MEAN_RANGES[self.version]
 
+    def rows(self, rows: slice) -> "QuantizedMixture":
+        """The parameters of positions `rows` (views, no copies)."""
+        return QuantizedMixture(self.logits[rows], self.means[rows], self.log_scales[rows],
+                                None if self.coeffs is None else self.coeffs[rows], self.version)
+
 
 def _flat(t, lead: int) -> np.ndarray:
     """(N, *lead dims, h, w) tensor -> (N*h*w, *lead dims) float32 numpy array."""
@@ -202,20 +207,21 @@ in a tail) gets a uniform table instead of an all-zero row."""
 
 
 @lru_cache(maxsize=1)
-def _half_inverse_scales() -> np.ndarray:
-    """float32 0.5 * exp(-log_scale) / MEAN_STEPS for every log-scale on the grid:
-    the logistic CDF at an offset of d mean steps is 0.5 + 0.5 * tanh(d * this)."""
+def _negative_inverse_scales() -> np.ndarray:
+    """float32 -exp(-log_scale) / MEAN_STEPS for every log-scale on the grid: the logistic
+    CDF at an offset of d mean steps is 1 / (1 + exp(d * this))."""
     log_scales = np.arange(SCALE_LO, SCALE_HI + 1, dtype=np.float64) / LOG_SCALE_STEPS
-    return (0.5 * np.exp(-log_scales) / MEAN_STEPS).astype(np.float32)
+    return (-np.exp(-log_scales) / MEAN_STEPS).astype(np.float32)
 
 
 class ChannelTables:
     """Version 2 probability tables of one channel: the bin, then the value in the bin.
 
-    Built from integers only (means, scale indices, logits); the CDFs are
-    evaluated elementwise in float32 (tanh). Encoder and decoder evaluate the
-    same rows in the same chunks, so even a vectorised tanh whose last bits
-    depended on an element's position in the array would agree.
+    Built from integers only (means, scale indices, logits); the logistic CDFs are
+    evaluated elementwise in float32 as 1 / (1 + exp(-x)), exact in the lower tail.
+    Encoder and decoder evaluate the same rows in the same chunks, so even a
+    vectorised exp whose last bits depended on an element's position in the array
+    would agree. Per-position inputs are computed per chunk (in the chunk's thread).
 
     Args:
         q: version 2 parameters of n positions.
@@ -225,23 +231,34 @@ class ChannelTables:
     def __init__(self, q: QuantizedMixture, channel: int, previous: np.ndarray):
         if q.version != 2:
             raise ValueError(f"ChannelTables is the version 2 layout, not version {q.version}")
-        self.means = channel_means(q, channel, previous).astype(np.float32)  # exact: |mean| < 2**24
-        self.half_inverse = _half_inverse_scales()[q.log_scales[:, channel] - SCALE_LO]
-        self.weights = mixture_weights(q.logits)
-        self.count = len(self.means)
+        self._q, self._channel, self._previous = q, channel, previous
+        self._inputs: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _inputs_of(self, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(means float32 (m, K), negative inverse scales (m, K), weights (m, K)) of `rows`."""
+        key = (rows.start, rows.stop)
+        if key not in self._inputs:  # chunks are distinct keys: safe from several threads
+            q = self._q.rows(rows)
+            self._inputs[key] = (
+                channel_means(q, self._channel, self._previous[rows]).astype(np.float32),  # exact: |mean| < 2**24
+                _negative_inverse_scales()[q.log_scales[:, self._channel] - SCALE_LO],
+                mixture_weights(q.logits),
+            )
+        return self._inputs[key]
 
     def _cdf(self, rows: slice, edges: np.ndarray) -> np.ndarray:
         """Mixture CDF (m, E) float32 at edge indices `edges` ((E,) or (m, E); edge v
         lies between values v and v + 1) for the positions `rows`."""
+        means, negative_inverse, weights = self._inputs_of(rows)
         edge_steps = (MEAN_STEPS * edges + MEAN_STEPS // 2).astype(np.float32)
         if edge_steps.ndim == 2:
             edge_steps = edge_steps[:, None, :]
-        t = edge_steps - self.means[rows, :, None]  # (m, K, E), exact
-        t *= self.half_inverse[rows, :, None]
-        np.tanh(t, out=t)
-        t *= np.float32(0.5)
-        t += np.float32(0.5)
-        weights = self.weights[rows]
+        t = edge_steps - means[:, :, None]  # (m, K, E), exact
+        t *= negative_inverse[:, :, None]
+        with np.errstate(over="ignore"):  # exp overflows to inf deep in the lower tail: CDF 0
+            np.exp(t, out=t)
+        t += np.float32(1.0)
+        np.reciprocal(t, out=t)
         out = t[:, 0] * weights[:, 0:1]
         for j in range(1, t.shape[1]):
             out += t[:, j] * weights[:, j : j + 1]
