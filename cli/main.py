@@ -20,6 +20,10 @@ import click
 
 from vaezip.errors import OutputExistsError, VaezipError
 
+PNG_LEVEL = 3
+"""zlib level of the PNGs `decompress` writes: a working copy of the pixels, written fast
+(kodim03: 0.05 s and 4.7 % larger than level 6's 0.13 s). --png-level changes it."""
+
 
 class VaezipGroup(click.Group):
     """Maps VaezipError (and Ctrl-C) to one line on stderr, never a traceback."""
@@ -204,8 +208,10 @@ def _compress_targets(inputs, output: Optional[Path]) -> list[tuple[Path, Path]]
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (one input) or folder.")
+@click.option("--png-level", type=click.IntRange(0, 9), default=PNG_LEVEL, show_default=True,
+              help="zlib level of the PNGs written (9: smallest, slowest; 6 is Pillow's default).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
-def decompress(files, output, force) -> None:
+def decompress(files, output, png_level, force) -> None:
     """Decompress FILES: FILE.vz -> FILE (a PNG unless the name says otherwise)."""
     from vaezip import api
     from vaezip.container import read_header
@@ -224,7 +230,7 @@ def decompress(files, output, force) -> None:
         with bar:
             image = api.decompress_image(data, progress=lambda n: bar.advance(task, n))
         with _atomic_output(target, force) as tmp:
-            write_png(image, tmp)
+            write_png(image, tmp, png_level)
         seconds = time.perf_counter() - start
         click.echo(f"{source} -> {target}: {image.width}x{image.height} {image.mode}, {seconds:.1f} s")
 
@@ -355,8 +361,10 @@ def _image_members(inputs) -> list[tuple[str, Path]]:
 @click.argument("archive_file", metavar="SET.vzp", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Folder to write the images into (created if missing).")
+@click.option("--png-level", type=click.IntRange(0, 9), default=PNG_LEVEL, show_default=True,
+              help="zlib level of the PNGs written (9: smallest, slowest; 6 is Pillow's default).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing files.")
-def unpack(archive_file, output, force) -> None:
+def unpack(archive_file, output, png_level, force) -> None:
     """Unpack an archive into a folder: each image as a PNG under its stored name
     (".png" appended unless the name ends so). Nothing is written unless every
     image decodes and no file would be overwritten (without --force)."""
@@ -377,7 +385,7 @@ def unpack(archive_file, output, force) -> None:
     for target, (_, image) in zip(targets, decoded):
         target.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_output(target, force) as tmp:
-            write_png(image, tmp)
+            write_png(image, tmp, png_level)
     seconds = time.perf_counter() - start
     subpixels = sum(image.num_subpixels for _, image in decoded)
     click.echo(f"{archive_file} -> {output}: {len(decoded)} images, {_size(len(data))}, "

@@ -343,7 +343,11 @@ def read_image(path: str | os.PathLike) -> Image:
             raise InputError(f"{name}: cannot read image ({error})") from None
 
 
-def write_png(image: Image, path: str | os.PathLike) -> None:
+PNG_LEVEL = 6
+"""zlib level of `write_png`, Pillow's default."""
+
+
+def write_png(image: Image, path: str | os.PathLike, level: int = PNG_LEVEL) -> None:
     """Writes `image` as a PNG that `read_image` reads back as the same image.
 
     Exact for every image `read_image` or `from_pil` produces. The one exception: a P image
@@ -353,6 +357,7 @@ def write_png(image: Image, path: str | os.PathLike) -> None:
     Args:
         image: The image.
         path: Output file; overwritten if it exists.
+        level: zlib compression level 0-9 (the pixels are the same at every level).
 
     Raises:
         InputError: If the file cannot be written.
@@ -366,7 +371,7 @@ def write_png(image: Image, path: str | os.PathLike) -> None:
         if largest >= 1 << bit_depth:
             padded = image.palette.ljust(3 * (largest + 1), b"\x00")
             pil_image.putpalette(padded, rawmode="RGB")
-    options = {}
+    options = {"compress_level": level}
     if "transparency" in pil_image.info:
         options["transparency"] = pil_image.info["transparency"]
     if image.icc_profile:

@@ -313,3 +313,18 @@ def test_compress_a_folder_in_place_and_its_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     _one_line_error(_run("compress", tmp_path / "empty"), "no images")
     _one_line_error(_run("compress", tmp_path / "in", "-o", tmp_path / "in" / "a.png"), "folder")
+
+
+def test_png_level_changes_the_size_not_the_pixels(tmp_path):
+    source = tmp_path / "a.png"
+    write_png(random_image("RGB", 40, 56, seed=4, smooth=True), source)
+    _ok(_run("compress", source))
+    sizes = {}
+    for level in (0, 9):
+        out = tmp_path / f"level{level}.png"
+        _ok(_run("decompress", tmp_path / "a.png.vz", "-o", out, "--png-level", level))
+        assert pixels_equal(read_image(out), read_image(source))
+        sizes[level] = out.stat().st_size
+    assert sizes[0] > sizes[9]
+    bad = _run("decompress", tmp_path / "a.png.vz", "-o", tmp_path / "x.png", "--png-level", 10)
+    assert bad.exit_code == 2 and "png-level" in bad.output and not (tmp_path / "x.png").exists()
