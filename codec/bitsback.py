@@ -96,22 +96,29 @@ def stage_codec(net: Network, features: torch.Tensor, lattice: np.ndarray, stage
     if version == 1:
         return _stage_codec_v1(q, channels)
 
-    def tables(count: int, build: Callable[[slice], np.ndarray]) -> Codec:
-        return coders.categorical(net.rows(count, lambda r: coders.normalized_rows(build(r))), normalized=True)
+    def push_chunks(ans: AnsCoder, symbols: np.ndarray, build: Callable[[slice], np.ndarray]) -> None:
+        """Push `symbols` chunk by chunk, last chunk first: the same code as one push of all."""
+        for rows, table in net.row_tables(len(symbols), lambda r: coders.normalized_rows(build(r)), reverse=True):
+            coders.categorical(table, normalized=True).push(ans, symbols[rows])
+
+    def pop_chunks(ans: AnsCoder, count: int, build: Callable[[slice], np.ndarray]) -> np.ndarray:
+        tables = net.row_tables(count, lambda r: coders.normalized_rows(build(r)))
+        parts = [coders.categorical(table, normalized=True).pop(ans) for _, table in tables]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def push(ans: AnsCoder, values: np.ndarray) -> None:
         for c in reversed(range(channels)):
             channel = quantize.ChannelTables(q, c, values)
             bins = values[:, c] // quantize.BIN
-            tables(len(values), lambda r: channel.fine(bins, r)).push(ans, values[:, c] % quantize.BIN)
-            tables(len(values), channel.coarse).push(ans, bins)
+            push_chunks(ans, values[:, c] % quantize.BIN, lambda r: channel.fine(bins, r))
+            push_chunks(ans, bins, channel.coarse)
 
     def pop(ans: AnsCoder) -> np.ndarray:
         values = np.zeros((int(mask.sum()), channels), dtype=np.int64)
         for c in range(channels):
             channel = quantize.ChannelTables(q, c, values)
-            bins = tables(len(values), channel.coarse).pop(ans).astype(np.int64)
-            rest = tables(len(values), lambda r: channel.fine(bins, r)).pop(ans)
+            bins = pop_chunks(ans, len(values), channel.coarse)
+            rest = pop_chunks(ans, len(values), lambda r: channel.fine(bins, r))
             values[:, c] = quantize.BIN * bins + rest
         return values
 

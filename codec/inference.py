@@ -33,7 +33,7 @@ from .model import Gaussian, HierarchicalVAE, LatentChooser, MixtureParams
 SUB_BATCH_PIXELS = 4 * 64 * 64
 """Numerics 2: tile pixels per network call (four 64x64 tiles)."""
 ROW_CHUNK = 4096
-"""Positions per probability-table chunk (`Network.rows`)."""
+"""Positions per probability-table chunk (`Network.row_tables`)."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,22 @@ class Network:
             return [call(*args) for args in zip(*iterables)]
         return list(self._pool.map(call, *iterables))
 
-    def rows(self, count: int, table: Callable[[slice], np.ndarray]) -> np.ndarray:
-        """table(rows) over fixed chunks of `ROW_CHUNK` positions, side by side in the
-        pool (numpy releases the GIL), concatenated: the tables of `count` positions."""
-        slices = _parts(count, ROW_CHUNK)
-        if self._pool is None or len(slices) <= 1:
-            return table(slice(0, count)) if len(slices) <= 1 else np.concatenate([table(s) for s in slices])
-        return np.concatenate(list(self._pool.map(table, slices)))
+    def row_tables(self, count: int, table: Callable[[slice], np.ndarray],
+                   reverse: bool = False) -> Iterator[tuple[slice, np.ndarray]]:
+        """(rows, table(rows)) over fixed chunks of `ROW_CHUNK` of `count` positions, first
+        to last (or last to first), all computed side by side in the pool (numpy releases
+        the GIL) while the caller codes the chunks already yielded."""
+        slices = _parts(count, ROW_CHUNK)[::-1 if reverse else 1]
+        if self._pool is None:
+            yield from ((s, table(s)) for s in slices)
+            return
+        futures = [self._pool.submit(table, s) for s in slices]
+        try:
+            for s, future in zip(slices, futures):
+                yield s, future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
     def bottom_up(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         slices = self._slices(x.shape[0], x.shape[-2] * x.shape[-1])
