@@ -246,14 +246,17 @@ class ChannelTables:
             )
         return self._inputs[key]
 
-    def _cdf(self, rows: slice, edges: np.ndarray) -> np.ndarray:
-        """Mixture CDF (m, E) float32 at edge indices `edges` ((E,) or (m, E); edge v
-        lies between values v and v + 1) for the positions `rows`."""
+    def _cdf(self, rows: slice, first: "int | np.ndarray", stride: int, count: int) -> np.ndarray:
+        """Mixture CDF (m, count) float32 for the positions `rows` at the bin edges
+        first + stride * i, i < count (edge v lies between values v and v + 1; `first`
+        is one edge index or one per position)."""
         means, negative_inverse, weights = self._inputs_of(rows)
-        edge_steps = (MEAN_STEPS * edges + MEAN_STEPS // 2).astype(np.float32)
-        if edge_steps.ndim == 2:
-            edge_steps = edge_steps[:, None, :]
-        t = edge_steps - means[:, :, None]  # (m, K, E), exact
+        first_steps = np.asarray(MEAN_STEPS * first + MEAN_STEPS // 2, dtype=np.float32)
+        if first_steps.ndim:
+            first_steps = first_steps[:, None]
+        steps = np.arange(count, dtype=np.float32) * np.float32(MEAN_STEPS * stride)
+        # (edge - mean) in mean steps, (m, K, count): sums of integers below 2**24, exact.
+        t = (first_steps - means)[:, :, None] + steps
         t *= negative_inverse[:, :, None]
         with np.errstate(over="ignore"):  # exp overflows to inf deep in the lower tail: CDF 0
             np.exp(t, out=t)
@@ -266,7 +269,7 @@ class ChannelTables:
 
     def coarse(self, rows: slice = slice(None)) -> np.ndarray:
         """(m, 256 // BIN) float32: probability of each bin (value // BIN)."""
-        cdf = self._cdf(rows, np.arange(BIN - 1, 255, BIN))
+        cdf = self._cdf(rows, BIN - 1, BIN, 256 // BIN - 1)
         out = np.empty((len(cdf), 256 // BIN), dtype=np.float32)
         out[:, 0] = cdf[:, 0]
         np.subtract(cdf[:, 1:], cdf[:, :-1], out=out[:, 1:-1])
@@ -277,7 +280,7 @@ class ChannelTables:
         """(m, BIN) float32: masses of the values of bin `bins[rows]` (value % BIN),
         unnormalised, each + `FINE_FLOOR`."""
         bins = bins[rows]
-        cdf = self._cdf(rows, BIN * bins.astype(np.int64)[:, None] + np.arange(-1, BIN))  # (m, BIN + 1)
+        cdf = self._cdf(rows, BIN * bins.astype(np.int64) - 1, 1, BIN + 1)  # (m, BIN + 1)
         cdf[bins == 0, 0] = 0.0  # the edges below 0 and above 255 (edge indices -1 and 255)
         cdf[bins == 256 // BIN - 1, -1] = 1.0
         out = np.subtract(cdf[:, 1:], cdf[:, :-1])
