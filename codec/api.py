@@ -105,6 +105,20 @@ def _instruction_sets() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}/{level}"
 
 
+@contextmanager
+def _payload_errors(runtime: str):
+    """Whatever decoding a damaged payload raises becomes `CorruptFileError`; for a file
+    from another build (`runtime`) the message names both, as the cause may be arithmetic."""
+    try:
+        yield
+    except CorruptFileError as exc:
+        raise CorruptFileError(f"{exc}{_mismatch_note(runtime)}") from None
+    except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
+        raise CorruptFileError(f"corrupt payload ({type(exc).__name__}){_mismatch_note(runtime)}") from None
+
+
 def _mismatch_note(runtime: str) -> str:
     """' (written by X; this is Y)' when the file's runtime differs from this one, else ''."""
     return "" if runtime == _runtime() else f" (written by {runtime}; this is {_runtime()})"
@@ -219,7 +233,7 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
     channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "P": 1, "1": 1}[header.mode]
     pixels = np.zeros((header.height, header.width, channels), dtype=np.uint8)
     layout = _layout(header.mode, header.model_name)
-    try:
+    with _payload_errors(header.runtime):
         if layout.model_channels:
             from .bitsback import CodingParams, decode_tiles
 
@@ -239,12 +253,6 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
             raise CorruptFileError("corrupt header: tile schedule without a model")
         for c in reversed(layout.plane_channels):  # reversed: pushed first, popped last
             pixels[:, :, c] = planes.plane_codec(header.height, header.width, layout.levels).pop(ans)
-    except CorruptFileError as exc:  # from another build, the cause may be its arithmetic: say so
-        raise CorruptFileError(f"{exc}{_mismatch_note(header.runtime)}") from None
-    except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
-    except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
-        raise CorruptFileError(f"corrupt payload ({type(exc).__name__}){_mismatch_note(header.runtime)}") from None
     if header.mode == "1" and pixels.max(initial=0) > 1:
         raise DecodeMismatchError("decoded pixels fail the checksum")
     image = Image(header.mode, pixels, header.palette, header.transparency, header.icc_profile)
@@ -510,7 +518,7 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
     schedule = tuple(entry for h in headers for entry in h.schedule)
     pixels = [np.zeros((h.height, h.width, {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[h.mode]), dtype=np.uint8)
               for h in headers]
-    try:
+    with _payload_errors(headers[0].runtime):
         with _network(model, params.version) as net:
             colour = decode_tile_sets(net, ans, [(h.height, h.width) for h in headers], cfg.channels,
                                       params, schedule, progress or (lambda n: None))
@@ -519,12 +527,6 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
             pixels[k][:, :, list(layout.model_channels)] = colour[k]
             for c in reversed(layout.plane_channels):
                 pixels[k][:, :, c] = planes.plane_codec(h.height, h.width, layout.levels).pop(ans)
-    except CorruptFileError as exc:  # from another build, the cause may be its arithmetic: say so
-        raise CorruptFileError(f"{exc}{_mismatch_note(headers[0].runtime)}") from None
-    except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
-    except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
-        raise CorruptFileError(f"corrupt payload ({type(exc).__name__}){_mismatch_note(headers[0].runtime)}") from None
     images = [Image(h.mode, p, h.palette, h.transparency, h.icc_profile) for h, p in zip(headers, pixels)]
     if check:
         _check_pixels(images, [h.pixel_checksum for h in headers], headers[0].runtime)
