@@ -38,14 +38,13 @@ ROW_CHUNK = 4096
 
 @dataclass(frozen=True)
 class Numerics:
-    """Network settings of one format version."""
+    """Network settings of one format version (`NUMERICS[version]`)."""
 
-    version: int
     onednn: bool
     sub_batch_pixels: Optional[int]  # None: the whole batch in one call
 
 
-NUMERICS = {1: Numerics(1, onednn=False, sub_batch_pixels=None), 2: Numerics(2, onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)}
+NUMERICS = {1: Numerics(onednn=False, sub_batch_pixels=None), 2: Numerics(onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)}
 
 
 def _parts(count: int, size: int) -> list[slice]:
@@ -67,7 +66,6 @@ class Network:
 
     def __init__(self, model: HierarchicalVAE, numerics: Numerics, pool: Optional[ThreadPoolExecutor]):
         self.model = model
-        self.config = model.config
         self.numerics = numerics
         self._pool = pool
 

@@ -1,11 +1,12 @@
 """The one float -> integer step: mixture parameters to fixed grids, grids to PMFs.
 
-Network outputs (float32) are rounded once onto integer grids; everything after
-that is integer arithmetic and table look-ups in numpy, so the probability
-tables that reach the entropy coder are a pure function of those integers.
+Network outputs (float32) are rounded once onto integer grids; the probability
+tables that reach the entropy coder are computed from those integers alone
+(table look-ups in version 1, elementwise float32 in version 2), so encoder and
+decoder build them bit for bit alike.
 
 Grids (pixel units, subpixel values 0..255):
-  means: 1/32 pixel (`MEAN_STEPS`), clamped to [-64, 319];
+  means: 1/32 pixel (`MEAN_STEPS`), clamped by version (below);
   log-scales: 1/16 (`LOG_SCALE_STEPS`) in [LOG_SCALE_MIN, LOG_SCALE_MAX];
   channel coefficients: 1/4096 in [-1, 1] (a coefficient multiplies a pixel
   deviation of up to 127.5, so a coarse grid would move G and B means by
@@ -17,9 +18,9 @@ Two table layouts, fixed by the format version:
   version 1: one 256-entry PMF per subpixel (`channel_pmf`), means clamped to
       [-64, 319] (this clamp cost MNIST 2.1%: its background means lie far below 0);
   version 2: a subpixel is coded as its 16-value bin, then its place in the bin
-      (`coarse_pmf`, `fine_pmf`: the same distribution factorised, 32 CDF values a
-      mixture component instead of 255), means clamped to [-1024, 1279] and the
-      distance from a mean to a bin edge clipped to the table's span.
+      (`ChannelTables.coarse`, `.fine`: the same distribution factorised, 32 CDF
+      values a mixture component instead of 255, each evaluated directly), means
+      clamped to [-1024, 1279].
 """
 
 from __future__ import annotations
