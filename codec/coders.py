@@ -30,8 +30,9 @@ class Codec:
 
 def normalized_rows(probabilities: np.ndarray) -> np.ndarray:
     """(n, K) float64 C-contiguous rows summing to 1, from non-negative rows with positive sums."""
-    rows = np.asarray(probabilities, dtype=np.float64)
-    return np.ascontiguousarray(rows / rows.sum(axis=1, keepdims=True))
+    rows = np.array(probabilities, dtype=np.float64, order="C")
+    rows /= rows.sum(axis=1, keepdims=True)
+    return rows
 
 
 def categorical(probabilities: np.ndarray, normalized: bool = False) -> Codec:

@@ -25,7 +25,7 @@ Two table layouts, fixed by the format version:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
@@ -64,6 +64,7 @@ class QuantizedMixture:
     log_scales: np.ndarray
     coeffs: Optional[np.ndarray]
     version: int = 1
+    _weights: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def mean_range(self) -> tuple[int, int]:
@@ -73,6 +74,14 @@ class QuantizedMixture:
         """The parameters of positions `rows` (views, no copies)."""
         return QuantizedMixture(self.logits[rows], self.means[rows], self.log_scales[rows],
                                 None if self.coeffs is None else self.coeffs[rows], self.version)
+
+    def weights(self, rows: slice) -> np.ndarray:
+        """`mixture_weights` (m, K) of positions `rows`, computed once per slice: every
+        channel's tables use them (distinct slices may be asked for from several threads)."""
+        key = (rows.start, rows.stop)
+        if key not in self._weights:
+            self._weights[key] = mixture_weights(self.logits[rows])
+        return self._weights[key]
 
 
 def _flat(t, lead: int) -> np.ndarray:
@@ -85,7 +94,10 @@ def _flat(t, lead: int) -> np.ndarray:
 
 
 def _round(a: np.ndarray, steps: int, lo: int, hi: int) -> np.ndarray:
-    return np.clip(np.rint(a * steps), lo, hi).astype(np.int64)
+    """int32 grid indices (every grid's products and sums stay far below 2**31)."""
+    a = a * steps
+    np.rint(a, out=a)
+    return np.clip(a, lo, hi, out=a).astype(np.int32)
 
 
 def quantize_mixture(params: MixtureParams, mask: Optional[np.ndarray] = None, version: int = 1) -> QuantizedMixture:
@@ -148,9 +160,14 @@ def _exp_table() -> np.ndarray:
 
 def mixture_weights(logits: np.ndarray) -> np.ndarray:
     """Softmax of integer logits (n, K) via a table, float32 (n, K)."""
-    rel = logits - logits.max(axis=1, keepdims=True)
-    w = _exp_table()[rel + 2 * LOGIT_LIMIT]
-    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    index = logits - logits.max(axis=1, keepdims=True)
+    index += 2 * LOGIT_LIMIT
+    w = np.take(_exp_table(), index)
+    total = w[:, 0].copy()
+    for j in range(1, w.shape[1]):  # left to right, as np.sum over so short an axis
+        total += w[:, j]
+    w /= total[:, None]
+    return w.astype(np.float32)
 
 
 def channel_means(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np.ndarray:
@@ -162,11 +179,13 @@ def channel_means(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np
     means = q.means[:, channel].copy()
     if q.coeffs is None or channel == 0:
         return means
-    centred = MEAN_STEPS * previous.astype(np.int64) - 255 * MEAN_STEPS // 2  # (x - 127.5) in mean steps
+    # (x - 127.5) in mean steps; |coeff * centred| <= 4096 * 4080 < 2**31
+    centred = MEAN_STEPS * previous[:, :channel].astype(np.int32) - 255 * MEAN_STEPS // 2
     terms = [(0, 0)] if channel == 1 else [(1, 0), (2, 1)]  # (coeff index, source channel)
+    shift = COEFF_STEPS.bit_length() - 1  # an arithmetic shift is floor division by COEFF_STEPS
     for coeff, source in terms:
-        means += np.floor_divide(q.coeffs[:, coeff] * centred[:, source : source + 1], COEFF_STEPS)
-    return np.clip(means, *q.mean_range)
+        means += np.right_shift(q.coeffs[:, coeff] * centred[:, source : source + 1], shift)
+    return np.clip(means, *q.mean_range, out=means)
 
 
 def channel_pmf(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np.ndarray:
@@ -236,14 +255,15 @@ class ChannelTables:
         self._inputs: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _inputs_of(self, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(means float32 (m, K), negative inverse scales (m, K), weights (m, K)) of `rows`."""
+        """(means, negative inverse scales, weights) of `rows`, each float32 (K, m)."""
         key = (rows.start, rows.stop)
         if key not in self._inputs:  # chunks are distinct keys: safe from several threads
             q = self._q.rows(rows)
             self._inputs[key] = (
-                channel_means(q, self._channel, self._previous[rows]).astype(np.float32),  # exact: |mean| < 2**24
-                _negative_inverse_scales()[q.log_scales[:, self._channel] - SCALE_LO],
-                mixture_weights(q.logits),
+                np.ascontiguousarray(channel_means(q, self._channel, self._previous[rows]).T,
+                                     dtype=np.float32),  # exact: |mean| < 2**24
+                np.ascontiguousarray(_negative_inverse_scales()[q.log_scales[:, self._channel] - SCALE_LO].T),
+                np.ascontiguousarray(self._q.weights(rows).T),
             )
         return self._inputs[key]
 
@@ -253,19 +273,19 @@ class ChannelTables:
         is one edge index or one per position)."""
         means, negative_inverse, weights = self._inputs_of(rows)
         first_steps = np.asarray(MEAN_STEPS * first + MEAN_STEPS // 2, dtype=np.float32)
-        if first_steps.ndim:
-            first_steps = first_steps[:, None]
         steps = np.arange(count, dtype=np.float32) * np.float32(MEAN_STEPS * stride)
-        # (edge - mean) in mean steps, (m, K, count): sums of integers below 2**24, exact.
-        t = (first_steps - means)[:, :, None] + steps
-        t *= negative_inverse[:, :, None]
+        # (edge - mean) in mean steps, (K, m, count): sums of integers below 2**24, exact.
+        t = np.empty(means.shape + (count,), dtype=np.float32)
+        np.add(np.subtract(first_steps, means)[:, :, None], steps, out=t)
+        np.multiply(t, negative_inverse[:, :, None], out=t)
         with np.errstate(over="ignore"):  # exp overflows to inf deep in the lower tail: CDF 0
             np.exp(t, out=t)
-        t += np.float32(1.0)
+        np.add(t, np.float32(1.0), out=t)
         np.reciprocal(t, out=t)
-        out = t[:, 0] * weights[:, 0:1]
-        for j in range(1, t.shape[1]):
-            out += t[:, j] * weights[:, j : j + 1]
+        out = np.multiply(t[0], weights[0][:, None])
+        term = np.empty_like(out)
+        for j in range(1, len(t)):
+            out += np.multiply(t[j], weights[j][:, None], out=term)
         return out
 
     def coarse(self, rows: slice = slice(None)) -> np.ndarray:
