@@ -14,9 +14,9 @@ reason and the run goes on (exit status 1 at the end).
     .venv/bin/python benchmarks/large_image.py --megapixels 0.1 0.4 2 12 [--json-out FILE]
 
 `--sizes N` means N x N pixels; `--megapixels X` a 3:2 landscape image of about
-X million pixels. The full run, on a quiet machine (at the Kodak rate of about
-23 s per megapixel each way on 2 cores, the 8000x8000 image alone takes about
-25 minutes to encode and as long to decode):
+X million pixels. The full run, on a quiet machine (at about 3.5 s per megapixel
+each way on 2 cores, the 8000x8000 image alone takes about 5 minutes to encode
+and as long to decode):
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/large_image.py --sizes 1000 2000 4000 8000 \\
         --json-out /tmp/vaezip-bench/large_image.json

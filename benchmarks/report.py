@@ -3,6 +3,7 @@
 Every number in those tables comes from the JSON; nothing is typed by hand.
 
     .venv/bin/python benchmarks/report.py --kodak /tmp/vaezip-bench/kodak.json \
+        --photos /tmp/vaezip-bench/wiki_heldout.json --photos-title "Held-out wikiphotos" \
         --determinism /tmp/vaezip-bench/determinism.json \
         --packed /tmp/vaezip-bench/packed_mnist.json /tmp/vaezip-bench/packed_cifar.json \
         --large /tmp/vaezip-bench/large_mp.json /tmp/vaezip-bench/large_8000.json \
@@ -22,7 +23,8 @@ from kodak import _code_line, markdown  # noqa: E402
 from large_image import markdown as large_markdown  # noqa: E402
 
 
-def kodak_section(result: dict) -> str:
+def kodak_section(result: dict, title: str = "Kodak") -> str:
+    """The section of a `kodak.py` run; `title` names its image set."""
     t, b, env = result["totals"], result["totals"]["baselines"], result["environment"]
     libs = env["libraries"]
     worse = [r for r in result["images"] if r["baselines"]["jpegxl"]["bpd"] is not None
@@ -34,7 +36,7 @@ def kodak_section(result: dict) -> str:
     n = t["images"]
     pct = lambda x: f"{100 * x:+.1f} %"  # noqa: E731
     lines = [
-        f"## Kodak ({n} images), single-image files",
+        f"## {title} ({n} images), single-image files",
         "",
         "Each image is compressed and decompressed by the real CLI (`vaezip compress IMG -o X.vz`, "
         "`vaezip decompress X.vz -o X.png`) in a fresh subprocess, so encode/decode times are wall "
@@ -159,6 +161,8 @@ def fuzz_table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kodak", type=Path)
+    parser.add_argument("--photos", type=Path, help="a kodak.py run on other photos (--data)")
+    parser.add_argument("--photos-title", default="Held-out photos")
     parser.add_argument("--determinism", type=Path)
     parser.add_argument("--packed", type=Path, nargs="+")
     parser.add_argument("--large", type=Path, nargs="+")
@@ -169,6 +173,8 @@ def main() -> int:
     sections = []
     if args.kodak:
         sections.append(kodak_section(load(args.kodak)))
+    if args.photos:
+        sections.append(kodak_section(load(args.photos), args.photos_title))
     if args.determinism:
         sections.append(determinism_section(load(args.determinism)))
     if args.packed:

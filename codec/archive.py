@@ -3,7 +3,7 @@
 Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
 
     magic         8 bytes   b"VZPK\\r\\n\\x1a\\n"  (differs from .vz's b"VZIP\\r\\n\\x1a\\n")
-    version       u16       1 or 2
+    version       u16       1, 2 or 3
     count         u32       number of images, >= 1
     table_size    u32       bytes of the image table, uncompressed
     table_zsize   u32       bytes of the zlib stream that follows
@@ -11,8 +11,8 @@ Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
     payload       u32 count + count x u32   ANS words of all images, chained
     crc32         u32       zlib.crc32 of every byte before it
 
-Version 2 table (payloads coded as .vz version 2), column by column, so that
-fields repeating from image to image deflate to almost nothing:
+Version 2 and 3 table (payloads coded as .vz version 2 or 3), column by column, so
+that fields repeating from image to image deflate to almost nothing:
 
     runtime       text      library versions that affect the numbers
     checksum      16 bytes  `set_checksum` of every image's `container.pixel_checksum`
@@ -62,18 +62,19 @@ from .container import Header, Reader
 from .errors import CorruptFileError, UnsupportedVersionError
 
 MAGIC = b"VZPK\r\n\x1a\n"
-FORMAT_VERSION = 2
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2)
+FORMAT_VERSION = 3
+KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3)
 
 JOINED = 0x01
 BATCH_SIZE_MASK = 0x7FFF
 """Tile count of a schedule entry; the top bit is `bitsback.DETERMINISTIC_FLAG`."""
 MAX_NAME_BYTES = 4096
 MIN_RECORD_BYTES = {1: 2 + 1 + 1 + 54, 2: 1 + 1 + 8 + 2 + 8 + 2 + 2 + 2 + 2 + 4}
+MIN_RECORD_BYTES[3] = MIN_RECORD_BYTES[2]
 """Smallest table bytes an image takes: version 1, a 1-byte name, flags and header
-fields with empty strings; version 2, its columns (names may be numbered)."""
+fields with empty strings; versions 2 and 3, its columns (names may be numbered)."""
 NO_CHECKSUM = bytes(container.CHECKSUM_BYTES)
-"""`pixel_checksum` of a version 2 entry read back: images are checked as a set."""
+"""`pixel_checksum` of a version 2 or 3 entry read back: images are checked as a set."""
 MAX_DEFLATE_RATIO = 1100
 """Deflate cannot expand more than 1032:1; a larger claimed table size is corrupt."""
 _U16 = 0xFFFF
@@ -147,7 +148,7 @@ def entries_problem(entries: Sequence[Entry]) -> str:
     versions = {e.header.version for e in entries}
     if len(versions) > 1:
         return f"images of format versions {sorted(versions)} in one archive"
-    if versions == {2} and len({e.header.runtime for e in entries}) > 1:
+    if min(versions) >= 2 and len({e.header.runtime for e in entries}) > 1:
         return "images written by different runtimes in one archive"
     seen: set[str] = set()
     for i, entry in enumerate(entries):
@@ -274,7 +275,7 @@ def pack(entries: Sequence[Entry], words: np.ndarray) -> bytes:
         raise ValueError(f"cannot pack archive: {problem}")
     words = container.checked_payload(words)
     version = entries[0].header.version
-    table = _table_v2(entries) if version == 2 else b"".join(_record(e) for e in entries)
+    table = _table_v2(entries) if version >= 2 else b"".join(_record(e) for e in entries)
     if len(table) > _U32:
         raise ValueError("image table longer than 2**32-1 bytes")
     packed_table = zlib.compress(table, 9)
@@ -331,7 +332,7 @@ def _read_names(table: Reader, count: int) -> list[str]:
     return [f"{prefix}{first + i:0{digits}d}{suffix}" for i in range(count)]
 
 
-def _read_v2(table: Reader, count: int) -> tuple[list[Entry], bytes]:
+def _read_v2(table: Reader, count: int, version: int) -> tuple[list[Entry], bytes]:
     runtime = table.text("runtime", table.u16("runtime length"))
     checksum = table.take(container.CHECKSUM_BYTES, "set checksum")
     names = _read_names(table, count)
@@ -354,7 +355,7 @@ def _read_v2(table: Reader, count: int) -> tuple[list[Entry], bytes]:
             mode=modes[i], width=sizes[i][0], height=sizes[i][1], model_name=models[i][0],
             model_hash=models[i][1], tile_size=tiles[i], schedule=schedules[i], num_initial_words=0,
             pixel_checksum=NO_CHECKSUM, palette=palettes[i], transparency=transparencies[i],
-            icc_profile=profiles[i], runtime=runtime, version=2,
+            icc_profile=profiles[i], runtime=runtime, version=version,
         )
         problem = container.header_problem(header)
         if problem:
@@ -393,7 +394,7 @@ def read(data: bytes) -> Contents:
     if version == 1:
         entries = _read_v1(records, count)
     else:
-        entries, checksum = _read_v2(records, count)
+        entries, checksum = _read_v2(records, count, version)
     if records.remaining:
         raise CorruptFileError(f"corrupt vaezip archive: {records.remaining} unexpected bytes in the image table")
     problem = entries_problem(entries)

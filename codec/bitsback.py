@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import coders, quantize
+from . import calibrate, coders, quantize
 from .coders import AnsCoder, Codec
 from .errors import CorruptFileError
 from .inference import Network
@@ -87,14 +87,33 @@ def stage_codec(net: Network, features: torch.Tensor, lattice: np.ndarray, stage
     """Codec for the real subpixels (m, C) of one sub-lattice stage of a batch.
 
     Channels are autoregressive: pop R, then G given R, then B given R and G.
-    Version 2 codes each subpixel as its bin, then its value in the bin.
-    Stack: push puts B, G, R (R on top); pop takes R first.
+    Versions 2 and 3 code each subpixel as its bin, then its value in the bin;
+    version 3 codes the stage's log-scale offsets (`calibrate`) above its pixels.
+    Stack: push puts B, G, R (R on top), then the offsets; pop takes them first.
     """
     params = net.stage_params(features, torch.from_numpy(lattice), stage)
     q = quantize.quantize_mixture(params, mask, version)
     channels = lattice.shape[2]
     if version == 1:
         return _stage_codec_v1(q, channels)
+    if version == 2:
+        return _table_codec(net, q, channels)
+    offsets = calibrate.offset_codec(channels)
+
+    def push(ans: AnsCoder, values: np.ndarray) -> None:
+        chosen = calibrate.choose_offsets(q, values)
+        _table_codec(net, q.with_scale_offsets(chosen), channels).push(ans, values)
+        offsets.push(ans, chosen)
+
+    def pop(ans: AnsCoder) -> np.ndarray:
+        chosen = offsets.pop(ans)
+        return _table_codec(net, q.with_scale_offsets(chosen), channels).pop(ans)
+
+    return Codec(push, pop)
+
+
+def _table_codec(net: Network, q: quantize.QuantizedMixture, channels: int) -> Codec:
+    """Versions 2 and 3: each subpixel as its bin, then its value in the bin, channel by channel."""
 
     def push_chunks(ans: AnsCoder, symbols: np.ndarray, build: Callable[[slice], np.ndarray]) -> None:
         """Push `symbols` chunk by chunk, last chunk first: the same code as one push of all."""
@@ -114,7 +133,7 @@ def stage_codec(net: Network, features: torch.Tensor, lattice: np.ndarray, stage
             push_chunks(ans, bins, channel.coarse)
 
     def pop(ans: AnsCoder) -> np.ndarray:
-        values = np.zeros((int(mask.sum()), channels), dtype=np.int64)
+        values = np.zeros((len(q.logits), channels), dtype=np.int64)
         for c in range(channels):
             channel = quantize.ChannelTables(q, c, values)
             bins = pop_chunks(ans, len(values), channel.coarse)

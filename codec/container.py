@@ -1,11 +1,11 @@
 """The .vz file format: header dataclass, `pack`/`unpack`, checksums.
 
-Format versions 1 and 2 share one layout, every integer little-endian, strings
+Format versions 1, 2 and 3 share one layout, every integer little-endian, strings
 UTF-8 with a length prefix; the version says how the payload was coded
 (`inference.NUMERICS`, `quantize` table layout):
 
     magic              8 bytes   b"VZIP\\r\\n\\x1a\\n"
-    version            u16       1 or 2
+    version            u16       1, 2 or 3
     mode               u8 length + ASCII
     width, height      u32, u32  pixels, each 1..65535, width * height <= 2**28
     model_name         u16 length + UTF-8   ("" when no neural model was used)
@@ -40,10 +40,11 @@ from .images import SUPPORTED_MODES, Image, decode_transparency
 MAGIC = b"VZIP\r\n\x1a\n"
 """8 bytes; the CR LF, ^Z and LF catch text-mode mangling, as in PNG."""
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Written by this build. 1: native convolutions, one 256-entry table per subpixel;
-2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (2.5x faster)."""
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2)
+2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (2.5x faster);
+3: as 2, plus per-batch log-scale offsets chosen by the encoder (`calibrate`)."""
+KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3)
 
 MAX_SIDE = 65535
 """Largest width or height, pixels."""

@@ -39,6 +39,7 @@ COEFF_STEPS = 4096
 LOGIT_STEPS = 8
 MEAN_MIN, MEAN_MAX = -64 * MEAN_STEPS, 319 * MEAN_STEPS
 MEAN_RANGES = {1: (MEAN_MIN, MEAN_MAX), 2: (-1024 * MEAN_STEPS, 1279 * MEAN_STEPS)}
+MEAN_RANGES[3] = MEAN_RANGES[2]
 """Mean clamp by format version, in mean steps."""
 BIN = 16
 """Version 2: subpixel values per coarse bin; 256 // BIN bins."""
@@ -74,6 +75,15 @@ class QuantizedMixture:
         """The parameters of positions `rows` (views, no copies)."""
         return QuantizedMixture(self.logits[rows], self.means[rows], self.log_scales[rows],
                                 None if self.coeffs is None else self.coeffs[rows], self.version)
+
+    def with_scale_offsets(self, offsets: np.ndarray) -> "QuantizedMixture":
+        """These parameters with channel c's log-scales shifted by offsets[c] grid steps
+        (clamped to the grid), as format version 3 codes them (`calibrate`)."""
+        shift = np.asarray(offsets, dtype=np.int32)[None, :, None]
+        log_scales = np.clip(self.log_scales + shift, SCALE_LO, SCALE_HI).astype(np.int32)
+        shifted = QuantizedMixture(self.logits, self.means, log_scales, self.coeffs, self.version)
+        shifted._weights = self._weights  # the weights do not depend on the scales
+        return shifted
 
     def weights(self, rows: slice) -> np.ndarray:
         """`mixture_weights` (m, K) of positions `rows`, computed once per slice: every
@@ -249,8 +259,8 @@ class ChannelTables:
     """
 
     def __init__(self, q: QuantizedMixture, channel: int, previous: np.ndarray):
-        if q.version != 2:
-            raise ValueError(f"ChannelTables is the version 2 layout, not version {q.version}")
+        if q.version < 2:
+            raise ValueError(f"ChannelTables is the version 2 and 3 layout, not version {q.version}")
         self._q, self._channel, self._previous = q, channel, previous
         self._inputs: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 

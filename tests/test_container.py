@@ -52,7 +52,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x02\x00",  # version
+            b"\x03\x00",  # version
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",
@@ -283,9 +283,10 @@ def test_pixel_checksum_covers_lossless_fields():
     assert pixel_checksum(index) != pixel_checksum(Image("P", index.pixels, b"\x00\x00\x01"))
 
 
-def test_both_versions_share_the_layout():
+def test_all_versions_share_the_layout():
     """Versions differ in how the payload is coded, not in the header layout."""
-    v1 = pack(dataclasses.replace(HEADER, version=1), WORDS)
-    v2 = pack(HEADER, WORDS)
-    assert v1[:8] == v2[:8] and v1[10:-4] == v2[10:-4] and (v1[8], v2[8]) == (1, 2)
-    assert unpack(v1)[0] == dataclasses.replace(HEADER, version=1)
+    current = pack(HEADER, WORDS)
+    for version in KNOWN_VERSIONS:
+        other = pack(dataclasses.replace(HEADER, version=version), WORDS)
+        assert other[:8] == current[:8] and other[10:-4] == current[10:-4] and other[8] == version
+        assert unpack(other)[0] == dataclasses.replace(HEADER, version=version)

@@ -186,8 +186,10 @@ PIN_WORDS = np.array([7, 0xFFFFFFFF], dtype=np.uint32)
 PIN_PAYLOAD = b"\x02\x00\x00\x00\x07\x00\x00\x00\xff\xff\xff\xff"
 
 
-def test_layout_is_pinned():
-    header = _pin_header(2)
+@pytest.mark.parametrize("version", [2, 3])
+def test_layout_is_pinned(version):
+    """Versions 2 and 3 share the table layout (they differ in how payloads are coded)."""
+    header = _pin_header(version)
     data = archive.pack([archive.Entry("n.png", header)], PIN_WORDS)
     table = b"".join([
         b"\x02\x00rt", archive.set_checksum([bytes(range(16))]),
@@ -195,11 +197,11 @@ def test_layout_is_pinned():
         b"\x00", b"\x01P", b"\x03\x00\x00\x00\x02\x00\x00\x00", b"\x00\x00" + bytes(8), b"\x00\x00",  # flags .. tile
         b"\x00\x00", b"\x03\x00\x01\x02\x03", b"\x00\x00", b"\x00\x00\x00\x00",  # schedule .. ICC
     ])
-    assert data == _rebuild(1, table, PIN_PAYLOAD)
+    assert data == _rebuild(1, table, PIN_PAYLOAD, version=version)
     assert data[:8] == b"VZPK\r\n\x1a\n" and archive.MAGIC != container.MAGIC
     contents = archive.read(data)
     assert contents.entries == [archive.Entry("n.png", dataclasses.replace(header, pixel_checksum=archive.NO_CHECKSUM))]
-    assert contents.checksum == archive.set_checksum([header.pixel_checksum]) and contents.version == 2
+    assert contents.checksum == archive.set_checksum([header.pixel_checksum]) and contents.version == version
 
 
 def test_version_1_layout_is_pinned():
@@ -348,9 +350,10 @@ def test_structured_fuzz_never_escapes_as_another_exception(packed):
 
 def test_version_and_foreign_magic(packed, tiny_model):
     count, table, payload = _parts(packed)
-    with pytest.raises(UnsupportedVersionError, match="version 3"):
-        archive.unpack(_rebuild(count, table, payload, version=3))
-    with pytest.raises(CorruptFileError):  # a version 2 table read as version 1
+    unknown = max(archive.KNOWN_VERSIONS) + 1
+    with pytest.raises(UnsupportedVersionError, match=f"version {unknown}"):
+        archive.unpack(_rebuild(count, table, payload, version=unknown))
+    with pytest.raises(CorruptFileError):  # a version 3 table read as version 1
         archive.unpack(_rebuild(count, table, payload, version=1))
     with pytest.raises(CorruptFileError, match="wrong magic"):
         archive.unpack(b"\x89PNG\r\n\x1a\n" + packed[8:])

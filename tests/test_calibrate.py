@@ -1,0 +1,84 @@
+"""Format version 3's log-scale offsets: their code, the encoder's choice, and what it saves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vaezip import calibrate, coders, inference, quantize
+from vaezip.bitsback import _table_codec
+
+N = 6000
+
+
+def _mixture(channels: int, log_scale: float, seed: int = 0) -> tuple[quantize.QuantizedMixture, np.ndarray]:
+    """Version 3 parameters of N positions (3 components, one dominant) and values drawn
+    from the dominant logistic with `log_scale` (nats) around per-position means."""
+    rng = np.random.default_rng(seed)
+    k = 3
+    means_px = rng.uniform(40, 215, size=(N, channels, 1)) + np.array([0.0, 30.0, -30.0])
+    logits = np.tile([8, -40, -40], (N, 1))  # component 0 has ~all the weight (1/8 steps)
+    q = quantize.QuantizedMixture(
+        logits=logits.astype(np.int32),
+        means=np.rint(means_px * quantize.MEAN_STEPS).astype(np.int32),
+        log_scales=np.full((N, channels, k), quantize.LOG_SCALE_STEPS * 1, np.int32),  # model says e^1 px
+        coeffs=None if channels == 1 else np.zeros((N, 3, k), np.int32),
+        version=3,
+    )
+    noise = rng.logistic(0.0, np.exp(log_scale), size=(N, channels))
+    values = np.clip(np.rint(means_px[:, :, 0] + noise), 0, 255).astype(np.int64)
+    return q, values
+
+
+def test_offsets_round_trip_through_the_coder():
+    offsets = np.array([calibrate.OFFSET_MIN, 0, calibrate.OFFSET_MAX])
+    ans = coders.new_coder()
+    calibrate.offset_codec(3).push(ans, offsets)
+    assert np.array_equal(calibrate.offset_codec(3).pop(ans), offsets)
+    assert ans.is_empty()
+
+
+def test_offset_code_favours_zero():
+    bits = calibrate.offset_bits(np.array([0, 8, -8, calibrate.OFFSET_MAX]))
+    assert bits[0] < 5 and bits[1] == pytest.approx(bits[0] + 1) and bits[2] == bits[1] and bits[3] > 12
+    assert calibrate.offset_probabilities().sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("true_log_scale", [0.25, 1.0, 2.5])
+def test_the_encoder_finds_the_scale_the_values_have(channels, true_log_scale):
+    """The model says scale e^1; the values have e^true: the offset is 16 * (true - 1) steps."""
+    q, values = _mixture(channels, true_log_scale)
+    chosen = calibrate.choose_offsets(q, values)
+    expected = quantize.LOG_SCALE_STEPS * (true_log_scale - 1.0)
+    assert chosen.shape == (channels,) and chosen.dtype == np.int64
+    assert np.all(np.abs(chosen - expected) <= 3), (chosen, expected)
+
+
+def test_no_positions_no_offsets():
+    q, values = _mixture(3, 1.0)
+    assert np.array_equal(calibrate.choose_offsets(q.rows(slice(0, 0)), values[:0]), [0, 0, 0])
+
+
+def test_offsets_shift_and_clamp_the_scales():
+    q, _ = _mixture(3, 1.0)
+    shifted = q.with_scale_offsets(np.array([calibrate.OFFSET_MAX, -4, 0]))
+    assert np.all(shifted.log_scales[:, 0] == min(16 + calibrate.OFFSET_MAX, quantize.SCALE_HI))
+    assert np.all(shifted.log_scales[:, 1] == 12) and np.all(shifted.log_scales[:, 2] == 16)
+    assert shifted.logits is q.logits and np.all(q.log_scales == 16)  # the original is untouched
+
+
+@pytest.mark.parametrize("true_log_scale", [0.0, 2.0])
+def test_chosen_offsets_code_smaller_and_decode_exactly(true_log_scale):
+    """A miscalibrated model: coding with the chosen offsets takes fewer bits, and the
+    same offsets give the decoder the same tables."""
+    q, values = _mixture(3, true_log_scale)
+    net = inference.Network(model=None, numerics=inference.NUMERICS[3], pool=None)
+    sizes = {}
+    for label, offsets in (("none", np.zeros(3, np.int64)), ("chosen", calibrate.choose_offsets(q, values))):
+        ans = coders.new_coder()
+        codec = _table_codec(net, q.with_scale_offsets(offsets), 3)
+        codec.push(ans, values)
+        sizes[label] = ans.num_bits()
+        assert np.array_equal(codec.pop(ans), values) and ans.is_empty()
+    assert sizes["chosen"] < 0.9 * sizes["none"], sizes
