@@ -65,7 +65,9 @@ class Report:
         iwae_bpd: importance-weighted bound with `samples` samples (None if not asked).
         header_bpd: header bits; file_bpd = header_bpd + coded_bpd.
         startup_bpd: coded − coded with a pre-filled stack (None without breakdown).
-        discretisation_bpd: coded with a pre-filled stack − nelbo (None without breakdown);
+        discretisation_bpd: coded with a pre-filled stack − nelbo (None without breakdown):
+            the parameter grids and table floors, less what the scale offsets of format
+            version 3 save (`calibrate`), so it can be negative;
             header_bpd + startup_bpd + discretisation_bpd == file_bpd − nelbo_bpd.
         recon_bpd: −log2 p(x | z) part of nelbo_bpd (model-coded planes only).
         kl_bpd: per latent group (coarsest first), KL bits per subpixel.
