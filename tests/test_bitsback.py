@@ -127,9 +127,11 @@ def test_real_model_codes_close_to_nelbo():
     nelbo_bits = float(np.mean([api.model_bits(loaded, pixels, params.tile, seed=s)[0] for s in range(2)]))
     print(f"photo-rgb-1, kodim03 128x128: coded {coded_bits} bits, -ELBO {nelbo_bits:.0f} bits, "
           f"ratio {coded_bits / nelbo_bits:.4f}, schedule {[hex(e) for e in schedule]}")
-    # Measured: coded 165888, -ELBO ~164816 (ratio 1.0065; 3.375 vs 3.353 bits/subpixel).
+    # Measured, version 3: coded 165952, -ELBO ~164837 (ratio 1.0068; version 2: 165888, 1.0065).
     assert coded_bits <= 1.01 * nelbo_bits + STARTUP_BITS
-    assert coded_bits >= 0.97 * nelbo_bits  # far below -ELBO would mean lost information
+    # Version 3's scale offsets can code below -ELBO (0.7 % on Kodak, 22 % on one noisy
+    # photo), but not on this crop; far below would mean lost information.
+    assert coded_bits >= 0.97 * nelbo_bits
     with coding_network(loaded.net, params.version) as net:
         out = decode_tiles(net, ans, 128, 128, 3, params, schedule)
     np.testing.assert_array_equal(out, pixels)
