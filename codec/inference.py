@@ -44,8 +44,8 @@ class Numerics:
     sub_batch_pixels: Optional[int]  # None: the whole batch in one call
 
 
-NUMERICS = {1: Numerics(onednn=False, sub_batch_pixels=None), 2: Numerics(onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)}
-NUMERICS[3] = NUMERICS[2]
+_ONEDNN_SUB_BATCHES = Numerics(onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)
+NUMERICS = {1: Numerics(onednn=False, sub_batch_pixels=None), 2: _ONEDNN_SUB_BATCHES, 3: _ONEDNN_SUB_BATCHES}
 
 
 def _parts(count: int, size: int) -> list[slice]:

@@ -20,7 +20,9 @@ Two table layouts, fixed by the format version:
   version 2: a subpixel is coded as its 16-value bin, then its place in the bin
       (`ChannelTables.coarse`, `.fine`: the same distribution factorised, 32 CDF
       values a mixture component instead of 255, each evaluated directly), means
-      clamped to [-1024, 1279].
+      clamped to [-1024, 1279];
+  version 3: as version 2, on log-scales shifted by per-batch offsets
+      (`QuantizedMixture.with_scale_offsets`, chosen in `calibrate`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ LOG_SCALE_STEPS = 16
 COEFF_STEPS = 4096
 LOGIT_STEPS = 8
 MEAN_MIN, MEAN_MAX = -64 * MEAN_STEPS, 319 * MEAN_STEPS
-MEAN_RANGES = {1: (MEAN_MIN, MEAN_MAX), 2: (-1024 * MEAN_STEPS, 1279 * MEAN_STEPS)}
-MEAN_RANGES[3] = MEAN_RANGES[2]
+_WIDE_MEANS = (-1024 * MEAN_STEPS, 1279 * MEAN_STEPS)
+MEAN_RANGES = {1: (MEAN_MIN, MEAN_MAX), 2: _WIDE_MEANS, 3: _WIDE_MEANS}
 """Mean clamp by format version, in mean steps."""
 BIN = 16
-"""Version 2: subpixel values per coarse bin; 256 // BIN bins."""
+"""Versions 2 and 3: subpixel values per coarse bin; 256 // BIN bins."""
 SCALE_LO = int(round(LOG_SCALE_MIN * LOG_SCALE_STEPS))
 SCALE_HI = int(round(LOG_SCALE_MAX * LOG_SCALE_STEPS))
 LOGIT_LIMIT = int(round(LOGIT_RANGE * LOGIT_STEPS))
