@@ -107,7 +107,7 @@ def _table(rows: list[tuple[str, object]], samples: int, breakdown: bool, compar
                   show_edge=False, pad_edge=False)
     table.add_column("image", overflow="fold")
     numeric = ["−ELBO"] + ([f"IWAE({samples})"] if samples else []) + ["coded", "file", "overhead", "header"]
-    numeric += ["start-up", "discret."] if breakdown else []
+    numeric += ["start-up", "grids, offsets"] if breakdown else []
     names = {"png": "PNG", "webp": "WebP", "jpegxl": "JPEG-XL"}
     numeric += [names.get(b, b) for b in BASELINE_NAMES] if compare else []
     for name in numeric:
@@ -141,7 +141,7 @@ def _kl_line(report) -> str:
               help="Write a bits-per-pixel picture (OUT_{stem}.png per image when there are several).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--limit", type=click.IntRange(min=1), help="Measure at most N images.")
-@click.option("--no-breakdown", is_flag=True, help="Skip the start-up / discretisation split (one encode less).")
+@click.option("--no-breakdown", is_flag=True, help="Skip the start-up / grids-and-offsets split (one encode less).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing heatmap files.")
 def bpd_command(inputs, model, samples, compare, heatmap_out, as_json, limit, no_breakdown, force) -> None:
     """Bits per subpixel of images, folders and data sets: −ELBO, IWAE, coded size.
@@ -151,7 +151,8 @@ def bpd_command(inputs, model, samples, compare, heatmap_out, as_json, limit, no
 
     Reports −ELBO, the IWAE bound with K samples, the real coded size (payload and
     whole file), the overhead over −ELBO split into header, start-up (what an
-    empty stack costs) and discretisation, and with --compare the same pixels
+    empty stack costs) and the rest (the integer parameter grids, less what the
+    scale offsets of format version 3 save), and with --compare the same pixels
     through PNG, WebP and JPEG-XL. Each image is coded as its own file; the total
     row is total bits over total subpixels.
     """
