@@ -6,6 +6,8 @@ wall time spent in each phase, measured by wrapping the functions that do the wo
 
   network   `inference.Network.bottom_up`, `top_down` (which includes the latent
             pops and pushes its chooser does), `posteriors`, `stage_params`;
+  offsets   the encoder's search for format version 3's scale offsets
+            (`calibrate.choose_offsets`);
   tables    waiting for `inference.Network.row_tables`: the probability tables are
             built in the thread pool while the pixels of earlier chunks are coded, so
             this is only the part of their time that coding does not hide;
@@ -26,7 +28,7 @@ import time
 
 START = time.perf_counter()
 
-from vaezip import api, coders, inference, registry  # noqa: E402  (timed: the imports)
+from vaezip import api, calibrate, coders, inference, registry  # noqa: E402  (timed: the imports)
 
 IMPORTED = time.perf_counter()
 PHASES = {"bottom_up": "network", "top_down": "network", "posteriors": "network", "stage_params": "network"}
@@ -45,6 +47,16 @@ def instrument(totals: collections.Counter) -> None:
                 totals[_phase] += time.perf_counter() - start
 
         setattr(inference.Network, name, timed)
+    choose_offsets = calibrate.choose_offsets
+
+    def timed_choose_offsets(*args):
+        start = time.perf_counter()
+        try:
+            return choose_offsets(*args)
+        finally:
+            totals["offsets"] += time.perf_counter() - start
+
+    calibrate.choose_offsets = timed_choose_offsets
     row_tables = inference.Network.row_tables
 
     def timed_row_tables(*args, **kwargs):
@@ -105,7 +117,7 @@ def main() -> None:
         start = time.perf_counter()
         run()
         warm = time.perf_counter() - start
-        phases = {phase: totals[phase] for phase in ("network", "tables", "ANS")}
+        phases = {phase: totals[phase] for phase in ("network", "offsets", "tables", "ANS")}
         phases["rest"] = warm - sum(phases.values())
         result[label] = {"cold_s": cold, "warm_s": warm, "phases_s": phases}
     print(json.dumps(result, indent=1))
