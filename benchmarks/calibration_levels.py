@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vaezip import api, rates, registry
-from vaezip.model import LOG_SCALE_MAX, LOG_SCALE_MIN, MixtureParams, gaussian_kl, mixture_log_prob, split_lattice
+from vaezip.model import LOG_SCALE_MAX, LOG_SCALE_MIN, MixtureParams, mixture_log_prob, split_lattice
 from vaezip.tiles import TileGrid
 
 OFFSETS = [-0.5 + 0.125 * i for i in range(19)]
@@ -45,15 +45,7 @@ def stage_channel_bits(loaded: registry.LoadedModel, pixels: np.ndarray, tile: i
     with torch.inference_mode():
         for indices in rates._batches(grid.count, rates.NELBO_BATCH):
             x, mask = rates._tile_tensors(pixels, grid, indices)
-            acts = net.bottom_up(x)
-            kls = []
-
-            def sample(g, prior, posterior):
-                kls.append(gaussian_kl(posterior, prior))
-                eps = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
-                return posterior.mean + torch.exp(posterior.log_std) * eps
-
-            features = net.top_down(x.shape[0], tile, tile, sample, acts)
+            features, kls = rates.posterior_features(net, x, "sample", generator)
             lattice, real = split_lattice(x), split_lattice(mask)
             for s in range(4):
                 p = net.stage_params(features, lattice, s)

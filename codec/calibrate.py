@@ -78,14 +78,14 @@ def choose_offsets(q: QuantizedMixture, values: np.ndarray) -> np.ndarray:
     centred = centred.transpose(2, 1, 0)  # (K, n, C), pixels
     inverse = np.exp(-sample.log_scales.transpose(2, 0, 1) / LOG_SCALE_STEPS)  # 1 / scale, (K, n, C)
     # Logistic CDF arguments at the value's lower and upper edges at offset 0; above
-    # the mean the mirrored edges (1 - CDF), so neither tail cancels.
+    # the mean the mirrored edges (1 - CDF), so neither tail cancels. Kept negated,
+    # float32: `_cdf` takes -t.
     lower, upper = (centred - 0.5) * inverse, (centred + 0.5) * inverse
     lower[:, x == 0] = -np.inf
     upper[:, x == 255] = np.inf
     mirror = centred > 0
-    lower, upper = np.where(mirror, -upper, lower), np.where(mirror, -lower, upper)
-    # exp(-t * factor) below: keep -t, float32.
-    lower, upper = (-lower).astype(np.float32), (-upper).astype(np.float32)
+    lower, upper = np.where(mirror, upper, -lower), np.where(mirror, lower, -upper)
+    lower, upper = lower.astype(np.float32), upper.astype(np.float32)
     scale_up = m / len(x)
 
     def cost(offsets: np.ndarray) -> np.ndarray:

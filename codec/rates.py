@@ -211,9 +211,19 @@ def _elbo_pass(net, x: "torch.Tensor", mask: "torch.Tensor", latents: str, gener
 
     latents: "sample" (one posterior sample, the usual −ELBO) or "mean" (posterior means).
     """
+    from .model import split_lattice
+
+    features, kls = posterior_features(net, x, latents, generator)
+    log_prob = net.pixel_log_prob(features, x) * split_lattice(mask)
+    return log_prob, kls
+
+
+def posterior_features(net, x: "torch.Tensor", latents: str, generator):
+    """The top-down walk on latents from the posterior of x: (features for the pixel
+    decoder, list over groups of KL maps in nats). `latents` as in `_elbo_pass`."""
     import torch
 
-    from .model import gaussian_kl, split_lattice
+    from .model import gaussian_kl
 
     n, _, height, width = x.shape
     acts = net.bottom_up(x)
@@ -226,9 +236,7 @@ def _elbo_pass(net, x: "torch.Tensor", mask: "torch.Tensor", latents: str, gener
         eps = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
         return posterior.mean + torch.exp(posterior.log_std) * eps
 
-    features = net.top_down(n, height, width, choose, acts)
-    log_prob = net.pixel_log_prob(features, x) * split_lattice(mask)
-    return log_prob, kls
+    return net.top_down(n, height, width, choose, acts), kls
 
 
 def _log_weights(net, x: "torch.Tensor", mask: "torch.Tensor", acts: dict, k: int, generator) -> "torch.Tensor":
