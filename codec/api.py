@@ -7,7 +7,9 @@ first-out, so what is pushed first is popped last):
   LA / RGBA -> alpha with the plane coder (pushed first: its bits are what the
           first tiles borrow), then the colour planes as above;
   P    -> palette indices with the plane coder, palette in the header;
-  1    -> the bilevel plane with the plane coder.
+  1, L;2, L;4 -> the one plane with the plane coder;
+  16-bit modes -> the low bits of every channel (`depth`, pushed first), then the
+          high bytes as the 8-bit mode above.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from . import container, registry
 from .errors import CorruptFileError, DecodeMismatchError, ModelError, VaezipError
-from .images import Image, from_array, from_pil, read_image, to_pil
+from .images import CHANNELS, Image, bit_depth, colour_mode, from_array, from_pil, read_image, to_pil
 
 MAX_TILE = 64
 ImageLike = Union[Image, np.ndarray, "os.PathLike", str, "PIL.Image.Image"]
@@ -58,13 +60,19 @@ class _Layout:
     levels: int  # alphabet of the plane-coded planes
 
 
+_PLANE_MODES = {"P": 256, "1": 2, "L;2": 4, "L;4": 16}
+"""Modes coded by the plane coder alone, and their alphabets."""
+_MODEL_BASES = {"RGB": "RGB", "RGBA": "RGB", "L": "L", "LA": "L"}
+"""The registry's default-model key of each (8-bit) colour mode a model can code."""
+
+
 def _layout(mode: str, model_name: str) -> _Layout:
-    colour = {"RGB": (0, 1, 2), "RGBA": (0, 1, 2), "L": (0,), "LA": (0,)}.get(mode, ())
+    """The layout of an image's 8-bit part (its high bytes, for a 16-bit mode)."""
+    if mode in _PLANE_MODES:
+        return _Layout((), (0,), _PLANE_MODES[mode])
+    mode = colour_mode(mode)
+    colour = {"RGB": (0, 1, 2), "RGBA": (0, 1, 2), "L": (0,), "LA": (0,)}[mode]
     alpha = {"RGBA": (3,), "LA": (1,)}.get(mode, ())
-    if mode == "P":
-        return _Layout((), (0,), 256)
-    if mode == "1":
-        return _Layout((), (0,), 2)
     if not model_name:
         return _Layout((), alpha + colour, 256)
     return _Layout(colour, alpha, 256)
@@ -72,7 +80,7 @@ def _layout(mode: str, model_name: str) -> _Layout:
 
 def choose_model(mode: str, model: Optional[str]) -> str:
     """The model name for an image mode ('' for none); an explicit name must fit."""
-    base = {"RGB": "RGB", "RGBA": "RGB", "L": "L", "LA": "L"}.get(mode)
+    base = None if mode in _PLANE_MODES else _MODEL_BASES[colour_mode(mode)]
     if base is None:
         return ""
     if model is None:
@@ -146,12 +154,40 @@ def _resolve_model(mode: str, model: Optional[str], loaded: Optional[registry.Lo
     return name, (registry.load_model(name) if name else None)
 
 
-def _model_planes(img: Image, layout: _Layout) -> np.ndarray:
-    """The model-coded channels, (H, W, C) C-contiguous: the pixels themselves when those
-    are all the channels (no copy of a large image), else a copy."""
-    if layout.model_channels == tuple(range(img.channels)):
-        return np.ascontiguousarray(img.pixels)
-    return np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)])
+def _model_planes(pixels: np.ndarray, layout: _Layout) -> np.ndarray:
+    """The model-coded channels of 8-bit `pixels`, (H, W, C) C-contiguous: the pixels
+    themselves when those are all the channels (no copy of a large image), else a copy."""
+    if layout.model_channels == tuple(range(pixels.shape[2])):
+        return np.ascontiguousarray(pixels)
+    return np.ascontiguousarray(pixels[:, :, list(layout.model_channels)])
+
+
+def _push_planes(ans, img: Image, layout: _Layout) -> np.ndarray:
+    """Push what the plane coder codes: a 16-bit image's low bits (`depth`), then the
+    plane-coded channels; returns the 8-bit pixels (the high bytes) for the model.
+
+    Stack before: S. After: S + low bits + planes (the last plane on top).
+    """
+    from . import depth, planes
+
+    pixels = img.pixels
+    if img.bit_depth == 16:
+        pixels = depth.split(img.pixels)
+        depth.low_codec(pixels).push(ans, img.pixels)
+    for c in layout.plane_channels:
+        planes.plane_codec(img.height, img.width, layout.levels).push(ans, pixels[:, :, c])
+    return pixels
+
+
+def _pop_planes(ans, mode: str, layout: _Layout, pixels: np.ndarray) -> np.ndarray:
+    """Pop what `_push_planes` pushed into the 8-bit `pixels` (model channels filled in);
+    returns the image's pixels (uint16 for a 16-bit mode)."""
+    from . import depth, planes
+
+    height, width = pixels.shape[:2]
+    for c in reversed(layout.plane_channels):  # reversed: pushed first, popped last
+        pixels[:, :, c] = planes.plane_codec(height, width, layout.levels).pop(ans)
+    return depth.low_codec(pixels).pop(ans) if bit_depth(mode) == 16 else pixels
 
 
 def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel],
@@ -161,18 +197,17 @@ def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel
     Stack before: S (may hold earlier images, whose bits the first tiles borrow).
     After: S + the image. The returned coder replaces `ans` (roll-backs).
     """
-    from . import planes
-
     layout = _layout(img.mode, name)
-    for c in layout.plane_channels:
-        planes.plane_codec(img.height, img.width, layout.levels).push(ans, img.pixels[:, :, c])
+    if version < 4 and img.mode not in container.EIGHT_BIT_MODES:
+        raise ValueError(f"format version {version} cannot hold mode {img.mode}")
+    high = _push_planes(ans, img, layout)
     schedule, tile = (), 0
     if layout.model_channels:
         from .bitsback import encode_tiles
 
         params = _coding_params(loaded, img.height, img.width, version)
         tile = params.tile
-        pixels = _model_planes(img, layout)
+        pixels = _model_planes(high, layout)
         with _network(loaded, version) as net:
             schedule, ans = encode_tiles(net, ans, pixels, params, progress or (lambda n: None))
     header = container.Header(
@@ -228,9 +263,7 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
     Raises:
         CorruptFileError: damaged data; DecodeMismatchError: pixels fail the checksum.
     """
-    from . import planes
-
-    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "P": 1, "1": 1}[header.mode]
+    channels = CHANNELS[header.mode]
     pixels = np.zeros((header.height, header.width, channels), dtype=np.uint8)
     layout = _layout(header.mode, header.model_name)
     with _payload_errors(header.runtime):
@@ -251,9 +284,8 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
                 pixels[:, :, list(layout.model_channels)] = colour
         elif header.schedule or header.model_name:
             raise CorruptFileError("corrupt header: tile schedule without a model")
-        for c in reversed(layout.plane_channels):  # reversed: pushed first, popped last
-            pixels[:, :, c] = planes.plane_codec(header.height, header.width, layout.levels).pop(ans)
-    if header.mode == "1" and pixels.max(initial=0) > 1:
+        pixels = _pop_planes(ans, header.mode, layout, pixels)
+    if bit_depth(header.mode) < 8 and pixels.max(initial=0) >= 1 << bit_depth(header.mode):
         raise DecodeMismatchError("decoded pixels fail the checksum")
     image = Image(header.mode, pixels, header.palette, header.transparency, header.icc_profile)
     if check:
@@ -420,9 +452,9 @@ def unpack(data: bytes, *, loaded: LoadedModels = None,
 
 def _archive_model(mode: str, model: Optional[str], loaded: LoadedModels):
     """(name, loaded model or None) for one image of an archive."""
-    channels = {"RGB": 3, "RGBA": 3, "L": 1, "LA": 1}.get(mode)
-    if channels is None:
-        return "", None  # P and 1 are plane-coded, whatever model is asked for
+    if mode in _PLANE_MODES:
+        return "", None  # plane-coded, whatever model is asked for
+    channels = len(_MODEL_BASES[colour_mode(mode)])
     candidates = [loaded] if isinstance(loaded, registry.LoadedModel) else list(loaded or ())
     for lm in candidates:
         if lm.spec.config.channels == channels:
@@ -473,15 +505,12 @@ def _push_tile_set(ans, imgs: list[Image], name: str, loaded: registry.LoadedMod
     Stack before: S. After: S + every image's plane-coded planes (in order),
     then all their model-coded tiles as one sequence (the last batch on top).
     """
-    from . import planes
     from .bitsback import encode_tile_sets
 
     layouts = [_layout(img.mode, name) for img in imgs]
-    for img, layout in zip(imgs, layouts):
-        for c in layout.plane_channels:
-            planes.plane_codec(img.height, img.width, layout.levels).push(ans, img.pixels[:, :, c])
+    highs = [_push_planes(ans, img, layout) for img, layout in zip(imgs, layouts)]
     params = _coding_params(loaded, imgs[0].height, imgs[0].width, version)
-    pixels = [_model_planes(img, layout) for img, layout in zip(imgs, layouts)]
+    pixels = [_model_planes(high, layout) for high, layout in zip(highs, layouts)]
     with _network(loaded, version) as net:
         schedule, ans = encode_tile_sets(net, ans, pixels, params, progress or (lambda n: None))
     counts = [-(-img.height // params.tile) * -(-img.width // params.tile) for img in imgs]
@@ -503,7 +532,6 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
 
     Stack before: S + the images. After: S.
     """
-    from . import planes
     from .bitsback import CodingParams, decode_tile_sets
 
     model = _model_for(headers[0], loaded)
@@ -516,17 +544,14 @@ def _pop_tile_set(ans, headers: list[container.Header], loaded: Optional[registr
             raise CorruptFileError("corrupt header: unexpected tile size")
     params = CodingParams(tile=headers[0].tile_size, latent_grid=cfg.latent_grid, version=headers[0].version)
     schedule = tuple(entry for h in headers for entry in h.schedule)
-    pixels = [np.zeros((h.height, h.width, {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[h.mode]), dtype=np.uint8)
-              for h in headers]
+    pixels = [np.zeros((h.height, h.width, CHANNELS[h.mode]), dtype=np.uint8) for h in headers]
     with _payload_errors(headers[0].runtime):
         with _network(model, params.version) as net:
             colour = decode_tile_sets(net, ans, [(h.height, h.width) for h in headers], cfg.channels,
                                       params, schedule, progress or (lambda n: None))
         for k in reversed(range(len(headers))):  # reversed: planes were pushed image by image
-            h, layout = headers[k], layouts[k]
-            pixels[k][:, :, list(layout.model_channels)] = colour[k]
-            for c in reversed(layout.plane_channels):
-                pixels[k][:, :, c] = planes.plane_codec(h.height, h.width, layout.levels).pop(ans)
+            pixels[k][:, :, list(layouts[k].model_channels)] = colour[k]
+            pixels[k] = _pop_planes(ans, headers[k].mode, layouts[k], pixels[k])
     images = [Image(h.mode, p, h.palette, h.transparency, h.icc_profile) for h, p in zip(headers, pixels)]
     if check:
         _check_pixels(images, [h.pixel_checksum for h in headers], headers[0].runtime)

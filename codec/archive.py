@@ -62,15 +62,15 @@ from .container import Header, Reader
 from .errors import CorruptFileError, UnsupportedVersionError
 
 MAGIC = b"VZPK\r\n\x1a\n"
-FORMAT_VERSION = 3
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3)
+FORMAT_VERSION = 4
+KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 
 JOINED = 0x01
 BATCH_SIZE_MASK = 0x7FFF
 """Tile count of a schedule entry; the top bit is `bitsback.DETERMINISTIC_FLAG`."""
 MAX_NAME_BYTES = 4096
 _MIN_COLUMNS_BYTES = 1 + 1 + 8 + 2 + 8 + 2 + 2 + 2 + 2 + 4
-MIN_RECORD_BYTES = {1: 2 + 1 + 1 + 54, 2: _MIN_COLUMNS_BYTES, 3: _MIN_COLUMNS_BYTES}
+MIN_RECORD_BYTES = {1: 2 + 1 + 1 + 54, 2: _MIN_COLUMNS_BYTES, 3: _MIN_COLUMNS_BYTES, 4: _MIN_COLUMNS_BYTES}
 """Smallest table bytes an image takes: version 1, a 1-byte name, flags and header
 fields with empty strings; versions 2 and 3, its columns (names may be numbered)."""
 NO_CHECKSUM = bytes(container.CHECKSUM_BYTES)

@@ -1,11 +1,11 @@
 """The .vz file format: header dataclass, `pack`/`unpack`, checksums.
 
-Format versions 1, 2 and 3 share one layout, every integer little-endian, strings
+Format versions 1 to 4 share one layout, every integer little-endian, strings
 UTF-8 with a length prefix; the version says how the payload was coded
 (`inference.NUMERICS`, `quantize` table layout):
 
     magic              8 bytes   b"VZIP\\r\\n\\x1a\\n"
-    version            u16       1, 2 or 3
+    version            u16       1, 2, 3 or 4
     mode               u8 length + ASCII
     width, height      u32, u32  pixels, each 1..65535, width * height <= 2**28
     model_name         u16 length + UTF-8   ("" when no neural model was used)
@@ -40,11 +40,14 @@ from .images import SUPPORTED_MODES, Image, decode_transparency
 MAGIC = b"VZIP\r\n\x1a\n"
 """8 bytes; the CR LF, ^Z and LF catch text-mode mangling, as in PNG."""
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Written by this build. 1: native convolutions, one 256-entry table per subpixel;
 2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (2.5x faster);
-3: as 2, plus per-batch log-scale offsets chosen by the encoder (`calibrate`)."""
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3)
+3: as 2, plus per-batch log-scale offsets chosen by the encoder (`calibrate`);
+4: as 3, plus the modes of other sample depths (L;2, L;4 and the 16-bit ones, `depth`)."""
+KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
+EIGHT_BIT_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA", "P", "1")
+"""The modes of versions 1 to 3; version 4 adds the rest of `images.SUPPORTED_MODES`."""
 
 MAX_SIDE = 65535
 """Largest width or height, pixels."""
@@ -97,8 +100,8 @@ def header_problem(header: Header) -> str:
     """Returns why `header` cannot be stored or used, or "" if it is valid."""
     if header.version not in KNOWN_VERSIONS:
         return f"unknown format version {header.version}"
-    if header.mode not in SUPPORTED_MODES:
-        return f"unknown image mode {header.mode!r}"
+    if header.mode not in (SUPPORTED_MODES if header.version >= 4 else EIGHT_BIT_MODES):
+        return f"unknown image mode {header.mode!r} for format version {header.version}"
     if not (1 <= header.width <= MAX_SIDE and 1 <= header.height <= MAX_SIDE):
         return f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}"
     if header.width * header.height > MAX_PIXELS:
@@ -305,7 +308,8 @@ def pixel_checksum(image: Image) -> bytes:
     mode = image.mode.encode("ascii")
     digest.update(struct.pack("<B", len(mode)) + mode)
     digest.update(struct.pack("<III", image.width, image.height, image.channels))
-    digest.update(memoryview(np.ascontiguousarray(image.pixels, dtype=np.uint8)).cast("B"))  # no copy
+    pixels = image.pixels if image.pixels.dtype == np.uint8 else image.pixels.astype("<u2")
+    digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))  # no copy of 8-bit pixels
     digest.update(struct.pack("<I", len(image.palette)) + image.palette)
     digest.update(struct.pack("<I", len(image.transparency)) + image.transparency)
     return digest.digest()

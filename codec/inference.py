@@ -45,7 +45,8 @@ class Numerics:
 
 
 _ONEDNN_SUB_BATCHES = Numerics(onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)
-NUMERICS = {1: Numerics(onednn=False, sub_batch_pixels=None), 2: _ONEDNN_SUB_BATCHES, 3: _ONEDNN_SUB_BATCHES}
+NUMERICS = {1: Numerics(onednn=False, sub_batch_pixels=None), 2: _ONEDNN_SUB_BATCHES, 3: _ONEDNN_SUB_BATCHES,
+            4: _ONEDNN_SUB_BATCHES}
 
 
 def _parts(count: int, size: int) -> list[slice]:

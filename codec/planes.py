@@ -58,6 +58,7 @@ _PER_SYMBOL_MAX_ALPHABET = 16  # above this, one iid model per context class
 _MAX_CONTEXTS = 1024
 _GROUP_COST = 1600  # one iid call costs about as much as 1600 (symbol, alphabet) entries
 _RESIDUAL_THRESHOLDS = {1: (), 4: (3, 12, 40), 8: (1, 3, 6, 12, 22, 40, 75)}  # for 256 levels
+_BASED_NEIGHBOURS = 5  # left, up, up-left, up-right (base + value), the pixel's own base
 
 Step = Generator[tuple[Codec, Optional[np.ndarray]], np.ndarray, object]
 
@@ -207,6 +208,45 @@ def _rank(levels: int) -> _Variant:
     return _Variant("rank", 4, 64, levels + 4, context, forward, inverse)
 
 
+def _based_residual(levels: int, n_classes: int, scale: float, forward, inverse) -> _Variant:
+    """Residual variant of a based plane: activity of the full values, thresholds `scale` x
+    the 8-bit ones (`scale` = levels for one high-byte step, levels / 16 for finer data)."""
+    thresholds = np.array(_RESIDUAL_THRESHOLDS[n_classes], np.float64) * scale
+
+    def context(nb: np.ndarray) -> np.ndarray:
+        left, up, up_left, up_right = nb[:, 0], nb[:, 1], nb[:, 2], nb[:, 3]
+        activity = np.abs(up_right - up) + np.abs(up - up_left) + np.abs(up_left - left)
+        return np.searchsorted(thresholds, activity, side="right")
+
+    name = f"based-residual{n_classes}" + ("" if scale == levels else "-fine")
+    return _Variant(name, _BASED_NEIGHBOURS, n_classes, levels, context, forward, inverse)
+
+
+def _based_variants(levels: int) -> list[Optional[_Variant]]:
+    """Variants of a plane coded above a known `base` plane (`plane_codec(base=...)`).
+
+    Neighbours hold full values base + x (left, up, up-left, up-right), and column 4 the
+    base of the pixel itself: the residual variants predict the full value by MED and
+    code x minus the prediction clipped into the pixel's range; `by-base` takes the
+    pixel's base as its context (x a function of the base costs only the tables).
+    Changing the list changes the format.
+    """
+    bits = levels.bit_length() - 1
+
+    def predicted(nb: np.ndarray) -> np.ndarray:
+        return np.clip(_med(nb) - nb[:, 4], 0, levels - 1)
+
+    forward = lambda x, nb: (x - predicted(nb)) % levels  # noqa: E731
+    inverse = lambda y, nb: (y + predicted(nb)) % levels  # noqa: E731
+    out: list[Optional[_Variant]] = [None, _direct(levels, 0)]
+    out += [_based_residual(levels, k, levels / 16, forward, inverse) for k in (1, 4, 8)]
+    out.append(_based_residual(levels, 8, levels, forward, inverse))
+    out.append(_Variant("by-base", _BASED_NEIGHBOURS, 256, levels,
+                        context=lambda nb: (nb[:, 4] >> bits) & 255,
+                        forward=lambda x, nb: x, inverse=lambda y, nb: y))
+    return out
+
+
 def _variants(levels: int) -> list[Optional[_Variant]]:
     """All variants for `levels`, in stream order; None is `raw`. Changing it changes the format."""
     out: list[Optional[_Variant]] = [None, _direct(levels, 0)]
@@ -239,7 +279,8 @@ class _Waves:
     deltas: np.ndarray
 
     @staticmethod
-    def build(height: int, width: int) -> "_Waves":
+    def build(height: int, width: int, based: bool = False) -> "_Waves":
+        """The order of an (H, W) plane; `based`: the template of `_based_variants`."""
         stride = width + _PAD_LEFT + _PAD_RIGHT
         n_waves = 2 * (height - 1) + width
         wave = np.arange(n_waves, dtype=np.int64)
@@ -252,32 +293,48 @@ class _Waves:
         pixels = row * width + col
         positions = (row + _PAD_TOP) * stride + col + _PAD_LEFT
         deltas = np.array([di * stride + dj for di, dj in _TEMPLATE], np.int64)
+        if based:  # the pixel's own base sits one padded buffer further on
+            deltas = np.append(deltas[:4], (height + _PAD_TOP) * stride)
         return _Waves((height + _PAD_TOP, stride), positions, pixels, starts, deltas)
 
-    def buffer(self, fill: int, plane: Optional[np.ndarray] = None) -> np.ndarray:
-        """Flat int32 padded buffer filled with `fill`, holding `plane` if given."""
-        buf = np.full(self.buffer_shape, fill, np.int32)
+    def buffer(self, fill: int, plane: Optional[np.ndarray] = None,
+               base: Optional[np.ndarray] = None) -> np.ndarray:
+        """Flat int32 padded buffer of what neighbours read: `fill` outside the plane and
+        where nothing is decoded yet, else `plane`. With a `base` (H, W): base + those
+        values (the base's edges replicated into the padding), then the padded base itself.
+        """
+        if base is None:
+            buf = np.full(self.buffer_shape, fill, np.int32)
+        else:
+            padded_base = np.pad(base.astype(np.int32), ((_PAD_TOP, 0), (_PAD_LEFT, _PAD_RIGHT)), mode="edge")
+            buf = padded_base + fill
         if plane is not None:
             h, w = plane.shape
-            buf[_PAD_TOP:, _PAD_LEFT:_PAD_LEFT + w] = plane
-        return buf.ravel()
+            buf[_PAD_TOP:, _PAD_LEFT:_PAD_LEFT + w] = plane if base is None else plane + base
+        return buf.ravel() if base is None else np.concatenate([buf.ravel(), padded_base.ravel()])
+
+    def plane(self, buf: np.ndarray, width: int, base: Optional[np.ndarray]) -> np.ndarray:
+        """The (H, W) plane held in a `buffer`."""
+        values = buf[: self.buffer_shape[0] * self.buffer_shape[1]].reshape(self.buffer_shape)
+        values = values[_PAD_TOP:, _PAD_LEFT:_PAD_LEFT + width]
+        return values if base is None else values - base
 
 
 # ---------------------------------------------------------------- choosing a variant
 
 
-def _histograms(plane: np.ndarray, levels: int, waves: _Waves, fill: int):
+def _histograms(plane: np.ndarray, levels: int, waves: _Waves, fill: int, base: Optional[np.ndarray] = None):
     """Yield (variant id, count-index table, bits, (contexts, symbols)) for every variant.
 
     Contexts and symbols are (H*W,) int arrays in decode order, computed for the
     whole plane at once by the same variant functions the decoder applies per wave.
     """
     x = plane.ravel().astype(np.int32)
-    buf = waves.buffer(fill, plane)
+    buf = waves.buffer(fill, plane, base)
     nb = buf[waves.positions[:, None] + waves.deltas]
     x = x[waves.pixels]
     symbols = {}  # forward function -> symbols, shared between variants
-    for vid, variant in enumerate(_variants(levels)):
+    for vid, variant in enumerate(_variant_list(levels, base)):
         if variant is None:
             yield vid, None, x.size * float(np.log2(levels)), None
             continue
@@ -291,12 +348,16 @@ def _histograms(plane: np.ndarray, levels: int, waves: _Waves, fill: int):
         yield vid, index, _table_bits(index) + _data_bits(hist, index), (ctx, y)
 
 
-def _choose(plane: np.ndarray, levels: int, waves: _Waves):
+def _variant_list(levels: int, base: Optional[np.ndarray]) -> list[Optional[_Variant]]:
+    return _variants(levels) if base is None else _based_variants(levels)
+
+
+def _choose(plane: np.ndarray, levels: int, waves: _Waves, base: Optional[np.ndarray] = None):
     """(variant id, pad value, count-index table, total bits, (contexts, symbols)) of the cheapest variant."""
     fill = int(np.bincount(plane.ravel(), minlength=levels).argmax())
-    header_bits = np.log2(len(_variants(levels))) + np.log2(levels)
+    header_bits = np.log2(len(_variant_list(levels, base))) + np.log2(levels)
     best = None
-    for result in _histograms(plane, levels, waves, fill):
+    for result in _histograms(plane, levels, waves, fill, base):
         if best is None or result[2] < best[2]:
             best = result  # keep only the best contexts and symbols alive
     vid, index, bits, truth = best
@@ -348,12 +409,13 @@ def _segments(ctx: np.ndarray, coded_ctx: np.ndarray, alphabet: int) -> list[tup
     return [(order[s:e], int(sorted_ctx[s])) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
-def _pixel_steps(variant: _Variant, waves: _Waves, buf: np.ndarray, index: np.ndarray, truth) -> Step:
+def _pixel_steps(variant: _Variant, waves: _Waves, buf: np.ndarray, index: np.ndarray, truth,
+                 based: bool = False) -> Step:
     """Steps of all pixels, wave by wave; the decoder writes its values into `buf`.
 
     Args:
         buf: the flat padded buffer (`_Waves.buffer`), the pad value where not yet
-            decoded; the decoder fills it in.
+            decoded; the decoder fills it in (base + value when `based`).
         truth: encoder only: (contexts, symbols), (H*W,) in decode order, the
             same as the decoder computes wave by wave; None on the decoder.
     """
@@ -378,29 +440,32 @@ def _pixel_steps(variant: _Variant, waves: _Waves, buf: np.ndarray, index: np.nd
             codec = _rows_codec(probs32, ctx[group]) if k < 0 else _iid_codec(models[k], len(group))
             y[group] = yield codec, y_true[group] if enc else None
         if not enc:
-            buf[pos] = variant.inverse(y, nb)
+            buf[pos] = variant.inverse(y, nb) + (buf[pos + waves.deltas[4]] if based else 0)
 
 
-def _plane_steps(height: int, width: int, levels: int, plane: Optional[np.ndarray]) -> Step:
-    """The whole stream of one plane in pop order; returns the (H, W) uint8 plane."""
+def _plane_steps(height: int, width: int, levels: int, plane: Optional[np.ndarray],
+                 base: Optional[np.ndarray] = None) -> Step:
+    """The whole stream of one plane in pop order; returns the (H, W) plane (uint8, or
+    int32 when `base` is given)."""
     enc = plane is not None
-    variants = _variants(levels)
-    waves = _Waves.build(height, width)
+    variants = _variant_list(levels, base)
+    waves = _Waves.build(height, width, based=base is not None)
     if enc:
-        vid_true, fill_true, index_true, _, truth = _choose(plane, levels, waves)
+        vid_true, fill_true, index_true, _, truth = _choose(plane, levels, waves, base=base)
     vid = int((yield uniform(len(variants), 1), np.array([vid_true]) if enc else None)[0])
     fill = int((yield uniform(levels, 1), np.array([fill_true]) if enc else None)[0])
     variant = variants[vid]
+    dtype = np.uint8 if base is None else np.int32
     if variant is None:
         flat = yield uniform(levels, height * width), plane.ravel() if enc else None
-        return np.asarray(flat, np.uint8).reshape(height, width)
+        return np.asarray(flat, dtype).reshape(height, width)
     index = yield from _table_steps(variant.n_contexts, variant.alphabet, index_true if enc else None)
     if enc:
         yield from _pixel_steps(variant, waves, None, index, truth)
-        return plane.astype(np.uint8)
-    buf = waves.buffer(fill)
-    yield from _pixel_steps(variant, waves, buf, index, None)
-    return buf.reshape(waves.buffer_shape)[_PAD_TOP:, _PAD_LEFT : _PAD_LEFT + width].astype(np.uint8)
+        return plane.astype(dtype)
+    buf = waves.buffer(fill, base=base)
+    yield from _pixel_steps(variant, waves, buf, index, None, based=base is not None)
+    return waves.plane(buf, width, base).astype(dtype)
 
 
 def _push_steps(ans: AnsCoder, steps: Step) -> None:
@@ -441,7 +506,7 @@ def _check(plane: np.ndarray, height: int, width: int, levels: int) -> np.ndarra
     return plane.astype(np.int32)
 
 
-def plane_codec(height: int, width: int, levels: int) -> Codec:
+def plane_codec(height: int, width: int, levels: int, base: Optional[np.ndarray] = None) -> Codec:
     """Codec for one (height, width) plane of integers in 0..levels-1.
 
     push(ans, plane): plane is an (H, W) integer array (uint8) with values < levels;
@@ -451,28 +516,35 @@ def plane_codec(height: int, width: int, levels: int) -> Codec:
         stack is exactly as before its push. Returns an (H, W) uint8 array.
 
     levels == 1 or an empty shape pushes nothing (the plane is implied).
+
+    With `base`, an (H, W) array of integers 0..2**24 that both sides know (for the low
+    bits of 16-bit samples: the high part shifted left by log2(levels)), the plane is
+    coded as the lower part of base + plane (`_based_variants`), and pop returns int32.
     """
     if not 1 <= levels <= 256:
         raise ValueError(f"levels must lie in 1..256, got {levels}")
     if height < 0 or width < 0:
         raise ValueError(f"negative plane shape {(height, width)}")
+    if base is not None:
+        base = _check(base, height, width, 1 << 24)
     trivial = levels == 1 or height * width == 0
+    dtype = np.uint8 if base is None else np.int32
 
     def push(ans: AnsCoder, plane: np.ndarray) -> None:
         plane = _check(plane, height, width, levels)
         if not trivial:
-            _push_steps(ans, _plane_steps(height, width, levels, plane))
+            _push_steps(ans, _plane_steps(height, width, levels, plane, base))
 
     def pop(ans: AnsCoder) -> np.ndarray:
         if trivial:
-            return np.zeros((height, width), np.uint8)
-        return _pop_steps(ans, _plane_steps(height, width, levels, None))
+            return np.zeros((height, width), dtype)
+        return _pop_steps(ans, _plane_steps(height, width, levels, None, base))
 
     return Codec(push, pop)
 
 
-def estimate_bits(plane: np.ndarray, levels: int) -> float:
-    """Ideal code length in bits of `plane_codec(...).push(plane)` (the chosen variant).
+def estimate_bits(plane: np.ndarray, levels: int, base: Optional[np.ndarray] = None) -> float:
+    """Ideal code length in bits of `plane_codec(..., base).push(plane)` (the chosen variant).
 
     Within a few bits of the real cost (ANS and probability quantisation overhead).
     """
@@ -480,6 +552,8 @@ def estimate_bits(plane: np.ndarray, levels: int) -> float:
     if plane.ndim != 2:
         raise ValueError(f"plane must be 2-D, got shape {plane.shape}")
     plane = _check(plane, *plane.shape, levels)
+    if base is not None:
+        base = _check(base, *plane.shape, 1 << 24)
     if levels == 1 or plane.size == 0:
         return 0.0
-    return _choose(plane, levels, _Waves.build(*plane.shape))[3]
+    return _choose(plane, levels, _Waves.build(*plane.shape, based=base is not None), base=base)[3]

@@ -410,7 +410,7 @@ def measure(image: "ImageLike", model: Optional[str] = None, *, samples: int = 0
     Returns:
         A `Report`; see its attributes.
     """
-    from . import api, container, planes
+    from . import api, container, depth, planes
 
     begin = time.perf_counter()
     img = api.as_image(image)
@@ -421,12 +421,15 @@ def measure(image: "ImageLike", model: Optional[str] = None, *, samples: int = 0
     header, words = container.unpack(data)
     n = img.num_subpixels
     layout = api._layout(img.mode, name)
-    plane_bits = sum(planes.estimate_bits(img.pixels[:, :, c], layout.levels) for c in layout.plane_channels)
+    high, plane_bits = img.pixels, 0.0
+    if img.bit_depth == 16:  # the model sees the high bytes; the low bits are plane-coded
+        high, plane_bits = depth.split(img.pixels), depth.estimate_low_bits(img.pixels)
+    plane_bits += sum(planes.estimate_bits(high[:, :, c], layout.levels) for c in layout.plane_channels)
     # The plane coder's estimate is an exact likelihood: it is its own IWAE for any K.
     nelbo_bits, iwae_bits, recon_bits = plane_bits, (plane_bits if samples else None), None
     kl_bits, groups = np.zeros(0), ()
     if layout.model_channels:
-        pixels = np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)])
+        pixels = np.ascontiguousarray(high[:, :, list(layout.model_channels)])
         terms = model_terms(loaded, pixels, header.tile_size, samples=samples, seed=seed)
         nelbo_bits += terms.nelbo_bits
         recon_bits, kl_bits = terms.recon_bits, terms.kl_bits
@@ -542,11 +545,12 @@ def heatmap(image: "ImageLike", model: Optional[str] = None, *,
     posterior means, plus, for every latent group, the KL of the latent position
     above it spread evenly over the pixels that position covers (factor x
     factor). The map sums to −ELBO at the posterior means (`model_terms(...,
-    latents="mean")`). Plane-coded planes (alpha, palette, bilevel) are not shown.
+    latents="mean")`). Plane-coded planes (alpha, palette, bilevel, the low bits of
+    16-bit samples) are not shown.
     """
     import torch
 
-    from . import api
+    from . import api, depth
     from .model import merge_lattice
     from .tiles import TileGrid
 
@@ -555,7 +559,8 @@ def heatmap(image: "ImageLike", model: Optional[str] = None, *,
     layout = api._layout(img.mode, name)
     if not layout.model_channels:
         raise InputError(f"mode {img.mode} images are coded without a model: no heatmap")
-    pixels = np.ascontiguousarray(img.pixels[:, :, list(layout.model_channels)])
+    high = depth.split(img.pixels) if img.bit_depth == 16 else img.pixels
+    pixels = np.ascontiguousarray(high[:, :, list(layout.model_channels)])
     net = loaded.net
     tile = api.tile_size(img.height, img.width, loaded.spec.config.downsampling)
     grid = TileGrid(img.height, img.width, tile)

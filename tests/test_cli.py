@@ -145,16 +145,15 @@ def test_missing_input_and_text_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("name,make,mode", [
-    ("deep.png", lambda: PILImage.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000), "I;16"),
-    ("print.tif", lambda: PILImage.new("CMYK", (5, 4), (1, 2, 3, 4)), "CMYK"),
-    ("float.tif", lambda: PILImage.fromarray(np.ones((3, 4), np.float32)), "F"),
+@pytest.mark.parametrize("name,make,mode,says", [
+    ("print.tif", lambda: PILImage.new("CMYK", (5, 4), (1, 2, 3, 4)), "CMYK", "CMYK"),
+    ("float.tif", lambda: PILImage.fromarray(np.ones((3, 4), np.float32)), "F", "float"),
 ])
-def test_unsupported_mode_names_the_mode(tmp_path, name, make, mode):
+def test_unsupported_mode_names_the_mode(tmp_path, name, make, mode, says):
     path = tmp_path / name
     make().save(path)
     assert PILImage.open(path).mode == mode
-    _one_line_error(_run("compress", path), mode)
+    _one_line_error(_run("compress", path), says)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 

@@ -52,7 +52,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x03\x00",  # version
+            b"\x04\x00",  # version
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",
@@ -72,6 +72,24 @@ def test_layout_is_pinned():
     assert MAGIC[:2] == b"VZ" and len(MAGIC) == 8
     assert FORMAT_VERSION in KNOWN_VERSIONS
     assert pack(HEADER, WORDS) == _with_crc(expected_body)
+
+
+def test_modes_of_other_depths_need_version_4():
+    deep = dataclasses.replace(HEADER, mode="RGB;16", palette=b"", transparency=encode_transparency((1, 2, 65535)))
+    assert unpack(pack(deep, WORDS))[0] == deep
+    for mode in ("L;2", "L;4", "L;16", "LA;16", "RGBA;16"):
+        header = dataclasses.replace(deep, mode=mode, transparency=b"")
+        assert unpack(pack(header, WORDS))[0] == header
+        with pytest.raises(ValueError, match="for format version 3"):
+            pack(dataclasses.replace(header, version=3), WORDS)
+
+
+def test_pixel_checksum_covers_both_bytes_of_16_bit_samples():
+    pixels = np.full((2, 3, 1), 0x0102, np.uint16)
+    checksum = pixel_checksum(Image("L;16", pixels))
+    swapped = np.full((2, 3, 1), 0x0201, np.uint16)
+    assert checksum != pixel_checksum(Image("L;16", swapped))
+    assert checksum != pixel_checksum(Image("L", np.full((2, 3, 1), 2, np.uint8)))
 
 
 def test_round_trip_small():

@@ -40,23 +40,23 @@ def _plane(kind: str, shape: tuple[int, int], levels: int, seed: int) -> np.ndar
     raise ValueError(kind)
 
 
-def _bits(plane: np.ndarray, levels: int) -> int:
+def _bits(plane: np.ndarray, levels: int, base=None) -> int:
     ans = new_coder()
-    plane_codec(*plane.shape, levels).push(ans, plane)
+    plane_codec(*plane.shape, levels, base).push(ans, plane)
     return 32 * len(ans.get_compressed())
 
 
-def _round_trip(plane: np.ndarray, levels: int) -> None:
+def _round_trip(plane: np.ndarray, levels: int, base=None) -> None:
     """Push onto a coder holding other data, pop: plane and coder words restored."""
     rng = np.random.default_rng(1)
     other = rng.integers(0, 1000, 11).astype(np.int32)
     ans = new_coder()
     uniform(1000, 11).push(ans, other)
     before = ans.get_compressed().copy()
-    codec = plane_codec(*plane.shape, levels)
+    codec = plane_codec(*plane.shape, levels, base)
     codec.push(ans, plane)
     out = codec.pop(ans)
-    assert out.dtype == np.uint8 and out.shape == plane.shape
+    assert out.dtype == (np.uint8 if base is None else np.int32) and out.shape == plane.shape
     np.testing.assert_array_equal(out, plane)
     np.testing.assert_array_equal(ans.get_compressed(), before)
     np.testing.assert_array_equal(uniform(1000, 11).pop(ans), other)
@@ -80,18 +80,34 @@ def test_every_variant_round_trips(monkeypatch, levels):
     original = planes._choose
     plane = _plane("smooth", (23, 31), levels, 7)
     plane[::5, ::3] = _plane("uniform", (23, 31), levels, 8)[::5, ::3]
-    for vid in range(len(planes._variants(levels))):
+    high = _plane("smooth", (23, 31), 256, 9).astype(np.int64)
+    base = high * levels  # the based variants: plane = the low part below `high`
+    for based in (None, base):
+        for vid in range(len(planes._variant_list(levels, based))):
 
-        def forced(plane, levels, waves, vid=vid):
-            fill = int(np.bincount(plane.ravel(), minlength=levels).argmax())
-            for result in planes._histograms(plane, levels, waves, fill):
-                if result[0] == vid:
-                    return vid, fill, result[1], result[2], result[3]
-            raise AssertionError(vid)
+            def forced(plane, levels, waves, vid=vid, base=None):
+                fill = int(np.bincount(plane.ravel(), minlength=levels).argmax())
+                for result in planes._histograms(plane, levels, waves, fill, base):
+                    if result[0] == vid:
+                        return vid, fill, result[1], result[2], result[3]
+                raise AssertionError(vid)
 
-        monkeypatch.setattr(planes, "_choose", forced)
-        _round_trip(plane, levels)
+            monkeypatch.setattr(planes, "_choose", forced)
+            _round_trip(plane, levels, based)
     monkeypatch.setattr(planes, "_choose", original)
+
+
+def test_low_bits_below_a_base():
+    """The low byte of smooth 16-bit data codes well below 8 bits; a low byte that is a
+    function of the high byte (8-bit data scaled to 16) costs only its tables."""
+    rows, cols = np.mgrid[0:48, 0:64]
+    values = rows * 37 + cols * 23 + np.random.default_rng(3).integers(0, 5, (48, 64))
+    high, low = values >> 8, values & 255
+    assert _bits(low, 256, high << 8) < 0.6 * low.size * 8
+    _round_trip(low, 256, high << 8)
+    scaled = (high * 257) & 255
+    assert _bits(scaled, 256, high << 8) < 0.05 * low.size * 8
+    _round_trip(scaled, 256, high << 8)
 
 
 def test_constant_plane_costs_almost_nothing():

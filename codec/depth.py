@@ -1,0 +1,119 @@
+"""16-bit samples as an 8-bit high image plus coded low bits.
+
+A 16-bit image is coded in two parts on the same ANS stack: its high bytes are an
+ordinary 8-bit image (the photo model codes them), and the low bytes of each channel
+follow with the plane coder, conditioned on the high bytes (`planes.plane_codec`
+with a base). What a channel's low byte holds is often implied:
+
+* **significant bits** b in 8..16: only the top b bits of each sample carry data and
+  the 16 - b below are a fill, either zeros or the top bits repeated (PNG's sBIT and
+  its recommended left-bit replication; 8-bit data scaled by 257 is b = 8);
+* the remaining b - 8 bits per sample are the coded plane, predicted from the full
+  values of decoded neighbours, so smooth 16-bit data codes well below 8 bits.
+
+Stream of one channel, in pop order: b - 8 (uniform over 9), the fill (uniform over
+2), then the plane of b - 8 bits (nothing when b = 8). Channels pop in order 0, 1, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .coders import AnsCoder, Codec, uniform
+
+
+@dataclass(frozen=True)
+class LowBits:
+    """How one channel's 16-bit samples are rebuilt from the high byte and coded bits.
+
+    Attributes:
+        bits: significant bits, 8..16; the top `bits` bits of a sample are data.
+        replicate: the 16 - bits below are the top bits repeated (else zeros).
+    """
+
+    bits: int
+    replicate: bool
+
+    @property
+    def levels(self) -> int:
+        """Alphabet of the coded plane: 2 ** (bits - 8)."""
+        return 1 << (self.bits - 8)
+
+    def fill(self, data: np.ndarray) -> np.ndarray:
+        """The 16-bit samples whose top `bits` bits are `data` (int64 array)."""
+        shift = 16 - self.bits
+        samples = data << shift
+        if self.replicate and shift:
+            samples |= data >> (self.bits - shift)
+        return samples
+
+
+def significant_bits(samples: np.ndarray) -> LowBits:
+    """The fewest significant bits that rebuild `samples` (uint16) exactly, zero fill
+    preferred; 16 bits always do."""
+    samples = samples.astype(np.int64)
+    for bits in range(8, 16):
+        data = samples >> (16 - bits)
+        for replicate in (False, True):
+            low = LowBits(bits, replicate)
+            if np.array_equal(low.fill(data), samples):
+                return low
+    return LowBits(16, False)
+
+
+def split(pixels: np.ndarray) -> np.ndarray:
+    """High bytes of uint16 pixels, uint8 of the same shape."""
+    return (pixels >> 8).astype(np.uint8)
+
+
+def low_codec(high: np.ndarray) -> Codec:
+    """Codec of the low bits of a (H, W, C) image whose high bytes `high` (uint8) are known.
+
+    push(ans, pixels): pixels (H, W, C) uint16 with `split(pixels) == high`; stack
+        before: S; after: S + the low bits (channel 0 on top).
+    pop(ans): stack before: S + the low bits; after: S. Returns the (H, W, C) uint16 pixels.
+    """
+    from .planes import plane_codec
+
+    height, width, channels = high.shape
+
+    def plane(c: int, low: LowBits) -> Codec:
+        base = high[:, :, c].astype(np.int32) << (low.bits - 8)
+        return plane_codec(height, width, low.levels, base)
+
+    def push(ans: AnsCoder, pixels: np.ndarray) -> None:
+        for c in reversed(range(channels)):  # reversed: channel 0 is popped first
+            samples = pixels[:, :, c].astype(np.int64)
+            low = significant_bits(samples)
+            data = samples >> (16 - low.bits)
+            plane(c, low).push(ans, data & (low.levels - 1))
+            uniform(2, 1).push(ans, np.array([int(low.replicate)]))
+            uniform(9, 1).push(ans, np.array([low.bits - 8]))
+
+    def pop(ans: AnsCoder) -> np.ndarray:
+        pixels = np.empty((height, width, channels), np.uint16)
+        for c in range(channels):
+            bits = 8 + int(uniform(9, 1).pop(ans)[0])
+            low = LowBits(bits, bool(uniform(2, 1).pop(ans)[0]))
+            coded = plane(c, low).pop(ans).astype(np.int64)
+            data = (high[:, :, c].astype(np.int64) << (bits - 8)) | coded
+            pixels[:, :, c] = low.fill(data)
+        return pixels
+
+    return Codec(push, pop)
+
+
+def estimate_low_bits(pixels: np.ndarray) -> float:
+    """Ideal bits of `low_codec(split(pixels)).push(pixels)` (within a few bits per channel)."""
+    from .planes import estimate_bits
+
+    high = split(pixels)
+    total = 0.0
+    for c in range(pixels.shape[2]):
+        samples = pixels[:, :, c].astype(np.int64)
+        low = significant_bits(samples)
+        base = high[:, :, c].astype(np.int32) << (low.bits - 8)
+        total += np.log2(18) + estimate_bits((samples >> (16 - low.bits)) & (low.levels - 1), low.levels, base)
+    return float(total)
