@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from vaezip.errors import OutputExistsError, VaezipError
+from vaezip.errors import VaezipError
+from vaezip.files import atomic_write, check_output
 
 PNG_LEVEL = 3
 """zlib level of the PNGs `decompress` writes: a working copy of the pixels, written fast
@@ -46,64 +45,6 @@ class VaezipGroup(click.Group):
 @click.version_option(package_name="vaezip")
 def main() -> None:
     """Lossless image compression with a hierarchical VAE and bits-back ANS coding."""
-
-
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
-    if path.is_dir():
-        raise OutputExistsError(f"{path} is a directory")
-
-
-@contextmanager
-def _atomic_output(path: Path, force: bool):
-    """Yield a temporary path beside `path`; move it into place on success.
-
-    With `force` the move is a rename (the last of several writers wins, whole).
-    Without, it is a hard link, which fails if `path` has appeared since
-    `_check_output` looked: another vaezip writing the same name keeps its file
-    and this one raises OutputExistsError instead of silently replacing it.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
-        yield Path(tmp)
-        if force:
-            os.replace(tmp, path)
-        else:
-            _move_no_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _move_no_replace(tmp: str, path: Path) -> None:
-    """Put `tmp` at `path` unless something is there already (the caller unlinks `tmp`)."""
-    exists = OutputExistsError(f"{path} exists (use --force to overwrite)")
-    try:
-        os.link(tmp, path)
-        return
-    except FileExistsError:
-        raise exists from None
-    except OSError:
-        pass  # no hard links on this file system (FAT, some network shares)
-    try:
-        # Claim the name, then rename over the claim: a reader may briefly see an empty file.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except FileExistsError:
-        raise exists from None
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(path)
-        raise
 
 
 def _progress(total: Optional[int], label: str, unit: str = "tiles"):
@@ -162,7 +103,7 @@ def compress(images, output, model, jobs, force) -> None:
 
     targets = _compress_targets(images, output)
     for source, target in targets:
-        _check_output(target, force)
+        check_output(target, force)
 
     def report(done) -> None:
         bpd = 8 * done.output_bytes / done.subpixels
@@ -220,7 +161,7 @@ def decompress(files, output, png_level, force) -> None:
     _inputs_exist(files)
     targets = _targets(files, output, _decoded_name)
     for source, target in targets:
-        _check_output(target, force)
+        check_output(target, force)
     for source, target in targets:
         start = time.perf_counter()
         data = source.read_bytes()
@@ -229,7 +170,7 @@ def decompress(files, output, png_level, force) -> None:
         bar, task = _progress(tiles, f"decompress {source.name}")
         with bar:
             image = api.decompress_image(data, progress=lambda n: bar.advance(task, n))
-        with _atomic_output(target, force) as tmp:
+        with atomic_write(target, force) as tmp:
             write_png(image, tmp, png_level)
         seconds = time.perf_counter() - start
         click.echo(f"{source} -> {target}: {image.width}x{image.height} {image.mode}, {seconds:.1f} s")
@@ -317,7 +258,7 @@ def pack(inputs, output, model, force) -> None:
     for p in inputs:
         if not p.exists():
             raise VaezipError(f"{p}: no such file or folder")
-    _check_output(output, force)
+    check_output(output, force)
     members = _image_members(inputs)
     if not members:
         raise VaezipError("no images to pack")
@@ -335,7 +276,7 @@ def pack(inputs, output, model, force) -> None:
     bar, task = _progress(tiles, f"pack {output.name}")
     with bar:
         data = api.pack(items, model, progress=lambda n: bar.advance(task, n))
-    with _atomic_output(output, force) as tmp:
+    with atomic_write(output, force) as tmp:
         tmp.write_bytes(data)
     seconds = time.perf_counter() - start
     subpixels = sum(img.num_subpixels for _, img in items)
@@ -384,7 +325,7 @@ def unpack(archive_file, output, png_level, force) -> None:
         decoded = api.unpack(data, progress=lambda n: bar.advance(task, n))
     for target, (_, image) in zip(targets, decoded):
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_output(target, force) as tmp:
+        with atomic_write(target, force) as tmp:
             write_png(image, tmp, png_level)
     seconds = time.perf_counter() - start
     subpixels = sum(image.num_subpixels for _, image in decoded)
@@ -412,7 +353,7 @@ def _check_unpack_targets(output: Path, targets: list[Path], names: list[str], f
                 break
             if parent.exists() and not parent.is_dir():
                 raise VaezipError(f"cannot write {target}: {parent} is not a folder")
-        _check_output(target, force)
+        check_output(target, force)
 
 
 def _register_train() -> None:

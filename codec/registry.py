@@ -23,6 +23,7 @@ from typing import Optional
 
 from .config import ModelConfig
 from .errors import ModelError
+from .files import atomic_write
 
 REGISTRY_FILE = "registry.json"
 
@@ -141,14 +142,16 @@ def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
         raise ModelError(f"model name {name!r} is taken; names are never reused")
     record = json.loads(Path(meta).read_text())
     target = models_dir / f"{name}.pt"
-    shutil.copyfile(weights, target)
+    with atomic_write(target) as tmp:
+        shutil.copyfile(weights, tmp)
     entry = {
         "name": name, "file": target.name, "sha256": sha256_file(target),
         "config": ModelConfig.from_dict(record["config"]).to_dict(), "modes": modes,
         "training": record.get("training", {}), "bpd": record.get("bpd", {}),
     }
     data["models"].append(entry)
-    registry_path.write_text(json.dumps(data, indent=1) + "\n")
+    with atomic_write(registry_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
     return entry
 
 
