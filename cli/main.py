@@ -202,11 +202,11 @@ def _size(n: int) -> str:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def info(file) -> None:
     """Show the header of a .vz file."""
-    from vaezip.container import unpack
+    from vaezip.container import DETERMINISTIC_FLAG, unpack
 
     data = file.read_bytes()
     header, words = unpack(data)
-    det = sum(1 for e in header.schedule if e & 0x8000)
+    det = sum(1 for e in header.schedule if e & DETERMINISTIC_FLAG)
     rows = [
         ("file", f"{file} ({len(data)} bytes, format version {header.version})"),
         ("image", f"{header.width}x{header.height} {header.mode}"),

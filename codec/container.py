@@ -52,6 +52,8 @@ MAX_PIXELS = 2**28
 """Largest width * height, pixels."""
 MODEL_HASH_BYTES = 8
 CHECKSUM_BYTES = 16
+DETERMINISTIC_FLAG = 0x8000
+"""Set on a schedule entry (tile count | flag) whose batch is coded without bits-back."""
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 
