@@ -44,14 +44,15 @@ def main() -> None:
 
 
 def _progress(total: Optional[int], label: str, unit: str = "tiles"):
-    """A rich progress bar over tiles (or `unit`) on a terminal; elsewhere a silent stand-in
-    (rich is not even imported: 0.1 s of every command)."""
+    """A rich progress bar over tiles (or `unit`) when stderr is a terminal, drawn there so
+    stdout carries only results; elsewhere a silent stand-in (rich is not even imported)."""
     if not sys.stderr.isatty():
         return _NoProgress(), 0
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     bar = Progress("[progress.description]{task.description}", BarColumn(), f"{{task.completed}}/{{task.total}} {unit}",
-                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True, console=Console(file=sys.stderr))
     return bar, bar.add_task(label, total=total)
 
 

@@ -230,6 +230,24 @@ def test_usage_errors_exit_nonzero():
         assert command in result.output
 
 
+def test_progress_bars_draw_on_stderr(monkeypatch):
+    """The bar is gated on stderr being a terminal and drawn there, never into stdout's results."""
+    import io
+
+    from vaezip.cli import main as cli_main
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar, _ = cli_main._progress(3, "test")
+    assert bar.console.file is sys.stderr
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bar, _ = cli_main._progress(3, "test")
+    assert isinstance(bar, cli_main._NoProgress)
+
+
 def test_installed_entry_point(tmp_path, png):
     """The console script installed by pip runs (one real process; the rest use CliRunner)."""
     script = Path(sys.executable).parent / "vaezip"
