@@ -200,11 +200,12 @@ def _size(n: int) -> str:
 
 
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path))
 def info(file) -> None:
     """Show the header of a .vz file."""
     from vaezip.container import DETERMINISTIC_FLAG, unpack
 
+    _inputs_exist([file])  # not click's exists=True: bad input is a VaezipError, as in every command
     data = file.read_bytes()
     header, words = unpack(data)
     det = sum(1 for e in header.schedule if e & DETERMINISTIC_FLAG)

@@ -188,6 +188,17 @@ def test_damaged_and_foreign_files_fail_cleanly(tmp_path, png):
     _one_line_error(_run("info", png), "magic")
 
 
+@pytest.mark.parametrize("command", ["compress", "decompress", "info", "unpack"])
+def test_bad_input_is_exit_1_with_one_vaezip_error_line(tmp_path, command):
+    """Every command reports a missing or folder input the same way: `vaezip: error: ...`, exit 1
+    (compress takes folders: an empty one has no images)."""
+    extra = ["-o", tmp_path / "out"] if command == "unpack" else []
+    for bad, needle in [(tmp_path / "nope.vz", "nope.vz"), (tmp_path, "no images" if command == "compress" else "directory")]:
+        result = _run(command, bad, *extra)
+        line = _one_line_error(result, needle)
+        assert result.exit_code == 1 and line.startswith("vaezip: error: "), (result.exit_code, line)
+
+
 def test_info_and_models(tmp_path, png):
     _ok(_run("compress", png))
     result = _run("info", png.with_name("img.png.vz"))
