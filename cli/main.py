@@ -366,8 +366,16 @@ def _register_bpd() -> None:
     main.add_command(bpd_command)
 
 
+def _register_model_tools() -> None:
+    from .models import prune_command, registry_group
+
+    main.add_command(registry_group)
+    main.add_command(prune_command)
+
+
 _register_train()
 _register_bpd()
+_register_model_tools()
 
 def run() -> None:
     """The console entry point: `main`, then exit without the interpreter's teardown.
