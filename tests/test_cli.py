@@ -232,6 +232,73 @@ def test_bpd_json(png):
         assert isinstance(obj[key], float) and 0 < obj[key] < 16
 
 
+def test_compress_decompress_info_json(tmp_path):
+    """--json: one document on stdout whose numbers are those of the files written."""
+    images = {"a.png": random_image("RGB", 20, 27, seed=1, smooth=True), "b.png": random_image("P", 6, 5, seed=2)}
+    for name, image in images.items():
+        write_png(image, tmp_path / name)
+    sources = [tmp_path / name for name in images]
+    result = _run("compress", "--json", *sources)
+    _ok(result)
+    records = json.loads(result.stdout)
+    assert [r["input"] for r in records] == [str(s) for s in sources]
+    for record, source, image in zip(records, sources, images.values()):
+        vz = Path(record["output"])
+        assert vz == source.with_name(source.name + ".vz")
+        assert record["input_bytes"] == source.stat().st_size and record["output_bytes"] == vz.stat().st_size
+        assert record["subpixels"] == image.num_subpixels
+        assert record["bpd"] == pytest.approx(8 * vz.stat().st_size / image.num_subpixels)
+        assert record["ratio"] == pytest.approx(image.num_subpixels / vz.stat().st_size)
+        assert record["seconds"] >= 0
+
+    vz_files = [Path(r["output"]) for r in records]
+    out = tmp_path / "back"
+    out.mkdir()
+    result = _run("decompress", "--json", *vz_files, "-o", out)
+    _ok(result)
+    records = json.loads(result.stdout)
+    assert [r["input"] for r in records] == [str(v) for v in vz_files]
+    for record, vz, (name, image) in zip(records, vz_files, images.items()):
+        png = out / name
+        assert record["output"] == str(png) and pixels_equal(read_image(png), image)
+        assert record["input_bytes"] == vz.stat().st_size and record["output_bytes"] == png.stat().st_size
+        assert (record["width"], record["height"], record["mode"]) == (image.width, image.height, image.mode)
+        assert record["subpixels"] == image.num_subpixels
+        assert record["bpd"] == pytest.approx(8 * vz.stat().st_size / image.num_subpixels)
+
+    result = _run("info", "--json", vz_files[0])
+    _ok(result)
+    info = json.loads(result.stdout)
+    header, words = container.unpack(vz_files[0].read_bytes())
+    assert info["file"] == str(vz_files[0]) and info["bytes"] == vz_files[0].stat().st_size
+    assert (info["width"], info["height"], info["mode"], info["version"]) == (27, 20, "RGB", header.version)
+    assert info["model"] == "photo-rgb-1" and info["model_hash"] == header.model_hash.hex()
+    assert info["tile_size"] == header.tile_size and info["batches"] == len(header.schedule)
+    assert info["deterministic_batches"] == sum(1 for e in header.schedule if e & container.DETERMINISTIC_FLAG) >= 1
+    assert info["payload_words"] == len(words) and info["header_bytes"] == info["bytes"] - 4 * len(words)
+    assert info["bpd"] == pytest.approx(8 * info["bytes"] / (27 * 20 * 3))
+    assert info["icc_profile_bytes"] == 0 and "torch=" in info["runtime"]
+    plane = json.loads(_run("info", "--json", vz_files[1]).stdout)
+    assert plane["model"] is None and plane["mode"] == "P" and plane["batches"] == 0
+
+    # Errors stay one line on stderr, stdout empty.
+    result = _run("decompress", "--json", vz_files[0], "-o", out)
+    assert result.exit_code == 1 and result.stdout == "" and "--force" in result.stderr
+
+
+def test_models_json():
+    from vaezip import registry
+
+    result = _run("models", "--json")
+    _ok(result)
+    records = json.loads(result.stdout)
+    assert [r["name"] for r in records] == list(registry.specs())
+    for record in records:
+        spec = registry.get_spec(record["name"])
+        assert record == {"name": spec.name, "file": spec.file, "modes": list(spec.modes), "sha256": spec.sha256,
+                          "bpd": spec.bpd}
+
+
 def test_usage_errors_exit_nonzero():
     assert _run("compress").exit_code != 0  # no inputs
     assert _run("frobnicate").exit_code != 0
