@@ -466,9 +466,9 @@ _register_model_tools()
 def run() -> None:
     """The console entry point: `main`, then exit without the interpreter's teardown.
 
-    Tearing down an interpreter that has loaded torch takes about 0.27 s, a tenth of
-    compressing a Kodak photo (kodim03: 3.2 s -> 2.9 s). Nothing needs it: every command
-    closes and renames its outputs before it returns, and the streams are flushed here.
+    Tearing down an interpreter that has loaded torch is a noticeable share of compressing a
+    photo (measured in docs/RESULTS.md). Nothing needs it: every command closes and renames
+    its outputs before it returns, and the streams are flushed here.
     """
     try:
         main()

@@ -42,7 +42,7 @@ MAGIC = b"VZIP\r\n\x1a\n"
 
 FORMAT_VERSION = 3
 """Written by this build. 1: native convolutions, one 256-entry table per subpixel;
-2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (2.5x faster);
+2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (faster);
 3: as 2, plus per-batch log-scale offsets chosen by the encoder (`calibrate`)."""
 KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3)
 

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny seeded random-weight models and random images of every mode.
 
-The tiny models code a 64x64 tile in a few milliseconds, so coder and bits-back
+The tiny models code a tile far faster than the shipped ones, so coder and bits-back
 tests do not pay for the shipped models; tests that are about the shipped
 models load them through `registry.load_model`.
 

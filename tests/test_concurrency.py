@@ -3,8 +3,8 @@
 Real processes (`python -m vaezip.cli.main`), started together: different outputs
 in one folder all arrive; racing for one name without --force, exactly one wins
 and the rest fail with one line; with --force the last rename wins and the file
-is whole. Never a temporary file left behind. Each process pays the torch import
-(about 2 s of CPU): three processes at a time, about 20 s in all on two cores.
+is whole. Never a temporary file left behind. Each process pays the torch import,
+so the races use three processes at a time.
 """
 
 from __future__ import annotations

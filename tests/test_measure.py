@@ -38,7 +38,7 @@ from vaezip.rates import (
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: the tiny networks here are all overhead, and on a shared
-    2-core machine a second thread's spin-waits made them up to 30x slower."""
+    2-core machine a second thread's spin-waits made them many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
