@@ -388,10 +388,15 @@ def test_compress_a_folder_with_jobs_keeps_the_tree_and_the_bytes(tmp_path):
     """--jobs 2 (worker processes) writes the same files as --jobs 1, under -o at the
     images' relative paths; each decodes to its image."""
     images = _image_tree(tmp_path / "in")
-    _ok(_run("compress", tmp_path / "in", "-o", tmp_path / "one"))
-    result = _run("compress", tmp_path / "in", "-o", tmp_path / "two", "--jobs", "2")
+    result = _run("compress", tmp_path / "in", "-o", tmp_path / "one")
     _ok(result)
     assert result.output.count("bits/subpixel") == 3
+    result = _run("compress", tmp_path / "in", "-o", tmp_path / "two", "--jobs", "2", "--json")
+    _ok(result)
+    records = json.loads(result.stdout)  # in input order, whichever worker finished first
+    assert [(r["input"], r["output"]) for r in records] == \
+        [(str(tmp_path / "in" / n), str(tmp_path / "two" / f"{n}.vz")) for n in sorted(images)]
+    assert [r["output_bytes"] for r in records] == [Path(r["output"]).stat().st_size for r in records]
     for name, image in images.items():
         data = (tmp_path / "two" / f"{name}.vz").read_bytes()
         assert data == (tmp_path / "one" / f"{name}.vz").read_bytes(), name
