@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaezip import api, archive, registry
+from vaezip import api, archive, container, registry
 from vaezip.images import Image, from_array
 
 NELBO_TILES = 96  # tiles per network call for the batched −ELBO
@@ -184,7 +184,7 @@ def main() -> None:
         "nelbo_seconds": nelbo_seconds,
         "ms_per_image": {"pack": 1000 * pack_seconds / len(items), "unpack": 1000 * unpack_seconds / len(items)},
         "batches": sum(len(e.header.schedule) for e in entries),
-        "deterministic_batches": sum(1 for e in entries for s in e.header.schedule if s & 0x8000),
+        "deterministic_batches": sum(1 for e in entries for s in e.header.schedule if s & container.DETERMINISTIC_FLAG),
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
     }
     print(f"-ELBO {result['nelbo_bpd']:.4f} bpd; file {result['file_bpd']:.4f} "

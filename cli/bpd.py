@@ -167,7 +167,8 @@ def bpd_command(inputs, model, samples, compare, heatmap_out, as_json, limit, no
     breakdown = not no_breakdown
     rows = []
     bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True, disable=not sys.stderr.isatty())
+                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True, disable=not sys.stderr.isatty(),
+                   console=Console(file=sys.stderr))
     with bar:
         task = bar.add_task("bpd", total=len(items))
         for i, (label, _, source) in enumerate(items):

@@ -39,7 +39,7 @@ def compress_file(source: Path, target: Path, model: Optional[str], force: bool,
         on_image: called with the image once it is read (to size a progress bar).
     """
     from vaezip import api
-    from vaezip.cli.main import _atomic_output
+    from vaezip.files import atomic_write
     from vaezip.images import read_image
 
     start = time.perf_counter()
@@ -48,7 +48,7 @@ def compress_file(source: Path, target: Path, model: Optional[str], force: bool,
         on_image(image)
     data = api.compress(image, model, progress=progress)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_output(target, force) as tmp:
+    with atomic_write(target, force) as tmp:
         tmp.write_bytes(data)
     return Compressed(source, target, source.stat().st_size, len(data), image.num_subpixels,
                       time.perf_counter() - start)

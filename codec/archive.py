@@ -66,8 +66,8 @@ FORMAT_VERSION = 4
 KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 
 JOINED = 0x01
-BATCH_SIZE_MASK = 0x7FFF
-"""Tile count of a schedule entry; the top bit is `bitsback.DETERMINISTIC_FLAG`."""
+BATCH_SIZE_MASK = container.DETERMINISTIC_FLAG - 1
+"""Tile count of a schedule entry; the top bit is `container.DETERMINISTIC_FLAG`."""
 MAX_NAME_BYTES = 4096
 _MIN_COLUMNS_BYTES = 1 + 1 + 8 + 2 + 8 + 2 + 2 + 2 + 2 + 4
 MIN_RECORD_BYTES = {1: 2 + 1 + 1 + 54, 2: _MIN_COLUMNS_BYTES, 3: _MIN_COLUMNS_BYTES, 4: _MIN_COLUMNS_BYTES}

@@ -41,12 +41,12 @@ import torch
 
 from . import calibrate, coders, quantize
 from .coders import AnsCoder, Codec
+from .container import DETERMINISTIC_FLAG
 from .errors import CorruptFileError
 from .inference import Network
 from .model import Gaussian
 from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles, stage_masks
 
-DETERMINISTIC_FLAG = 0x8000
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
 MAX_BATCH_PIXELS = MAX_BATCH * 64 * 64  # the same bound for smaller tiles (tile sets of small images)
 SAFETY_BITS = 64  # never let the posterior pops bring the stack below this

@@ -42,7 +42,7 @@ MAGIC = b"VZIP\r\n\x1a\n"
 
 FORMAT_VERSION = 4
 """Written by this build. 1: native convolutions, one 256-entry table per subpixel;
-2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (2.5x faster);
+2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (faster);
 3: as 2, plus per-batch log-scale offsets chosen by the encoder (`calibrate`);
 4: as 3, plus the modes of other sample depths (L;2, L;4 and the 16-bit ones, `depth`)."""
 KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
@@ -55,6 +55,8 @@ MAX_PIXELS = 2**28
 """Largest width * height, pixels."""
 MODEL_HASH_BYTES = 8
 CHECKSUM_BYTES = 16
+DETERMINISTIC_FLAG = 0x8000
+"""Set on a schedule entry (tile count | flag) whose batch is coded without bits-back."""
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .files import atomic_write
 
 # Where the shared data sets live; override with VAEZIP_DATA (e.g. on a GPU machine).
 DEFAULT_DATA_ROOT = Path("/work/shared/data")
@@ -497,7 +498,6 @@ def save_crop_bank(path: str | Path, crops: np.ndarray, description: str = "") -
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **{CROP_BANK_KEY: crops, "description": np.array(description)})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a name
+        np.savez_compressed(f, **{CROP_BANK_KEY: crops, "description": np.array(description)})
     return path

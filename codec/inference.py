@@ -6,7 +6,7 @@ network runs is part of the format:
   numerics 1 (.vz/.vzp version 1): PyTorch's native convolutions on the whole
       tile batch at the process's thread count (native results do not depend on
       it; oneDNN's do, measured on this machine's 2 cores).
-  numerics 2 (versions 2 and 3): oneDNN convolutions, ~2.5x faster, each call on ONE
+  numerics 2 (versions 2 and 3): oneDNN convolutions (faster), each call on ONE
       thread and on a fixed sub-batch of tiles (`SUB_BATCH_PIXELS`); the
       sub-batches run side by side in a thread pool. A single-threaded call on a
       fixed shape computes the same numbers however many workers there are, so

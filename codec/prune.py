@@ -6,15 +6,15 @@ that the first tiles of an image pay in full. Pruned channels are fixed to the
 prior mean and never coded; the surviving channels are recorded in the model
 config (`active_latents`), so the weights file is unchanged.
 
-    python -m vaezip.prune WEIGHTS.pt META.json OUT.json --data heldout [--threshold 0.01]
+    vaezip prune WEIGHTS.pt META.json OUT.json --data heldout [--threshold 0.01]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,38 +51,37 @@ def active_channels(kl_bits: list[np.ndarray], threshold: float) -> tuple[tuple[
     return tuple(tuple(int(c) for c in np.flatnonzero(k > threshold)) for k in kl_bits)
 
 
-def main(argv=None) -> int:
+def prune(weights: str | Path, meta: dict, data: str = "heldout", threshold: float = 0.01, crops: int = 256,
+          crop: int = 64) -> tuple[dict, tuple[tuple[int, ...], ...], list[np.ndarray]]:
+    """Measure each latent channel's KL on `data` and keep those above `threshold`.
+
+    Args:
+        weights: The trained weights file (the EMA weights `vaezip train` writes).
+        meta: The training run's JSON record (config + training record); not modified.
+        data: `load_dataset` spec of the images to measure on (never the test set).
+        threshold: Bits per latent dimension a channel must exceed to be kept.
+        crops: Number of evaluation crops.
+        crop: Crop side; smaller images are edge-padded to it.
+
+    Returns:
+        (the record with the pruned config and `training.pruning`, for `vaezip registry add`;
+        the kept channels per group; the KL per channel per group, bits per dimension).
+    """
     from .data import evaluation_crops, load_dataset, pad_to_multiple
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("weights")
-    parser.add_argument("meta", help="the training run's JSON (config + training record)")
-    parser.add_argument("out", help="JSON with the pruned config, for `python -m vaezip.registry add`")
-    parser.add_argument("--data", default="heldout", help="images to measure KL on (never the test set)")
-    parser.add_argument("--threshold", type=float, default=0.01, help="bits per latent dimension")
-    parser.add_argument("--crops", type=int, default=256)
-    parser.add_argument("--crop", type=int, default=64, help="crop side; smaller images are edge-padded to it")
-    args = parser.parse_args(argv)
-    meta = json.loads(open(args.meta).read())
     config = ModelConfig.from_dict({**meta["config"], "active_latents": None})
     net = HierarchicalVAE(config)
-    net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True), strict=True)
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     net.eval()
-    images = [pad_to_multiple(im, 16, minimum=args.crop) for im in load_dataset(args.data, channels=config.channels)]
-    crops = evaluation_crops(images, args.crop, args.crops, seed=20240601)
-    kl = channel_kl_bits(net, crops)
-    active = active_channels(kl, args.threshold)
-    meta["config"] = replace(config, active_latents=active).to_dict()
-    meta.setdefault("training", {})["pruning"] = {
-        "data": args.data, "crops": len(crops), "threshold_bits_per_dim": args.threshold,
+    images = [pad_to_multiple(im, 16, minimum=crop) for im in load_dataset(data, channels=config.channels)]
+    sample = evaluation_crops(images, crop, crops, seed=20240601)
+    kl = channel_kl_bits(net, sample)
+    active = active_channels(kl, threshold)
+    record = json.loads(json.dumps(meta))
+    record["config"] = replace(config, active_latents=active).to_dict()
+    record.setdefault("training", {})["pruning"] = {
+        "data": data, "crops": len(sample), "threshold_bits_per_dim": threshold,
         "kl_bits_per_dim": [np.round(k, 4).tolist() for k in kl],
         "kept": sum(len(a) for a in active), "of": sum(len(k) for k in kl),
     }
-    with open(args.out, "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"kept {sum(len(a) for a in active)} of {sum(len(k) for k in kl)} latent channels: {active}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return record, active, kl

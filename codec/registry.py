@@ -6,7 +6,7 @@ is checked before `torch.load(..., weights_only=True)`; loading is strict.
 A retrain gets a new name; old names stay so old files still decode.
 
 Add an entry (prints it and writes registry.json, no hand-typed hashes):
-    python -m vaezip.registry add NAME WEIGHTS.pt META.json
+    vaezip registry add NAME WEIGHTS.pt META.json [MODE...]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig
-from .errors import ModelError
+from .errors import InputError, ModelError
+from .files import atomic_write
 
 REGISTRY_FILE = "registry.json"
 
@@ -132,34 +132,39 @@ def model_from_weights(spec: ModelSpec, path_or_state) -> LoadedModel:
     return LoadedModel(spec, net)
 
 
+def read_record(path: str | Path) -> dict:
+    """A training run's JSON record (config + training record), as `vaezip train` writes it."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON record ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise InputError(f"{path}: no model config in this record")
+    return record
+
+
+def source_models_dir() -> Path:
+    """The checkout's models/ folder, where `add_entry` writes (the package data of the next install)."""
+    return Path(__file__).resolve().parent.parent / "models"
+
+
 def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
-    """Copy weights into models/ and add (or refuse to replace) a registry entry."""
-    models_dir = Path(__file__).resolve().parent.parent / "models"
+    """Copy weights into the checkout's models/ and add (or refuse to replace) a registry entry."""
+    models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
     data = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": []}
     if any(e["name"] == name for e in data["models"]):
         raise ModelError(f"model name {name!r} is taken; names are never reused")
-    record = json.loads(Path(meta).read_text())
+    record = read_record(meta)
+    config = ModelConfig.from_dict(record["config"]).to_dict()  # checked before anything is written
     target = models_dir / f"{name}.pt"
-    shutil.copyfile(weights, target)
+    with atomic_write(target) as tmp:
+        shutil.copyfile(weights, tmp)
     entry = {
-        "name": name, "file": target.name, "sha256": sha256_file(target),
-        "config": ModelConfig.from_dict(record["config"]).to_dict(), "modes": modes,
+        "name": name, "file": target.name, "sha256": sha256_file(target), "config": config, "modes": modes,
         "training": record.get("training", {}), "bpd": record.get("bpd", {}),
     }
     data["models"].append(entry)
-    registry_path.write_text(json.dumps(data, indent=1) + "\n")
+    with atomic_write(registry_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
     return entry
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) < 4 or argv[0] != "add":
-        print(__doc__, file=sys.stderr)
-        return 2
-    entry = add_entry(argv[1], Path(argv[2]), Path(argv[3]), argv[4:] or ["RGB"])
-    print(json.dumps({k: entry[k] for k in ("name", "file", "sha256", "modes")}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -1,14 +1,18 @@
 """Shared fixtures: tiny seeded random-weight models and random images of every mode.
 
-The tiny models code a 64x64 tile in a few milliseconds, so coder and bits-back
+The tiny models code a tile far faster than the shipped ones, so coder and bits-back
 tests do not pay for the shipped models; tests that are about the shipped
 models load them through `registry.load_model`.
+
+The shared data sets are found in $VAEZIP_DATA, else in ../shared/data beside the
+checkout; tests that need them skip when they are absent (`require_data`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +20,17 @@ import pytest
 
 from vaezip.images import CHANNELS, Image
 
-DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("VAEZIP_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+os.environ["VAEZIP_DATA"] = str(DATA)  # vaezip.data.data_root() looks where the tests look
 KODAK = DATA / "kodak"
+
+
+def require_data(*parts: str) -> Path:
+    """DATA / parts; skips the calling test if it is absent."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not available (set VAEZIP_DATA)")
+    return path
 
 TINY_SCALES = ((16, 1, 4), (4, 1, 2))
 
@@ -95,9 +108,7 @@ def kodak_crop(name: str, top: int, left: int, height: int, width: int) -> np.nd
     """An (H, W, 3) uint8 crop of a Kodak image; skips the test if the data is absent."""
     from PIL import Image as PILImage
 
-    path = KODAK / name
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
+    path = require_data("kodak", name)
     with PILImage.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))
     return np.ascontiguousarray(rgb[top : top + height, left : left + width])

@@ -187,6 +187,17 @@ def test_damaged_and_foreign_files_fail_cleanly(tmp_path, png):
     _one_line_error(_run("info", png), "magic")
 
 
+@pytest.mark.parametrize("command", ["compress", "decompress", "info", "unpack"])
+def test_bad_input_is_exit_1_with_one_vaezip_error_line(tmp_path, command):
+    """Every command reports a missing or folder input the same way: `vaezip: error: ...`, exit 1
+    (compress takes folders: an empty one has no images)."""
+    extra = ["-o", tmp_path / "out"] if command == "unpack" else []
+    for bad, needle in [(tmp_path / "nope.vz", "nope.vz"), (tmp_path, "no images" if command == "compress" else "directory")]:
+        result = _run(command, bad, *extra)
+        line = _one_line_error(result, needle)
+        assert result.exit_code == 1 and line.startswith("vaezip: error: "), (result.exit_code, line)
+
+
 def test_info_and_models(tmp_path, png):
     _ok(_run("compress", png))
     result = _run("info", png.with_name("img.png.vz"))
@@ -220,6 +231,73 @@ def test_bpd_json(png):
         assert isinstance(obj[key], float) and 0 < obj[key] < 16
 
 
+def test_compress_decompress_info_json(tmp_path):
+    """--json: one document on stdout whose numbers are those of the files written."""
+    images = {"a.png": random_image("RGB", 20, 27, seed=1, smooth=True), "b.png": random_image("P", 6, 5, seed=2)}
+    for name, image in images.items():
+        write_png(image, tmp_path / name)
+    sources = [tmp_path / name for name in images]
+    result = _run("compress", "--json", *sources)
+    _ok(result)
+    records = json.loads(result.stdout)
+    assert [r["input"] for r in records] == [str(s) for s in sources]
+    for record, source, image in zip(records, sources, images.values()):
+        vz = Path(record["output"])
+        assert vz == source.with_name(source.name + ".vz")
+        assert record["input_bytes"] == source.stat().st_size and record["output_bytes"] == vz.stat().st_size
+        assert record["subpixels"] == image.num_subpixels
+        assert record["bpd"] == pytest.approx(8 * vz.stat().st_size / image.num_subpixels)
+        assert record["ratio"] == pytest.approx(image.num_subpixels / vz.stat().st_size)
+        assert record["seconds"] >= 0
+
+    vz_files = [Path(r["output"]) for r in records]
+    out = tmp_path / "back"
+    out.mkdir()
+    result = _run("decompress", "--json", *vz_files, "-o", out)
+    _ok(result)
+    records = json.loads(result.stdout)
+    assert [r["input"] for r in records] == [str(v) for v in vz_files]
+    for record, vz, (name, image) in zip(records, vz_files, images.items()):
+        png = out / name
+        assert record["output"] == str(png) and pixels_equal(read_image(png), image)
+        assert record["input_bytes"] == vz.stat().st_size and record["output_bytes"] == png.stat().st_size
+        assert (record["width"], record["height"], record["mode"]) == (image.width, image.height, image.mode)
+        assert record["subpixels"] == image.num_subpixels
+        assert record["bpd"] == pytest.approx(8 * vz.stat().st_size / image.num_subpixels)
+
+    result = _run("info", "--json", vz_files[0])
+    _ok(result)
+    info = json.loads(result.stdout)
+    header, words = container.unpack(vz_files[0].read_bytes())
+    assert info["file"] == str(vz_files[0]) and info["bytes"] == vz_files[0].stat().st_size
+    assert (info["width"], info["height"], info["mode"], info["version"]) == (27, 20, "RGB", header.version)
+    assert info["model"] == "photo-rgb-1" and info["model_hash"] == header.model_hash.hex()
+    assert info["tile_size"] == header.tile_size and info["batches"] == len(header.schedule)
+    assert info["deterministic_batches"] == sum(1 for e in header.schedule if e & container.DETERMINISTIC_FLAG) >= 1
+    assert info["payload_words"] == len(words) and info["header_bytes"] == info["bytes"] - 4 * len(words)
+    assert info["bpd"] == pytest.approx(8 * info["bytes"] / (27 * 20 * 3))
+    assert info["icc_profile_bytes"] == 0 and "torch=" in info["runtime"]
+    plane = json.loads(_run("info", "--json", vz_files[1]).stdout)
+    assert plane["model"] is None and plane["mode"] == "P" and plane["batches"] == 0
+
+    # Errors stay one line on stderr, stdout empty.
+    result = _run("decompress", "--json", vz_files[0], "-o", out)
+    assert result.exit_code == 1 and result.stdout == "" and "--force" in result.stderr
+
+
+def test_models_json():
+    from vaezip import registry
+
+    result = _run("models", "--json")
+    _ok(result)
+    records = json.loads(result.stdout)
+    assert [r["name"] for r in records] == list(registry.specs())
+    for record in records:
+        spec = registry.get_spec(record["name"])
+        assert record == {"name": spec.name, "file": spec.file, "modes": list(spec.modes), "sha256": spec.sha256,
+                          "bpd": spec.bpd}
+
+
 def test_usage_errors_exit_nonzero():
     assert _run("compress").exit_code != 0  # no inputs
     assert _run("frobnicate").exit_code != 0
@@ -227,6 +305,24 @@ def test_usage_errors_exit_nonzero():
     _ok(result)
     for command in ("compress", "decompress", "info", "models", "bpd"):
         assert command in result.output
+
+
+def test_progress_bars_draw_on_stderr(monkeypatch):
+    """The bar is gated on stderr being a terminal and drawn there, never into stdout's results."""
+    import io
+
+    from vaezip.cli import main as cli_main
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar, _ = cli_main._progress(3, "test")
+    assert bar.console.file is sys.stderr
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bar, _ = cli_main._progress(3, "test")
+    assert isinstance(bar, cli_main._NoProgress)
 
 
 def test_installed_entry_point(tmp_path, png):
@@ -291,10 +387,15 @@ def test_compress_a_folder_with_jobs_keeps_the_tree_and_the_bytes(tmp_path):
     """--jobs 2 (worker processes) writes the same files as --jobs 1, under -o at the
     images' relative paths; each decodes to its image."""
     images = _image_tree(tmp_path / "in")
-    _ok(_run("compress", tmp_path / "in", "-o", tmp_path / "one"))
-    result = _run("compress", tmp_path / "in", "-o", tmp_path / "two", "--jobs", "2")
+    result = _run("compress", tmp_path / "in", "-o", tmp_path / "one")
     _ok(result)
     assert result.output.count("bits/subpixel") == 3
+    result = _run("compress", tmp_path / "in", "-o", tmp_path / "two", "--jobs", "2", "--json")
+    _ok(result)
+    records = json.loads(result.stdout)  # in input order, whichever worker finished first
+    assert [(r["input"], r["output"]) for r in records] == \
+        [(str(tmp_path / "in" / n), str(tmp_path / "two" / f"{n}.vz")) for n in sorted(images)]
+    assert [r["output_bytes"] for r in records] == [Path(r["output"]).stat().st_size for r in records]
     for name, image in images.items():
         data = (tmp_path / "two" / f"{name}.vz").read_bytes()
         assert data == (tmp_path / "one" / f"{name}.vz").read_bytes(), name

@@ -3,8 +3,8 @@
 Real processes (`python -m vaezip.cli.main`), started together: different outputs
 in one folder all arrive; racing for one name without --force, exactly one wins
 and the rest fail with one line; with --force the last rename wins and the file
-is whole. Never a temporary file left behind. Each process pays the torch import
-(about 2 s of CPU): three processes at a time, about 20 s in all on two cores.
+is whole. Never a temporary file left behind. Each process pays the torch import,
+so the races use three processes at a time.
 """
 
 from __future__ import annotations
@@ -121,19 +121,19 @@ def test_race_for_one_name_with_force(tmp_path):
 
 def test_no_hard_links_still_never_replaces(tmp_path, monkeypatch):
     """On a file system without hard links the move falls back to claiming the name exclusively."""
-    from vaezip.cli import main as cli_main
+    from vaezip import files
     from vaezip.errors import OutputExistsError
 
     def no_link(src, dst):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(cli_main.os, "link", no_link)
+    monkeypatch.setattr(files.os, "link", no_link)
     target = tmp_path / "x.vz"
-    with cli_main._atomic_output(target, force=False) as tmp:
+    with files.atomic_write(target, force=False) as tmp:
         tmp.write_bytes(b"first")
     assert target.read_bytes() == b"first"
     with pytest.raises(OutputExistsError, match="--force"):
-        with cli_main._atomic_output(target, force=False) as tmp:
+        with files.atomic_write(target, force=False) as tmp:
             tmp.write_bytes(b"second")
     assert target.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["x.vz"]

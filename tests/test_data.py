@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import require_data
 from PIL import Image
 
 from vaezip import data
@@ -172,8 +173,7 @@ def test_crop_bank_round_trip(tmp_path, rng):
 
 
 def test_default_sources_never_kodak():
-    if not (data.data_root() / "wikiphotos").is_dir():
-        pytest.skip("shared data not present")
+    require_data("wikiphotos")
     sources = data.default_photo_sources()
     assert all("kodak" not in str(s.folder).lower() for s in sources)
     held = data.heldout_wikiphotos()

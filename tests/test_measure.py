@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import kodak_crop, random_image, random_pixels
+from conftest import kodak_crop, random_image, random_pixels, require_data
 from PIL import Image as PILImage
 
 from vaezip import api
@@ -38,7 +38,7 @@ from vaezip.rates import (
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: the tiny networks here are all overhead, and on a shared
-    2-core machine a second thread's spin-waits made them up to 30x slower."""
+    2-core machine a second thread's spin-waits made them many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -285,10 +285,7 @@ def test_cli_dataset_spec_with_limit(tmp_path):
 
 
 def test_cli_mnist_with_named_model():
-    from vaezip.data import data_root
-
-    if not (data_root() / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("MNIST not available")
+    require_data("mnist", "t10k-images-idx3-ubyte.gz")
     result = CliRunner().invoke(_bpd_cli(), ["bpd", "mnist-test", "--limit", "3", "--model", "mnist-1",
                                               "--no-breakdown"])
     assert result.exit_code == 0, result.output

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import KODAK
 
 from vaezip.cli.train import parse_latent_scales, train_command
 from vaezip.config import ModelConfig
@@ -76,7 +77,7 @@ def test_refuses_overwrite_and_kodak(bank, straight_run):
     with pytest.raises(OutputExistsError):
         train(_options(bank, straight_run[0].weights), log=None)
     with pytest.raises(InputError):
-        train(_options(bank, "unused", data=("/work/shared/data/kodak",)), log=None)
+        train(_options(bank, "unused", data=(str(KODAK),)), log=None)
     with pytest.raises(InputError):
         _options(bank, "unused", crop=24)  # not a multiple of the downsampling
 

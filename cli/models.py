@@ -1,0 +1,70 @@
+"""`vaezip registry add` and `vaezip prune`: turning a training run into a registered model.
+
+Thin layers over `vaezip.registry.add_entry` and `vaezip.prune.prune`; torch is
+imported inside the commands, so `vaezip --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from vaezip.errors import InputError
+from vaezip.files import atomic_write, check_output
+
+
+def _inputs_exist(*paths: Path) -> None:
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{p}: no such file")
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """Manage the model registry (models/registry.json in the checkout)."""
+
+
+@registry_group.command("add")
+@click.argument("name")
+@click.argument("weights", metavar="WEIGHTS.pt", type=click.Path(path_type=Path))
+@click.argument("meta", metavar="META.json", type=click.Path(path_type=Path))
+@click.argument("modes", metavar="[MODE]...", nargs=-1)
+def registry_add(name, weights, meta, modes) -> None:
+    """Register WEIGHTS.pt under NAME with the config and training record of META.json.
+
+    Copies the weights into models/, computes their sha256 and prints the new entry.
+    MODEs are the image modes the model is the default for (RGB, L; default RGB).
+    Names are never reused.
+    """
+    from vaezip import registry
+
+    _inputs_exist(weights, meta)
+    entry = registry.add_entry(name, weights, meta, list(modes) or ["RGB"])
+    click.echo(json.dumps({k: entry[k] for k in ("name", "file", "sha256", "modes")}, indent=1))
+
+
+@click.command("prune")
+@click.argument("weights", metavar="WEIGHTS.pt", type=click.Path(path_type=Path))
+@click.argument("meta", metavar="META.json", type=click.Path(path_type=Path))
+@click.argument("out", metavar="OUT.json", type=click.Path(path_type=Path))
+@click.option("--data", default="heldout", show_default=True, help="Images to measure KL on (never the test set).")
+@click.option("--threshold", type=float, default=0.01, show_default=True,
+              help="Bits per latent dimension a channel must exceed to be kept.")
+@click.option("--crops", type=click.IntRange(min=1), default=256, show_default=True, help="Evaluation crops.")
+@click.option("--crop", type=click.IntRange(min=16), default=64, show_default=True,
+              help="Crop side; smaller images are edge-padded to it.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite OUT.json.")
+def prune_command(weights, meta, out, data, threshold, crops, crop, force) -> None:
+    """Prune collapsed latent channels: write OUT.json, META.json with the kept channels in its
+    config and the measured KL in its training record, ready for `vaezip registry add`."""
+    from vaezip.prune import prune
+    from vaezip.registry import read_record
+
+    _inputs_exist(weights, meta)
+    check_output(out, force)
+    record, active, kl = prune(weights, read_record(meta), data, threshold, crops, crop)
+    with atomic_write(out, force) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    click.echo(f"kept {sum(len(a) for a in active)} of {sum(len(k) for k in kl)} latent channels: {active}")

@@ -1,0 +1,116 @@
+"""Tests for `vaezip registry add` and `vaezip prune` (CliRunner, tiny seeded models, a temporary models/)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model, random_image
+
+from vaezip import registry
+from vaezip.cli.main import main
+from vaezip.config import ModelConfig
+from vaezip.images import write_png
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result, needle: str) -> None:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaezip: error: ") and needle in lines[0], result.stderr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the tiny network is all overhead (see test_measure.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    """WEIGHTS.pt and META.json of a tiny gray model, as `vaezip train` writes them."""
+    loaded = make_tiny_model(1, "tiny-gray-test")
+    weights, meta = tmp_path / "run.pt", tmp_path / "run.json"
+    torch.save(loaded.net.state_dict(), weights)
+    meta.write_text(json.dumps({"config": loaded.spec.config.to_dict(), "training": {"steps": 7}}))
+    return weights, meta
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(Path(str(registry._models_dir() / registry.REGISTRY_FILE)), folder / registry.REGISTRY_FILE)
+    monkeypatch.setattr(registry, "source_models_dir", lambda: folder)
+    return folder
+
+
+def test_registry_add(run_files, models_dir):
+    weights, meta = run_files
+    before = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"]
+    result = _run("registry", "add", "tiny-gray-9", weights, meta, "L")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert printed == {"name": "tiny-gray-9", "file": "tiny-gray-9.pt", "sha256": sha256, "modes": ["L"]}
+    assert (models_dir / "tiny-gray-9.pt").read_bytes() == weights.read_bytes()
+    after = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"]
+    assert after[:-1] == before
+    assert after[-1]["training"] == {"steps": 7} and after[-1]["sha256"] == sha256
+    assert ModelConfig.from_dict(after[-1]["config"]) == ModelConfig.from_dict(json.loads(meta.read_text())["config"])
+    assert sorted(p.name for p in models_dir.iterdir()) == [registry.REGISTRY_FILE, "tiny-gray-9.pt"]
+
+    # Names are never reused; bad inputs are one line, nothing written.
+    _one_line_error(_run("registry", "add", "tiny-gray-9", weights, meta), "never reused")
+    _one_line_error(_run("registry", "add", "tiny-gray-10", weights, meta.with_name("nope.json")), "nope.json")
+    meta.write_text("{not json")
+    _one_line_error(_run("registry", "add", "tiny-gray-10", weights, meta), "JSON")
+    assert json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"] == after
+    assert sorted(p.name for p in models_dir.iterdir()) == [registry.REGISTRY_FILE, "tiny-gray-9.pt"]
+
+
+def test_registry_add_default_mode_is_rgb(run_files, models_dir):
+    result = _run("registry", "add", "tiny-gray-9", *run_files)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["modes"] == ["RGB"]
+
+
+def test_prune(run_files, tmp_path):
+    weights, meta = run_files
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(2):
+        write_png(random_image("L", 40, 36, seed=seed, smooth=True), images / f"{seed}.png")
+    out = tmp_path / "pruned.json"
+    args = ["prune", weights, meta, out, "--data", images, "--crops", "4", "--crop", "32"]
+
+    result = _run(*args, "--threshold", "-1")  # every channel has KL > -1: all kept
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    pruning = record["training"]["pruning"]
+    assert pruning["kept"] == pruning["of"] == 4 + 2  # TINY_SCALES: 4 and 2 channels
+    assert record["config"]["active_latents"] == [[0, 1, 2, 3], [0, 1]]
+    assert [len(k) for k in pruning["kl_bits_per_dim"]] == [4, 2]
+    assert pruning["crops"] == 4 and pruning["data"] == str(images) and record["training"]["steps"] == 7
+    assert "kept 6 of 6 latent channels" in result.stdout
+
+    _one_line_error(_run(*args), "--force")  # OUT.json exists
+    result = _run(*args, "--threshold", "1e9", "--force")  # nothing exceeds it: all pruned
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["training"]["pruning"]["kept"] == 0 and record["config"]["active_latents"] == [[], []]
+    ModelConfig.from_dict(record["config"])  # a valid config for `registry add`
+
+    _one_line_error(_run("prune", weights, tmp_path / "nope.json", tmp_path / "x.json"), "nope.json")
+    assert not (tmp_path / "x.json").exists()
