@@ -27,6 +27,8 @@ class Compressed:
     output_bytes: int
     subpixels: int
     seconds: float
+    mode: str = ""
+    source_format: str = ""  # a lossy format whose decoded pixels were coded ("JPEG"), else ""
 
 
 def compress_file(source: Path, target: Path, model: Optional[str], force: bool,
@@ -51,7 +53,7 @@ def compress_file(source: Path, target: Path, model: Optional[str], force: bool,
     with atomic_write(target, force) as tmp:
         tmp.write_bytes(data)
     return Compressed(source, target, source.stat().st_size, len(data), image.num_subpixels,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, image.mode, image.source)
 
 
 def _one_thread() -> None:

@@ -107,8 +107,12 @@ def _inputs_exist(paths) -> None:
 def compress(images, output, model, jobs, force, as_json) -> None:
     """Compress IMAGES losslessly: IMG -> IMG.vz, DIR -> every image in it (inputs are kept).
 
+    A JPEG or lossy WebP input is decoded and its pixels are coded losslessly: the .vz
+    gives back those pixels (as a PNG), not the original file; the summary line says so.
+
     --json: a list with one record per image, in input order: input, output, input_bytes,
-    output_bytes, subpixels, bpd (bits per subpixel of the .vz file), ratio, seconds.
+    output_bytes, mode, subpixels, bpd (bits per subpixel of the .vz file), ratio, seconds,
+    decoded_from (the lossy format whose pixels were coded, or null).
     """
     from vaezip.cli.jobs import compress_file, compress_parallel
 
@@ -119,14 +123,17 @@ def compress(images, output, model, jobs, force, as_json) -> None:
 
     def report(done) -> None:
         record = {"input": str(done.source), "output": str(done.target), "input_bytes": done.source_bytes,
-                  "output_bytes": done.output_bytes, "subpixels": done.subpixels,
+                  "output_bytes": done.output_bytes, "mode": done.mode, "subpixels": done.subpixels,
                   "bpd": 8 * done.output_bytes / done.subpixels, "ratio": done.subpixels / done.output_bytes,
-                  "seconds": done.seconds}
+                  "seconds": done.seconds, "decoded_from": done.source_format or None}
         if as_json:
             records[done.target] = record
             return
-        click.echo(f"{done.source} -> {done.target}: {_size(done.source_bytes)} -> {_size(done.output_bytes)}, "
-                   f"{record['bpd']:.3f} bits/subpixel, ratio {record['ratio']:.2f}:1, {done.seconds:.1f} s")
+        note = f" (the decoded {done.source_format} pixels, not the {done.source_format} file)" \
+            if done.source_format else ""
+        click.echo(f"{done.source} -> {done.target}: {done.mode}, {_size(done.source_bytes)} -> "
+                   f"{_size(done.output_bytes)}, {record['bpd']:.3f} bits/subpixel, ratio {record['ratio']:.2f}:1, "
+                   f"{done.seconds:.1f} s{note}")
 
     if jobs > 1 and len(targets) > 1:
         bar, task = _progress(len(targets), f"compress {len(targets)} images", unit="images")
@@ -358,7 +365,7 @@ def pack(inputs, output, model, force, as_json) -> None:
 
 def _image_members(inputs) -> list[tuple[str, Path]]:
     """(stored name, path): a folder's images by relative path, a file by its name."""
-    image_suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+    image_suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".pbm"}
     members = []
     for p in inputs:
         if p.is_dir():

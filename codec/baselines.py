@@ -7,14 +7,15 @@ in the build) is reported as missing: its size is None. A mode a codec cannot ho
 is also None.
 
 Settings (fixed here so that every reported number has one meaning):
-  png:    Pillow, `optimize=True` (zlib level 9 with filter search).
+  png:    Pillow, `optimize=True` (zlib level 9 with filter search); LA;16, RGB;16 and
+          RGBA;16, which Pillow cannot hold: libpng (imagecodecs) at level 9, adaptive filters.
   webp:   Pillow, `lossless=True, quality=100, method=6, exact=True`; modes RGB and
           RGBA, and L / LA stored as RGB / RGBA with equal channels (WebP has no gray
           mode; its subtract-green transform makes the copies nearly free), read back
           as the first channel. `exact=True` keeps the colour of fully transparent
           pixels, which libwebp otherwise rewrites (the file would not be lossless for RGBA).
   jpegxl: `imagecodecs.jpegxl_encode(arr, lossless=True, effort=9)` (imagecodecs'
-          default thread count); modes L, LA, RGB and RGBA.
+          default thread count); modes L, LA, RGB and RGBA, 8 and 16 bits.
 
 Must not import torch.
 """
@@ -30,14 +31,14 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import features
 
-from .images import Image, from_pil, to_pil
+from .images import Image, decode_image, png_bytes
 
 BASELINES: tuple[str, ...] = ("png", "webp", "jpegxl")
 """Baseline names, in the order tables print them."""
 
 WEBP_MODES: tuple[str, ...] = ("RGB", "RGBA", "L", "LA")
 _WEBP_STORED_AS = {"L": "RGB", "LA": "RGBA"}
-JPEGXL_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA")
+JPEGXL_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA", "L;16", "LA;16", "RGB;16", "RGBA;16")
 JPEGXL_EFFORT = 9
 
 
@@ -115,23 +116,9 @@ def _timed(call: Callable):
 
 
 def png_result(image: Image) -> BaselineResult:
-    """PNG through Pillow with `optimize=True`; every supported mode."""
-    pil = to_pil(image)
-    options = {"transparency": pil.info["transparency"]} if "transparency" in pil.info else {}
-
-    def encode() -> bytes:
-        buffer = io.BytesIO()
-        pil.save(buffer, format="PNG", optimize=True, **options)
-        return buffer.getvalue()
-
-    data, encode_seconds = _timed(encode)
-
-    def decode():
-        with PILImage.open(io.BytesIO(data)) as back:
-            back.load()
-            return from_pil(back)
-
-    back, decode_seconds = _timed(decode)
+    """PNG at zlib level 9 with filter search (`images.png_bytes`); every supported mode."""
+    data, encode_seconds = _timed(lambda: png_bytes(image, optimize=True))
+    back, decode_seconds = _timed(lambda: decode_image(data, "png baseline"))
     _check_same("png", image, back.mode, back.pixels, back.palette)
     return BaselineResult("png", len(data), encode_seconds, decode_seconds)
 

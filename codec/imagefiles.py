@@ -9,6 +9,9 @@ are written by imagecodecs with the iCCP and tRNS chunks added here.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
 import struct
 import zlib
@@ -38,18 +41,22 @@ class PngHeader:
     height: int
     bit_depth: int
     colour_type: int
+    interlaced: bool
 
 
 def png_header(data: bytes) -> PngHeader:
-    """IHDR of PNG bytes.
+    """IHDR of PNG bytes, after checking the CRC of every chunk (Pillow skips IDAT's).
 
     Raises:
-        FormatError: not a PNG or no valid IHDR first.
+        FormatError: not a PNG, no valid IHDR first, or a chunk fails its CRC.
     """
     if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 29:
         raise FormatError("not a PNG file with an IHDR chunk")
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    return PngHeader(width, height, depth, colour)
+    for kind, start, end in _png_chunks(data):
+        if end + 4 <= len(data) and zlib.crc32(data[start - 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
+            raise FormatError(f"damaged PNG: chunk {kind.decode('latin-1')!r} fails its CRC")
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    return PngHeader(width, height, depth, colour, interlace == 1)
 
 
 def read_png16(data: bytes, header: PngHeader) -> np.ndarray:
@@ -61,7 +68,8 @@ def read_png16(data: bytes, header: PngHeader) -> np.ndarray:
     import imagecodecs
 
     try:
-        pixels = imagecodecs.png_decode(data)
+        with _quiet_stderr(header.interlaced):
+            pixels = imagecodecs.png_decode(_without_chunk(data, b"tRNS"))  # tRNS would add alpha
     except Exception as error:  # imagecodecs raises its own PngError, or RuntimeError
         raise FormatError(f"damaged PNG ({error})") from None
     pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
@@ -69,6 +77,43 @@ def read_png16(data: bytes, header: PngHeader) -> np.ndarray:
     if pixels.dtype != np.uint16 or pixels.shape != (header.height, header.width, channels):
         raise FormatError(f"PNG decodes to {pixels.dtype} {pixels.shape}, not its header's size")
     return np.ascontiguousarray(pixels)
+
+
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool):
+    """Silence file descriptor 2 while `quiet`: libpng warns there on every interlaced file
+    that imagecodecs reads (it de-interlaces them correctly all the same)."""
+    if not quiet:
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _png_chunks(data: bytes):
+    """Yield (type, body start, body end) of each chunk; the CRC follows the body."""
+    position = 8
+    while position + 8 <= len(data):
+        length = struct.unpack(">I", data[position:position + 4])[0]
+        yield data[position + 4:position + 8], position + 8, min(position + 8 + length, len(data))
+        position += 12 + length
+
+
+def _without_chunk(data: bytes, kind: bytes) -> bytes:
+    """PNG bytes with every chunk of type `kind` left out (the rest unchanged)."""
+    parts, position = [data[:8]], 8
+    for chunk, start, end in _png_chunks(data):
+        if chunk == kind:
+            parts.append(data[position:start - 8])
+            position = end + 4
+    parts.append(data[position:])
+    return b"".join(parts)
 
 
 def write_png16(pixels: np.ndarray, level: int, icc_profile: bytes = b"",
@@ -109,7 +154,7 @@ class TiffSamples:
     icc_profile: bytes
 
 
-def read_tiff(path: str) -> Optional[TiffSamples]:
+def read_tiff(data: bytes, path: str) -> Optional[TiffSamples]:
     """Samples of a TIFF whose samples exceed 8 bits; None when none do (Pillow reads those).
 
     Raises:
@@ -120,7 +165,7 @@ def read_tiff(path: str) -> Optional[TiffSamples]:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
             if len(tif.pages) > 1:
                 raise UnsupportedImageError(f"{path}: TIFF with {len(tif.pages)} pages; vaezip codes single images")

@@ -383,12 +383,24 @@ def read_image(path: str | os.PathLike) -> Image:
             mode or depth, several frames): the message names what the file is.
     """
     name = os.fspath(path)
+    try:
+        with open(name, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{name}: is a directory, not an image file") from None
+    except OSError as error:
+        raise InputError(f"{name}: cannot read ({error.strerror or error})") from None
+    return decode_image(data, name)
+
+
+def decode_image(data: bytes, name: str = "image") -> Image:
+    """`read_image` of a file's bytes; `name` starts every error message."""
     with warnings.catch_warnings():
         # A warning-size bomb must stop here, not print and decode gigapixels.
         warnings.simplefilter("error", PILImage.DecompressionBombWarning)
         try:
-            with open(name, "rb") as file:
-                data = file.read()
             deep = _read_deep(data, name)
             if deep is not None:
                 return deep
@@ -396,10 +408,6 @@ def read_image(path: str | os.PathLike) -> Image:
                 return _read_pillow(pil_image, data, name)
         except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as error:
             raise InputError(f"{name}: image too large to read safely ({error})") from None
-        except FileNotFoundError:
-            raise InputError(f"{name}: no such file") from None
-        except IsADirectoryError:
-            raise InputError(f"{name}: is a directory, not an image file") from None
         except PILImage.UnidentifiedImageError:
             raise InputError(f"{name}: not an image file vaezip can read") from None
         except imagefiles.FormatError as error:
@@ -412,7 +420,7 @@ def _read_deep(data: bytes, name: str) -> Optional[Image]:
     """The image of a TIFF or PNM file with samples above 8 bits (Pillow would cut them),
     None for any other file; refuses depths that cannot be kept."""
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        tiff = imagefiles.read_tiff(name)
+        tiff = imagefiles.read_tiff(data, name)
         if tiff is None:
             return None
         if tiff.pixels.dtype != np.uint16:
@@ -465,33 +473,43 @@ copy of the pixels, written fast (a few percent larger than Pillow's default of 
 
 
 def write_png(image: Image, path: str | os.PathLike, level: int = PNG_LEVEL) -> None:
-    """Writes `image` as a PNG that `read_image` reads back as the same image.
-
-    Exact for every image `read_image` or `from_pil` produces. The one exception: a P image
-    whose indices exceed its palette gets the palette padded with black up to the largest
-    index, because PNG has no other way to store such indices.
+    """Writes `image` as a PNG that `read_image` reads back as the same image (`png_bytes`).
 
     Args:
         image: The image.
         path: Output file; overwritten if it exists.
         level: zlib compression level 0-9 (the pixels are the same at every level).
 
-    Samples keep their depth: 2-, 4- and 16-bit images are written at that depth.
-
     Raises:
         InputError: If the file cannot be written.
     """
+    data = png_bytes(image, level)
+    try:
+        with open(os.fspath(path), "wb") as file:
+            file.write(data)
+    except OSError as error:
+        raise InputError(f"{os.fspath(path)}: cannot write PNG ({error})") from None
+
+
+def png_bytes(image: Image, level: int = PNG_LEVEL, optimize: bool = False) -> bytes:
+    """The PNG of `image`, which `decode_image` reads back as the same image.
+
+    Samples keep their depth: 2-, 4- and 16-bit images are written at that depth. Exact
+    for every image `read_image` or `from_pil` produces. The one exception: a P image whose
+    indices exceed its palette gets the palette padded with black up to the largest index,
+    because PNG has no other way to store such indices.
+
+    Args:
+        image: The image.
+        level: zlib compression level 0-9 (the pixels are the same at every level).
+        optimize: Pillow's filter search at level 9 (not for LA;16, RGB;16, RGBA;16,
+            which libpng writes with its adaptive filters).
+    """
     if image.bit_depth == 16 and image.mode != "L;16":  # Pillow cannot hold these
         transparency = decode_transparency(image.transparency, image.mode) or ()
-        data = imagefiles.write_png16(image.pixels, level, image.icc_profile, transparency)
-        try:
-            with open(os.fspath(path), "wb") as file:
-                file.write(data)
-        except OSError as error:
-            raise InputError(f"{os.fspath(path)}: cannot write PNG ({error})") from None
-        return
+        return imagefiles.write_png16(image.pixels, 9 if optimize else level, image.icc_profile, transparency)
     pil_image = to_pil(image)
-    options = {"compress_level": level}
+    options = {"compress_level": level, "optimize": optimize}
     if image.mode in ("L;2", "L;4"):
         options["bits"] = image.bit_depth
     if image.mode == "P":
@@ -506,10 +524,9 @@ def write_png(image: Image, path: str | os.PathLike, level: int = PNG_LEVEL) -> 
         options["transparency"] = pil_image.info["transparency"]
     if image.icc_profile:
         options["icc_profile"] = image.icc_profile
-    try:
-        pil_image.save(os.fspath(path), format="PNG", **options)
-    except OSError as error:
-        raise InputError(f"{os.fspath(path)}: cannot write PNG ({error})") from None
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
 
 
 def pixels_equal(a: Image, b: Image) -> bool:
