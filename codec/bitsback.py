@@ -262,7 +262,7 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
         decoded[:, stage].transpose(0, 2, 3, 1)[mask] = values
         pad_stage(grid, indices, decoded[:, stage], stage)
-    if states is not None:  # the encoder popped these values as its Borrows
+    if states is not None:  # decoder only: the encoder popped these values as its Borrows
         acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(decoded)))
         posteriors = net.posteriors(states, acts, grid.tile, grid.tile)
         for k, posterior in zip(reversed(latents), reversed(posteriors)):
