@@ -45,7 +45,8 @@ def stage_channel_bits(loaded: registry.LoadedModel, pixels: np.ndarray, tile: i
     with torch.inference_mode():
         for indices in rates._batches(grid.count, rates.NELBO_BATCH):
             x, mask = rates._tile_tensors(pixels, grid, indices)
-            features, kls = rates.posterior_features(net, x, "sample", generator)
+            sample = net.sample_posterior(x, generator=generator)
+            features, kls = sample.features, sample.kl_nats
             lattice, real = split_lattice(x), split_lattice(mask)
             for s in range(4):
                 p = net.stage_params(features, lattice, s)

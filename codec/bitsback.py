@@ -9,10 +9,15 @@ One batch of tiles is coded as (ANS is last-in first-out):
           stage; bottom-up on x; rebuild the posteriors; push each z_g back with
           its posterior, last group first (returns the borrowed bits).
 
-Both directions walk the same `top_down` with the same tensor shapes, run the
-network under the format version's numerics (`inference.Network`) and get every
-probability table from `quantize`, so the decoder rebuilds the encoder's
-integer distributions exactly.
+One description serves both directions: `_batch_steps` yields the batch's coding
+steps in decode order (`coders.Steps`); the decoder pops them (`coders.pop_steps`),
+the encoder records them with its true values and pushes them reversed
+(`coders.record_steps`, `coders.push_recorded`). The encoder's latents are the
+values it pops with the posteriors as it walks down (`coders.Borrow`); the
+decoder's last steps push them back (`coders.Return`). Both directions run the
+network under the format version's numerics (`inference.Network`) with the same
+tensor shapes and get every probability table from `quantize`, so the decoder
+rebuilds the encoder's integer distributions exactly.
 
 Start-up: a batch can only borrow bits already on the stack. The encoder grows
 its batches with the bits available (measured, with a roll-back if a batch would
@@ -33,6 +38,7 @@ may hold tiles of several small images and the network runs on full batches
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -82,80 +88,67 @@ def latent_codec(g: Gaussian, params: CodingParams) -> Codec:
     return coders.quantized_gaussian(means, stds, params.radius)
 
 
-def stage_codec(net: Network, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray,
-                version: int) -> Codec:
-    """Codec for the real subpixels (m, C) of one sub-lattice stage of a batch.
+def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray,
+                 version: int, truth: Optional[np.ndarray] = None) -> coders.Steps:
+    """Steps of the real subpixels (m, C) of one sub-lattice stage, in pop order; returns them (int64).
 
-    Channels are autoregressive: pop R, then G given R, then B given R and G.
-    Versions 2 and 3 code each subpixel as its bin, then its value in the bin;
-    version 3 codes the stage's log-scale offsets (`calibrate`) above its pixels.
-    Stack: push puts B, G, R (R on top), then the offsets; pop takes them first.
+    Version 3 pops the stage's log-scale offsets (`calibrate`) first; the encoder
+    chooses them for its true values `truth` (None on the decoder).
     """
     params = net.stage_params(features, torch.from_numpy(lattice), stage)
     q = quantize.quantize_mixture(params, mask, version)
     channels = lattice.shape[2]
-    if version == 1:
-        return _stage_codec_v1(q, channels)
-    if version == 2:
-        return _table_codec(net, q, channels)
-    offsets = calibrate.offset_codec(channels)
-
-    def push(ans: AnsCoder, values: np.ndarray) -> None:
-        chosen = calibrate.choose_offsets(q, values)
-        _table_codec(net, q.with_scale_offsets(chosen), channels).push(ans, values)
-        offsets.push(ans, chosen)
-
-    def pop(ans: AnsCoder) -> np.ndarray:
-        chosen = offsets.pop(ans)
-        return _table_codec(net, q.with_scale_offsets(chosen), channels).pop(ans)
-
-    return Codec(push, pop)
+    if version >= 3:
+        offsets = yield calibrate.offset_codec(channels), None if truth is None else calibrate.choose_offsets(q, truth)
+        q = q.with_scale_offsets(offsets)
+    return (yield from _subpixel_steps(net, q, channels, truth))
 
 
-def _table_codec(net: Network, q: quantize.QuantizedMixture, channels: int) -> Codec:
-    """Versions 2 and 3: each subpixel as its bin, then its value in the bin, channel by channel."""
+def _subpixel_steps(net: Network, q: quantize.QuantizedMixture, channels: int,
+                    truth: Optional[np.ndarray] = None) -> coders.Steps:
+    """Steps of the subpixels (m, C) under the mixtures `q`, in pop order; returns them (int64).
 
-    def push_chunks(ans: AnsCoder, symbols: np.ndarray, build: Callable[[slice], np.ndarray]) -> None:
-        """Push `symbols` chunk by chunk, last chunk first: the same code as one push of all."""
-        for rows, table in net.row_tables(len(symbols), lambda r: coders.normalized_rows(build(r)), reverse=True):
+    Channels are autoregressive: R, then G given R, then B given R and G. Version 1
+    codes each subpixel with one 256-entry table; versions 2 and 3 code it as its
+    bin, then its value in the bin, each in chunks of rows (`_row_chunks`).
+    Tables are built when a step is pushed or popped (`coders.deferred`), from the
+    channels before it, which by then hold their values.
+    """
+    values = np.zeros((len(q.logits), channels), dtype=np.int64)
+    for c in range(channels):
+        true = None if truth is None else truth[:, c]
+        if q.version == 1:
+            values[:, c] = yield _pmf_codec(q, c, values), true
+            continue
+        tables = quantize.ChannelTables(q, c, values)
+        bins = yield _row_chunks(net, len(values), tables.coarse), None if true is None else true // quantize.BIN
+        # partial, not a lambda over the loop's names: the encoder builds the tables after the loop.
+        rest = yield (_row_chunks(net, len(values), functools.partial(tables.fine, bins)),
+                      None if true is None else true % quantize.BIN)
+        values[:, c] = quantize.BIN * bins + rest
+    return values
+
+
+def _pmf_codec(q: quantize.QuantizedMixture, channel: int, values: np.ndarray) -> Codec:
+    """Version 1: one 256-entry table per subpixel of `channel` (`quantize.channel_pmf`)."""
+    return coders.deferred(lambda: coders.categorical(quantize.channel_pmf(q, channel, values)))
+
+
+def _row_chunks(net: Network, count: int, build: Callable[[slice], np.ndarray]) -> Codec:
+    """Codec for `count` int symbols, symbol i drawn from row i of the tables `build(rows)`,
+    built and coded in fixed chunks of rows (`Network.row_tables`): the same code as one
+    table of all rows, in bounded memory. Push: the last chunk first; pop: the first first."""
+
+    def tables(reverse: bool = False):
+        return net.row_tables(count, lambda rows: coders.normalized_rows(build(rows)), reverse=reverse)
+
+    def push(ans: AnsCoder, symbols: np.ndarray) -> None:
+        for rows, table in tables(reverse=True):
             coders.categorical(table, normalized=True).push(ans, symbols[rows])
 
-    def pop_chunks(ans: AnsCoder, count: int, build: Callable[[slice], np.ndarray]) -> np.ndarray:
-        tables = net.row_tables(count, lambda r: coders.normalized_rows(build(r)))
-        parts = [coders.categorical(table, normalized=True).pop(ans) for _, table in tables]
+    def pop(ans: AnsCoder) -> np.ndarray:
+        parts = [coders.categorical(table, normalized=True).pop(ans) for _, table in tables()]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-
-    def push(ans: AnsCoder, values: np.ndarray) -> None:
-        for c in reversed(range(channels)):
-            channel = quantize.ChannelTables(q, c, values)
-            bins = values[:, c] // quantize.BIN
-            push_chunks(ans, values[:, c] % quantize.BIN, lambda r: channel.fine(bins, r))
-            push_chunks(ans, bins, channel.coarse)
-
-    def pop(ans: AnsCoder) -> np.ndarray:
-        values = np.zeros((len(q.logits), channels), dtype=np.int64)
-        for c in range(channels):
-            channel = quantize.ChannelTables(q, c, values)
-            bins = pop_chunks(ans, len(values), channel.coarse)
-            rest = pop_chunks(ans, len(values), lambda r: channel.fine(bins, r))
-            values[:, c] = quantize.BIN * bins + rest
-        return values
-
-    return Codec(push, pop)
-
-
-def _stage_codec_v1(q: quantize.QuantizedMixture, channels: int) -> Codec:
-    """Version 1: one 256-entry table per subpixel."""
-
-    def push(ans: AnsCoder, values: np.ndarray) -> None:
-        for c in reversed(range(channels)):
-            coders.categorical(quantize.channel_pmf(q, c, values)).push(ans, values[:, c])
-
-    def pop(ans: AnsCoder) -> np.ndarray:
-        values = np.zeros((len(q.logits), channels), dtype=np.int64)
-        for c in range(channels):
-            values[:, c] = coders.categorical(quantize.channel_pmf(q, c, values)).pop(ans)
-        return values
 
     return Codec(push, pop)
 
@@ -221,9 +214,65 @@ class TileSequence:
             merge_tiles(lattice[offset : offset + len(local)], self.grids[i], local, outs[i])
 
 
+def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, channels: int,
+                 params: CodingParams, deterministic: bool, lattice: Optional[np.ndarray] = None) -> coders.Steps:
+    """One batch of tiles as steps in decode order (`coders.Steps`), for both directions.
+
+    Decode order: each latent group top-down, popped with its prior; the pixels stage by
+    stage (`_stage_steps`); then, unless deterministic, each latent pushed back with its
+    posterior, last group first (`coders.Return`: gives back the borrowed bits).
+    The encoder passes the true `lattice` (n, 4, C, tile/2, tile/2); it knows each
+    posterior as it walks down, and its latent is the one it pops with it
+    (`coders.Borrow`) or, deterministic, the rounded posterior mean.
+
+    Returns:
+        The lattices (n, 4, C, tile/2, tile/2) uint8, and for the encoder of a
+        deterministic batch the bits bits-back would have borrowed (posterior entropy
+        on the grid, an estimate), else 0.
+    """
+    encoding = lattice is not None
+    n, half = len(indices), grid.tile // 2
+    acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(lattice))) if encoding else None
+    states: Optional[list] = None if encoding or deterministic else []  # what the decoder's posteriors need
+    walk = net.top_down_steps(n, grid.tile, grid.tile, acts, states)
+    latents, entropy = [], 0.0
+    try:
+        _, prior, posterior = next(walk)
+        while True:
+            truth = None
+            if encoding and deterministic:
+                truth = np.clip(np.rint(_numpy64(posterior.mean) / params.latent_grid), -params.radius, params.radius)
+                truth = truth.astype(np.int32)
+                # Entropy of a Gaussian on the grid, in bits: what a pop would borrow.
+                bits = np.log2(np.exp(_numpy64(posterior.log_std)) / params.latent_grid) + 2.047
+                entropy += float(np.maximum(bits, 0.0).sum())
+            elif encoding:
+                truth = coders.Borrow(latent_codec(posterior, params))
+            k = yield latent_codec(prior, params), truth
+            latents.append(k)
+            _, prior, posterior = walk.send(_latent_tensor(k, prior.mean.shape, params))
+    except StopIteration as done:
+        features = done.value
+    decoded = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
+    for stage in range(4):
+        mask = grid.stage_masks(indices, stage)
+        truth = _stage_values(lattice, stage, mask) if encoding else None
+        values = yield from _stage_steps(net, features, decoded, stage, mask, params.version, truth)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise CorruptFileError("corrupt payload: decoded pixel out of range")
+        decoded[:, stage].transpose(0, 2, 3, 1)[mask] = values
+        pad_stage(grid, indices, decoded[:, stage], stage)
+    if states is not None:  # decoder only: the encoder popped these values as its Borrows
+        acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(decoded)))
+        posteriors = net.posteriors(states, acts, grid.tile, grid.tile)
+        for k, posterior in zip(reversed(latents), reversed(posteriors)):
+            yield coders.Return(latent_codec(posterior, params), k)
+    return decoded, entropy
+
+
 def encode_batch(net: Network, ans: AnsCoder, lattice: np.ndarray, grid: "TileGrid | TileSequence",
                  indices: range, params: CodingParams, deterministic: bool) -> int:
-    """Push one batch of tiles; returns the bits its posterior pops borrow.
+    """Push one batch of tiles (`_batch_steps`); returns the bits its posterior pops borrow.
 
     For a deterministic batch nothing is borrowed and the return value is the
     estimate of what bits-back would borrow (posterior entropy on the grid), so
@@ -232,71 +281,23 @@ def encode_batch(net: Network, ans: AnsCoder, lattice: np.ndarray, grid: "TileGr
     Raises _StackTooShallow when the pops would exhaust the stack; the coder is
     then left half-used and the caller rolls back to its own snapshot.
     """
-    n = len(indices)
-    x = torch.from_numpy(lattice_to_pixels(lattice))
-    acts = net.bottom_up(x)
-    latents, priors = [], []
     bits_before = ans.num_bits()
-    estimate = 0.0
-
-    def choose(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
-        if deterministic:
-            nonlocal estimate
-            k = np.clip(np.rint(_numpy64(posterior.mean) / params.latent_grid), -params.radius, params.radius)
-            k = k.astype(np.int32)
-            # Entropy of a Gaussian on the grid, in bits: what a pop would borrow.
-            entropy = np.log2(np.exp(_numpy64(posterior.log_std)) / params.latent_grid) + 2.047
-            estimate += float(np.maximum(entropy, 0.0).sum())
-        else:
-            k = latent_codec(posterior, params).pop(ans)
-        latents.append(k)
-        priors.append(prior)
-        return _latent_tensor(k, prior.mean.shape, params)
-
-    features = net.top_down(n, grid.tile, grid.tile, choose, acts)
+    steps = _batch_steps(net, grid, indices, lattice.shape[2], params, deterministic, lattice)
+    recorded, (_, entropy) = coders.record_steps(ans, steps)
     if not deterministic and ans.num_valid_bits() < SAFETY_BITS:
         raise _StackTooShallow
-    borrowed = estimate if deterministic else bits_before - ans.num_bits()
-    for stage in reversed(range(4)):  # reversed: the decoder pops stage 0 first
-        mask = grid.stage_masks(indices, stage)
-        stage_codec(net, features, lattice, stage, mask, params.version).push(ans, _stage_values(lattice, stage, mask))
-    for k, prior in zip(reversed(latents), reversed(priors)):
-        latent_codec(prior, params).push(ans, k)
+    borrowed = entropy if deterministic else bits_before - ans.num_bits()
+    coders.push_recorded(ans, recorded)
     return borrowed
 
 
 def decode_batch(net: Network, ans: AnsCoder, grid: "TileGrid | TileSequence", indices: range,
                  channels: int, params: CodingParams, deterministic: bool) -> np.ndarray:
-    """Pop one batch of tiles; returns lattices (n, 4, C, tile/2, tile/2) uint8.
+    """Pop one batch of tiles (`_batch_steps`); returns lattices (n, 4, C, tile/2, tile/2) uint8.
 
     Stack before: as `encode_batch` left it. After: as before `encode_batch`.
     """
-    n, half = len(indices), grid.tile // 2
-    latents = []
-
-    def pop_prior(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
-        k = latent_codec(prior, params).pop(ans)
-        latents.append(k)
-        return _latent_tensor(k, prior.mean.shape, params)
-
-    states: list = []  # what the posteriors need, recorded on the way down
-    features = net.top_down(n, grid.tile, grid.tile, pop_prior, states=states)
-    lattice = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
-    for stage in range(4):
-        mask = grid.stage_masks(indices, stage)
-        values = stage_codec(net, features, lattice, stage, mask, params.version).pop(ans)
-        if values.size and (values.min() < 0 or values.max() > 255):
-            raise CorruptFileError("corrupt payload: decoded pixel out of range")
-        view = lattice[:, stage].transpose(0, 2, 3, 1)
-        view[mask] = values
-        pad_stage(grid, indices, lattice[:, stage], stage)
-    if deterministic:
-        return lattice
-    acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(lattice)))
-    posteriors = net.posteriors(states, acts, grid.tile, grid.tile)
-    for k, posterior in zip(reversed(latents), reversed(posteriors)):
-        latent_codec(posterior, params).push(ans, k)
-    return lattice
+    return coders.pop_steps(ans, _batch_steps(net, grid, indices, channels, params, deterministic))[0]
 
 
 def _latent_tensor(k: np.ndarray, shape: torch.Size, params: CodingParams) -> torch.Tensor:

@@ -6,12 +6,16 @@ so a sequence of codecs is pushed in reverse and popped in order.
 
 All constriction options are passed explicitly (`perfect=False`, ranges): a
 changed default would silently change the bytes.
+
+A stream is described once, in pop order, as a generator of steps (`Steps`);
+`pop_steps` decodes it and `push_steps` encodes it, so encoder and decoder are
+the same loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import constriction
 import numpy as np
@@ -26,6 +30,12 @@ class Codec:
 
     push: Callable[[AnsCoder, Any], None]
     pop: Callable[[AnsCoder], Any]
+
+
+def deferred(build: Callable[[], Codec]) -> Codec:
+    """The codec `build()` returns, built anew on each push or pop: an encoder that
+    records many steps before pushing them holds only their recipes, not their tables."""
+    return Codec(lambda ans, symbols: build().push(ans, symbols), lambda ans: build().pop(ans))
 
 
 def normalized_rows(probabilities: np.ndarray) -> np.ndarray:
@@ -125,3 +135,83 @@ def new_coder(words: np.ndarray | None = None) -> AnsCoder:
     if words is None:
         return AnsCoder()
     return AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+
+
+# ---------------------------------------------------------------- steps
+
+Steps = Generator[Any, Any, Any]
+"""A stream in pop order. Each step is either a pair (codec, truth): the decoder pops
+a value with `codec` and the generator is sent it; the encoder's true value is `truth`
+(None on the decoder) or a `Borrow`. Or it is a `Return`: the decoder pushes its
+value; the encoder, which popped that value as a `Borrow`, passes over it. The
+generator returns the stream's result."""
+
+
+@dataclass(frozen=True)
+class Borrow:
+    """An encoder's truth that is not known in advance: the value it pops with `codec`
+    (bits-back borrows it from the stack). The decoder gives those bits back with a
+    `Return` step of the same value and codec, after the steps that depend on it."""
+
+    codec: Codec
+
+
+@dataclass(frozen=True)
+class Return:
+    """A decoder's step: push `value` with `codec` (returns what an encoder's `Borrow` took)."""
+
+    codec: Codec
+    value: Any
+
+
+def pop_steps(ans: AnsCoder, steps: Steps) -> Any:
+    """Decode: pop each step's value and send it back (push each `Return`); returns the result.
+
+    Stack before: S + the stream. After: S (plus what the `Return` steps push).
+    """
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, Return):
+                step.codec.push(ans, step.value)
+                step = steps.send(None)
+            else:
+                step = steps.send(step[0].pop(ans))
+    except StopIteration as stop:
+        return stop.value
+
+
+def record_steps(ans: AnsCoder, steps: Steps) -> tuple[list[tuple[Codec, Any]], Any]:
+    """Encode, first half: run `steps` with their true values, popping each `Borrow` at once.
+
+    Returns:
+        The (codec, value) steps for `push_recorded`, and the generator's result.
+        Stack after: before, minus the borrowed values.
+    """
+    recorded = []
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, Return):  # its value was popped as a Borrow
+                step = steps.send(None)
+                continue
+            codec, truth = step
+            value = truth.codec.pop(ans) if isinstance(truth, Borrow) else np.asarray(truth)
+            recorded.append((codec, value))
+            step = steps.send(value)
+    except StopIteration as stop:
+        return recorded, stop.value
+
+
+def push_recorded(ans: AnsCoder, recorded: Sequence[tuple[Codec, Any]]) -> None:
+    """Encode, second half: push the recorded steps, last first (ANS is last-in first-out),
+    so the decoder pops them in order."""
+    for codec, value in reversed(recorded):
+        codec.push(ans, value)
+
+
+def push_steps(ans: AnsCoder, steps: Steps) -> Any:
+    """Encode `steps` (`record_steps`, then `push_recorded`); returns the generator's result."""
+    recorded, result = record_steps(ans, steps)
+    push_recorded(ans, recorded)
+    return result

@@ -14,7 +14,7 @@ network runs is part of the format:
 
 Either way the results still depend on the CPU's instruction set (docs/PORTABILITY.md).
 `coding_network` sets torch up for one version and hands out a `Network` with the
-three calls bits-back coding makes: `bottom_up`, `top_down`, `stage_params`.
+calls bits-back coding makes: `bottom_up`, `top_down_steps`, `posteriors`, `stage_params`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import Gaussian, HierarchicalVAE, LatentChooser, MixtureParams
+from .model import Gaussian, HierarchicalVAE, MixtureParams, TopDownSteps
 
 SUB_BATCH_PIXELS = 4 * 64 * 64
 """Numerics 2: tile pixels per network call (four 64x64 tiles)."""
@@ -62,8 +62,8 @@ def _cat(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
 class Network:
     """The network calls of bits-back coding, run under one version's numerics.
 
-    Same signatures as `HierarchicalVAE.bottom_up`, `top_down` and `stage_params`;
-    outputs are whole-batch tensors whatever the sub-batching.
+    Same signatures as `HierarchicalVAE.bottom_up`, `top_down_steps`, `posteriors` and
+    `stage_params`; outputs are whole-batch tensors whatever the sub-batching.
     """
 
     def __init__(self, model: HierarchicalVAE, numerics: Numerics, pool: Optional[ThreadPoolExecutor]):
@@ -109,9 +109,10 @@ class Network:
         parts = self._map(self.model.bottom_up, [x[s] for s in slices])
         return {factor: _cat([p[factor] for p in parts]) for factor in parts[0]}
 
-    def top_down(self, batch: int, height: int, width: int, choose: LatentChooser,
-                 acts: Optional[dict[int, torch.Tensor]] = None, states: Optional[list] = None) -> torch.Tensor:
-        """The sub-batches walk the groups in lockstep; `choose` sees the whole batch.
+    def top_down_steps(self, batch: int, height: int, width: int, acts: Optional[dict[int, torch.Tensor]] = None,
+                       states: Optional[list] = None) -> TopDownSteps:
+        """`HierarchicalVAE.top_down_steps` on the whole batch: the sub-batches walk the groups
+        in lockstep; each step yields (g, prior, posterior) of the whole batch and is sent its z.
 
         `states`, if a list, gets one list of recorded (h, prior) per sub-batch, for `posteriors`.
         """
@@ -131,7 +132,7 @@ class Network:
             posterior = None
             if requests[0][2] is not None:
                 posterior = Gaussian(_cat([r[2].mean for r in requests]), _cat([r[2].log_std for r in requests]))
-            z = choose(g, prior, posterior)
+            z = yield g, prior, posterior
             requests = self._map(_step, walks, [z[s] for s in slices])
         return _cat([r.features for r in requests])
 

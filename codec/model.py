@@ -1,9 +1,10 @@
 """`HierarchicalVAE`: top-down VAE with a sub-lattice logistic-mixture pixel decoder.
 
-Computes ELBO / IWAE in bits per subpixel for training and measurement, and
-exposes the pieces bits-back coding needs: the bottom-up pass, one top-down walk
-whose latents are chosen by a callback, and the pixel-likelihood parameters of
-each of the four 2x2 sub-lattice stages. It knows nothing about entropy coders.
+Computes ELBO / IWAE in bits per subpixel for training and measurement, all on
+one posterior walk (`sample_posterior`), and exposes the pieces bits-back coding
+needs: the bottom-up pass, one top-down walk whose latents are chosen by a
+callback, and the pixel-likelihood parameters of each of the four 2x2 sub-lattice
+stages. It knows nothing about entropy coders.
 
 Layout (H x W image, C channels):
   stem: 4x4 pixel-unshuffle -> 1x1 conv, trunk at H/4;
@@ -242,6 +243,27 @@ class NelboTerms:
     kl_bits: torch.Tensor
 
 
+@dataclass
+class PosteriorSample:
+    """One top-down pass on latents from the posterior of x (`HierarchicalVAE.sample_posterior`).
+
+    features: pixel-decoder features (N, pixel_width, H/2, W/2); per latent group,
+    coarsest first, over its coded channels: `priors`, `posteriors`, the `latents`
+    z fed to the decoder and `kl_nats`, the analytic KL(q || p) in nats (N, channels, h, w).
+    """
+
+    features: torch.Tensor
+    priors: list[Gaussian]
+    posteriors: list[Gaussian]
+    latents: list[torch.Tensor]
+    kl_nats: list[torch.Tensor]
+
+    def log_ratios(self) -> list[torch.Tensor]:
+        """Per group, log p(z) − log q(z | x) of the latents in nats, summed per image (N,)."""
+        return [(gaussian_log_prob(p, z) - gaussian_log_prob(q, z)).sum(dim=(1, 2, 3))
+                for p, q, z in zip(self.priors, self.posteriors, self.latents)]
+
+
 class HierarchicalVAE(nn.Module):
     """Fully convolutional top-down VAE; images are uint8 (N, C, H, W), H and W
     multiples of `config.downsampling`."""
@@ -352,6 +374,37 @@ class HierarchicalVAE(nn.Module):
         return split_params(raw, self.config)
 
     # ---- objectives ------------------------------------------------------
+    def sample_posterior(self, x: torch.Tensor, *, latents: str = "sample", generator: Optional[torch.Generator] = None,
+                         acts: Optional[dict[int, torch.Tensor]] = None) -> PosteriorSample:
+        """The top-down walk on latents from the posterior of x: the one sampling path of
+        training, measurement and the benchmarks.
+
+        Args:
+            x: uint8 (N, C, H, W).
+            latents: "sample" draws z = mean + std * eps, eps ~ N(0, 1) from `generator`
+                (None: torch's global generator); "mean" takes the posterior means.
+            acts: `bottom_up(x)`, if already computed.
+        """
+        if latents not in ("sample", "mean"):
+            raise ValueError(f"latents must be 'sample' or 'mean', got {latents!r}")
+        n, _, height, width = x.shape
+        priors, posteriors, chosen, kls = [], [], [], []
+
+        def choose(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
+            # The KL before z: training's gradients are summed in the order the graph was built.
+            kls.append(gaussian_kl(posterior, prior))
+            z = posterior.mean
+            if latents == "sample":
+                eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+                z = posterior.mean + torch.exp(posterior.log_std) * eps
+            priors.append(prior)
+            posteriors.append(posterior)
+            chosen.append(z)
+            return z
+
+        features = self.top_down(n, height, width, choose, self.bottom_up(x) if acts is None else acts)
+        return PosteriorSample(features, priors, posteriors, chosen, kls)
+
     def nelbo(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> NelboTerms:
         """Single-sample negative ELBO with analytic KLs, in bits per image.
 
@@ -360,53 +413,37 @@ class HierarchicalVAE(nn.Module):
             mask: optional bool (N, 1, H, W); only True pixels count in the
                 reconstruction term (tile padding is not coded).
         """
-        n, _, height, width = x.shape
-        acts = self.bottom_up(x)
-        kls = []
-
-        def sample(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
-            kls.append(gaussian_kl(posterior, prior).sum(dim=(1, 2, 3)))
-            return posterior.mean + torch.exp(posterior.log_std) * torch.randn_like(posterior.mean)
-
-        features = self.top_down(n, height, width, sample, acts)
-        log_prob = self.pixel_log_prob(features, x)
-        if mask is not None:
-            log_prob = log_prob * split_lattice(mask)
+        sample = self.sample_posterior(x)
+        log_prob = self.pixel_log_prob(sample.features, x, mask)
         recon = -log_prob.sum(dim=(1, 2, 3, 4)) / LN2
-        kl_bits = torch.stack(kls, dim=1) / LN2
+        kl_bits = torch.stack([kl.sum(dim=(1, 2, 3)) for kl in sample.kl_nats], dim=1) / LN2
         return NelboTerms(recon + kl_bits.sum(1), recon, kl_bits)
 
-    def pixel_log_prob(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(x | z) in nats, (N, 4, C, H/2, W/2) by sub-lattice stage."""
+    def pixel_log_prob(self, features: torch.Tensor, x: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p(x | z) in nats, (N, 4, C, H/2, W/2) by sub-lattice stage; 0 where
+        `mask` (bool (N, 1, H, W), optional) is False."""
         lattice = split_lattice(x)
         out = []
         for s in range(4):
             params = self.stage_params(features, lattice, s)
             out.append(mixture_log_prob(params, lattice[:, s].float()))
-        return torch.stack(out, dim=1)
+        log_prob = torch.stack(out, dim=1)
+        return log_prob if mask is None else log_prob * split_lattice(mask)
 
     def iwae_bits(self, x: torch.Tensor, samples: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """-log p(x) estimated with `samples` importance samples, bits per image (N,).
 
         `mask` as in `nelbo`. Non-increasing in `samples` on average, <= nelbo.
         """
-        n, _, height, width = x.shape
         acts = self.bottom_up(x)
         log_w = []
         for _ in range(samples):
-            log_ratio = torch.zeros(n, device=x.device)
-
-            def sample(g: int, prior: Gaussian, posterior: Optional[Gaussian]) -> torch.Tensor:
-                nonlocal log_ratio
-                z = posterior.mean + torch.exp(posterior.log_std) * torch.randn_like(posterior.mean)
-                log_ratio = log_ratio + (gaussian_log_prob(prior, z) - gaussian_log_prob(posterior, z)).sum(dim=(1, 2, 3))
-                return z
-
-            features = self.top_down(n, height, width, sample, acts)
-            log_prob = self.pixel_log_prob(features, x)
-            if mask is not None:
-                log_prob = log_prob * split_lattice(mask)
-            log_w.append(log_prob.sum(dim=(1, 2, 3, 4)) + log_ratio)
+            sample = self.sample_posterior(x, acts=acts)
+            log_ratio = torch.zeros(x.shape[0], device=x.device)
+            for ratio in sample.log_ratios():
+                log_ratio = log_ratio + ratio
+            log_w.append(self.pixel_log_prob(sample.features, x, mask).sum(dim=(1, 2, 3, 4)) + log_ratio)
         log_w = torch.stack(log_w, dim=1)
         return -(torch.logsumexp(log_w, dim=1) - math.log(samples)) / LN2
 

@@ -34,18 +34,18 @@ Algorithm (semi-static, two passes on the encoder):
 One schedule (`_plane_steps`) describes the whole stream in pop order as a
 generator of (codec, value) steps; the decoder pops each step, the encoder
 records them with their true values and pushes them reversed (ANS is last-in
-first-out). So encode and decode are the same loop.
+first-out): `coders.pop_steps` / `coders.push_steps`. So encode and decode are the same loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator, Optional
+from typing import Callable, Optional
 
 import constriction
 import numpy as np
 
-from .coders import AnsCoder, Codec, categorical, iid_categorical, uniform
+from .coders import AnsCoder, Codec, Steps, categorical, deferred, iid_categorical, pop_steps, push_steps, uniform
 
 _constriction_model = constriction.stream.model
 
@@ -59,8 +59,6 @@ _MAX_CONTEXTS = 1024
 _GROUP_COST = 1600  # one iid call costs about as much as 1600 (symbol, alphabet) entries
 _RESIDUAL_THRESHOLDS = {1: (), 4: (3, 12, 40), 8: (1, 3, 6, 12, 22, 40, 75)}  # for 256 levels
 _BASED_NEIGHBOURS = 5  # left, up, up-left, up-right (base + value), the pixel's own base
-
-Step = Generator[tuple[Codec, Optional[np.ndarray]], np.ndarray, object]
 
 
 # ---------------------------------------------------------------- count tables
@@ -110,7 +108,7 @@ def _data_bits(hist: np.ndarray, index: np.ndarray) -> float:
     return float(-np.sum(h[nz] * log_p[nz]))
 
 
-def _table_steps(n_contexts: int, alphabet: int, index: Optional[np.ndarray]) -> Step:
+def _table_steps(n_contexts: int, alphabet: int, index: Optional[np.ndarray]) -> Steps:
     """Steps of one (K, A) count-index table, in pop order; returns the table.
 
     `index` is the true table (encoder) or None (decoder).
@@ -381,10 +379,7 @@ def _iid_codec(model, count: int) -> Codec:
 
 def _rows_codec(table: np.ndarray, rows: np.ndarray) -> Codec:
     """`categorical(table[rows])`, gathered only when used (the encoder holds many at once)."""
-    return Codec(
-        lambda ans, symbols: categorical(table[rows]).push(ans, symbols),
-        lambda ans: categorical(table[rows]).pop(ans),
-    )
+    return deferred(lambda: categorical(table[rows]))
 
 
 def _segments(ctx: np.ndarray, coded_ctx: np.ndarray, alphabet: int) -> list[tuple[np.ndarray, int]]:
@@ -410,7 +405,7 @@ def _segments(ctx: np.ndarray, coded_ctx: np.ndarray, alphabet: int) -> list[tup
 
 
 def _pixel_steps(variant: _Variant, waves: _Waves, buf: np.ndarray, index: np.ndarray, truth,
-                 based: bool = False) -> Step:
+                 based: bool = False) -> Steps:
     """Steps of all pixels, wave by wave; the decoder writes its values into `buf`.
 
     Args:
@@ -444,7 +439,7 @@ def _pixel_steps(variant: _Variant, waves: _Waves, buf: np.ndarray, index: np.nd
 
 
 def _plane_steps(height: int, width: int, levels: int, plane: Optional[np.ndarray],
-                 base: Optional[np.ndarray] = None) -> Step:
+                 base: Optional[np.ndarray] = None) -> Steps:
     """The whole stream of one plane in pop order; returns the (H, W) plane (uint8, or
     int32 when `base` is given)."""
     enc = plane is not None
@@ -466,30 +461,6 @@ def _plane_steps(height: int, width: int, levels: int, plane: Optional[np.ndarra
     buf = waves.buffer(fill, base=base)
     yield from _pixel_steps(variant, waves, buf, index, None, based=base is not None)
     return waves.plane(buf, width, base).astype(dtype)
-
-
-def _push_steps(ans: AnsCoder, steps: Step) -> None:
-    """Run `steps` with the encoder's true values, then push them reversed (LIFO)."""
-    recorded = []
-    try:
-        codec, value = next(steps)
-        while True:
-            recorded.append((codec, value))
-            codec, value = steps.send(np.asarray(value))
-    except StopIteration:
-        pass
-    for codec, value in reversed(recorded):
-        codec.push(ans, value)
-
-
-def _pop_steps(ans: AnsCoder, steps: Step):
-    """Run `steps` popping each value; return the schedule's result."""
-    try:
-        codec, _ = next(steps)
-        while True:
-            codec, _ = steps.send(codec.pop(ans))
-    except StopIteration as stop:
-        return stop.value
 
 
 # ---------------------------------------------------------------- public API

@@ -206,61 +206,27 @@ def _tile_tensors(pixels: np.ndarray, grid, indices: range):
 
 
 def _elbo_pass(net, x: "torch.Tensor", mask: "torch.Tensor", latents: str, generator):
-    """One top-down pass; returns (log p(x|z) nats (n, 4, C, T/2, T/2) masked,
-    list over groups of KL maps in nats (n, coded channels, T/f, T/f)).
+    """One top-down pass (`HierarchicalVAE.sample_posterior`); returns (log p(x|z) nats
+    (n, 4, C, T/2, T/2) masked, list over groups of KL maps in nats (n, coded channels, T/f, T/f)).
 
     latents: "sample" (one posterior sample, the usual −ELBO) or "mean" (posterior means).
     """
-    from .model import split_lattice
-
-    features, kls = posterior_features(net, x, latents, generator)
-    log_prob = net.pixel_log_prob(features, x) * split_lattice(mask)
-    return log_prob, kls
-
-
-def posterior_features(net, x: "torch.Tensor", latents: str, generator):
-    """The top-down walk on latents from the posterior of x: (features for the pixel
-    decoder, list over groups of KL maps in nats). `latents` as in `_elbo_pass`."""
-    import torch
-
-    from .model import gaussian_kl
-
-    n, _, height, width = x.shape
-    acts = net.bottom_up(x)
-    kls = []
-
-    def choose(g, prior, posterior):
-        kls.append(gaussian_kl(posterior, prior))
-        if latents == "mean":
-            return posterior.mean
-        eps = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
-        return posterior.mean + torch.exp(posterior.log_std) * eps
-
-    return net.top_down(n, height, width, choose, acts), kls
+    sample = net.sample_posterior(x, latents=latents, generator=generator)
+    return net.pixel_log_prob(sample.features, x, mask), sample.kl_nats
 
 
 def _log_weights(net, x: "torch.Tensor", mask: "torch.Tensor", acts: dict, k: int, generator) -> "torch.Tensor":
     """(n, k) log-weights log p(x, z) − log q(z | x) in nats, z drawn from the posterior."""
     import torch
 
-    from .model import gaussian_log_prob, split_lattice
-
-    n, _, height, width = x.shape
     xr, mr = x.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
     acts_r = {f: a.repeat_interleave(k, 0) for f, a in acts.items()}
-    log_ratio = torch.zeros(n * k, dtype=torch.float64)
-
-    def sample(g, prior, posterior):
-        nonlocal log_ratio
-        eps = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
-        z = posterior.mean + torch.exp(posterior.log_std) * eps
-        ratio = gaussian_log_prob(prior, z) - gaussian_log_prob(posterior, z)
-        log_ratio = log_ratio + ratio.sum(dim=(1, 2, 3)).to(torch.float64)
-        return z
-
-    features = net.top_down(n * k, height, width, sample, acts_r)
-    log_prob = (net.pixel_log_prob(features, xr) * split_lattice(mr)).sum(dim=(1, 2, 3, 4))
-    return (log_prob.to(torch.float64) + log_ratio).reshape(n, k)
+    sample = net.sample_posterior(xr, generator=generator, acts=acts_r)
+    log_ratio = torch.zeros(xr.shape[0], dtype=torch.float64)
+    for ratio in sample.log_ratios():
+        log_ratio = log_ratio + ratio.to(torch.float64)
+    log_prob = net.pixel_log_prob(sample.features, xr, mr).sum(dim=(1, 2, 3, 4))
+    return (log_prob.to(torch.float64) + log_ratio).reshape(x.shape[0], k)
 
 
 def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, samples: int = 0,
@@ -278,8 +244,6 @@ def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, 
 
     from .tiles import TileGrid
 
-    if latents not in ("sample", "mean"):
-        raise ValueError(f"latents must be 'sample' or 'mean', got {latents!r}")
     net = loaded.net
     grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
     generator = torch.Generator().manual_seed(seed)

@@ -297,6 +297,169 @@ def _update_ema(ema: HierarchicalVAE, model: HierarchicalVAE, decay: float) -> N
                 e.copy_(p)
 
 
+@dataclass
+class _Data:
+    """Training images, their crop sampler and the fixed held-out crops."""
+
+    images: list[np.ndarray]
+    sampler: datasets.RandomCrops
+    eval_crops: torch.Tensor
+    heldout_text: str
+
+
+def _setup_data(options: TrainOptions, device: torch.device, log: Callable[[str], None]) -> _Data:
+    t_load = time.monotonic()
+    images, heldout_images, heldout_text = _load_data(options)
+    data = _Data(images, datasets.RandomCrops(images, options.crop, seed=options.seed),
+                 _heldout_crops(heldout_images, options), heldout_text)
+    log(
+        f"data: {len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx; "
+        f"held-out: {heldout_text}, {len(data.eval_crops)} crops of {options.crop}; "
+        f"loaded in {time.monotonic() - t_load:.1f} s; device {hardware_name(device)}"
+    )
+    return data
+
+
+@dataclass
+class _RunState:
+    """Everything a checkpoint restores: weights, optimiser, counters and the held-out curve
+    (rows [step, mean train bpd, held-out bpd])."""
+
+    model: HierarchicalVAE
+    ema: HierarchicalVAE
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    crops_seen: int = 0
+    skipped: int = 0
+    elapsed_before: float = 0.0
+    curve: list[list[float]] = field(default_factory=list)
+
+
+def _new_run(options: TrainOptions, device: torch.device) -> _RunState:
+    """A seeded fresh model, its EMA copy and the AdamW optimiser."""
+    torch.manual_seed(options.seed)
+    model = HierarchicalVAE(options.config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.99), weight_decay=options.weight_decay)
+    return _RunState(model, ema, optimizer)
+
+
+def _resume(run: _RunState, sampler: datasets.RandomCrops, options: TrainOptions, device: torch.device) -> None:
+    """Restore `run`, the sampler and the RNGs from the checkpoint `options.resume`."""
+    state = load_checkpoint(options.resume, device)
+    saved = TrainOptions.from_dict(state["options"])
+    if saved.config != options.config:
+        raise VaezipError(f"{options.resume} was trained with a different model config")
+    run.model.load_state_dict(state["model"], strict=True)
+    run.ema.load_state_dict(state["ema"], strict=True)
+    run.optimizer.load_state_dict(state["optimizer"])
+    sampler.state = state["sampler_state"]
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+    run.step, run.crops_seen, run.skipped = int(state["step"]), int(state["crops_seen"]), int(state["skipped"])
+    run.elapsed_before = float(state["elapsed_s"])
+    run.curve = [list(row) for row in state["curve"]]
+
+
+def _save_checkpoint(run: _RunState, sampler: datasets.RandomCrops, options: TrainOptions, device: torch.device,
+                     elapsed_s: float, path: Path) -> None:
+    _atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "options": options.to_dict(),
+            "step": run.step,
+            "model": run.model.state_dict(),
+            "ema": run.ema.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "sampler_state": sampler.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "crops_seen": run.crops_seen,
+            "skipped": run.skipped,
+            "elapsed_s": elapsed_s,
+            "curve": run.curve,
+        },
+        path,
+    )
+
+
+def _train_step(run: _RunState, x: torch.Tensor, options: TrainOptions, lr: float, beta: float) -> tuple[float, bool]:
+    """One optimiser step on the crops x at learning rate `lr` and KL weight `beta`.
+
+    Returns:
+        -ELBO of the batch in bits per subpixel, and whether the update was applied
+        (it is skipped when the gradient norm or the loss is not finite or too large).
+    """
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    dims = options.config.channels * options.crop * options.crop
+    terms = run.model.nelbo(x)
+    loss = (terms.recon_bits + beta * terms.kl_bits.sum(1)).mean() / dims
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), options.grad_clip))
+    train_bpd = float(terms.nelbo_bits.detach().mean()) / dims
+    if math.isfinite(grad_norm) and math.isfinite(train_bpd) and grad_norm <= options.skip_threshold:
+        run.optimizer.step()
+        _update_ema(run.ema, run.model, min(options.ema_decay, (1 + run.step) / (10 + run.step)))
+        return train_bpd, True
+    run.skipped += 1
+    return train_bpd, False
+
+
+class _Window:
+    """Throughput and mean training bpd since the last evaluation."""
+
+    def __init__(self) -> None:
+        self.start, self.crops, self.bpd, self.steps = time.monotonic(), 0, 0.0, 0
+
+    def rate(self) -> float:
+        """Crops per second."""
+        return self.crops / max(time.monotonic() - self.start, 1e-9)
+
+    def mean_bpd(self) -> float:
+        return self.bpd / self.steps if self.steps else float("nan")
+
+
+def _eval_line(run: _RunState, options: TrainOptions, window: _Window, heldout_bpd: float,
+               before: str, after: str) -> str:
+    """The log line of an evaluation: step, training and held-out bpd, with `before` and `after` inserted."""
+    return (f"step {run.step}/{options.steps}  {before}train {window.mean_bpd():.4f} bpd  "
+            f"held-out {heldout_bpd:.4f} bpd (EMA){after}")
+
+
+def _write_outputs(run: _RunState, data: _Data, options: TrainOptions, device: torch.device, wall: float,
+                   heldout_bpd: float, weights_path: Path, record_path: Path) -> None:
+    """OUT.pt (the EMA weights) and OUT.json (config and the record of the run)."""
+    _atomic_save({k: v.detach().cpu().clone() for k, v in run.ema.state_dict().items()}, weights_path)
+    record = {
+        "config": options.config.to_dict(),
+        "training": {
+            "data": _describe_data(options.data),
+            "data_specs": list(options.data),
+            "training_images": len(data.images),
+            "heldout": data.heldout_text,
+            "heldout_crops": len(data.eval_crops),
+            "steps": run.step,
+            "crops_seen": run.crops_seen,
+            "batch": options.batch,
+            "crop": options.crop,
+            "skipped_updates": run.skipped,
+            "wall_time_s": round(wall, 1),
+            "hardware": hardware_name(device),
+            "torch_version": torch.__version__,
+            "final_heldout_bpd": heldout_bpd,
+            "heldout_bpd_meaning": "-ELBO bits per subpixel of the held-out crops, EMA weights, 1 latent sample",
+            "curve": [[v if isinstance(v, int) or math.isfinite(v) else None for v in row] for row in run.curve],
+            "options": options.to_dict(),
+        },
+    }
+    tmp = record_path.with_name(record_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, record_path)
+
+
 def train(
     options: TrainOptions,
     progress: Optional[Callable[[TrainEvent], None]] = None,
@@ -324,154 +487,69 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    t_load = time.monotonic()
-    images, heldout_images, heldout_text = _load_data(options)
-    sampler = datasets.RandomCrops(images, options.crop, seed=options.seed)
-    eval_crops = _heldout_crops(heldout_images, options)
-    log(
-        f"data: {len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx; "
-        f"held-out: {heldout_text}, {len(eval_crops)} crops of {options.crop}; "
-        f"loaded in {time.monotonic() - t_load:.1f} s; device {hardware_name(device)}"
-    )
-
-    torch.manual_seed(options.seed)
-    model = HierarchicalVAE(options.config).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.99), weight_decay=options.weight_decay)
-    step, crops_seen, skipped, elapsed_before = 0, 0, 0, 0.0
-    curve: list[list[float]] = []
+    data = _setup_data(options, device, log)
+    run = _new_run(options, device)
     if options.resume is not None:
-        state = load_checkpoint(options.resume, device)
-        saved = TrainOptions.from_dict(state["options"])
-        if saved.config != options.config:
-            raise VaezipError(f"{options.resume} was trained with a different model config")
-        model.load_state_dict(state["model"], strict=True)
-        ema.load_state_dict(state["ema"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.state = state["sampler_state"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-        step, crops_seen, skipped = int(state["step"]), int(state["crops_seen"]), int(state["skipped"])
-        elapsed_before = float(state["elapsed_s"])
-        curve = [list(row) for row in state["curve"]]
-        log(f"resumed from {options.resume} at step {step}")
+        _resume(run, data.sampler, options, device)
+        log(f"resumed from {options.resume} at step {run.step}")
 
-    dims = options.config.channels * options.crop * options.crop
-    heldout_bpd = curve[-1][2] if curve else None
+    heldout_bpd = run.curve[-1][2] if run.curve else None
     start = time.monotonic()
-    window_start, window_crops, window_bpd, window_steps = start, 0, 0.0, 0
-    lr = learning_rate(options, step)
+    window = _Window()
+    lr = learning_rate(options, run.step)
 
     def elapsed() -> float:
-        return elapsed_before + time.monotonic() - start
-
-    def save_checkpoint() -> None:
-        _atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "options": options.to_dict(),
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "sampler_state": sampler.state,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "crops_seen": crops_seen,
-                "skipped": skipped,
-                "elapsed_s": elapsed(),
-                "curve": curve,
-            },
-            ckpt_path,
-        )
+        return run.elapsed_before + time.monotonic() - start
 
     def emit(kind: str, train_bpd: float, rate: float) -> None:
         if progress is not None:
-            progress(TrainEvent(kind, step, options.steps, train_bpd, heldout_bpd, rate, lr, elapsed(), skipped))
+            progress(TrainEvent(kind, run.step, options.steps, train_bpd, heldout_bpd, rate, lr, elapsed(), run.skipped))
+
+    def evaluate() -> float:
+        """Held-out -ELBO of the EMA weights, added to the curve."""
+        bpd = evaluate_bpd(run.ema, data.eval_crops, options.batch, device)
+        run.curve.append([run.step, window.mean_bpd(), bpd])
+        return bpd
 
     train_bpd, rate = float("nan"), 0.0
-    last_eval_step = step if curve and curve[-1][0] == step else -1
-    model.train()
-    while step < options.steps:
+    last_eval_step = run.step if run.curve and run.curve[-1][0] == run.step else -1
+    run.model.train()
+    while run.step < options.steps:
         if options.time_limit is not None and time.monotonic() - start >= options.time_limit:
-            log(f"time limit of {options.time_limit:g} s reached at step {step}")
+            log(f"time limit of {options.time_limit:g} s reached at step {run.step}")
             break
-        if options.stop_step is not None and step >= options.stop_step:
+        if options.stop_step is not None and run.step >= options.stop_step:
             break
-        step += 1
-        lr = learning_rate(options, step, time.monotonic() - start)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x = sampler.sample(options.batch).to(device, non_blocking=True)
-        terms = model.nelbo(x)
-        beta = kl_weight(options, step)
-        loss = (terms.recon_bits + beta * terms.kl_bits.sum(1)).mean() / dims
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip))
-        train_bpd = float(terms.nelbo_bits.detach().mean()) / dims
-        if math.isfinite(grad_norm) and math.isfinite(train_bpd) and grad_norm <= options.skip_threshold:
-            optimizer.step()
-            _update_ema(ema, model, min(options.ema_decay, (1 + step) / (10 + step)))
-            window_bpd += train_bpd
-            window_steps += 1
-        else:
-            skipped += 1
-        crops_seen += options.batch
-        window_crops += options.batch
-        rate = window_crops / max(time.monotonic() - window_start, 1e-9)
+        run.step += 1
+        lr = learning_rate(options, run.step, time.monotonic() - start)
+        beta = kl_weight(options, run.step)
+        x = data.sampler.sample(options.batch).to(device, non_blocking=True)
+        train_bpd, applied = _train_step(run, x, options, lr, beta)
+        if applied:
+            window.bpd += train_bpd
+            window.steps += 1
+        run.crops_seen += options.batch
+        window.crops += options.batch
+        rate = window.rate()
         emit("step", train_bpd, rate)
 
-        if step % options.eval_every == 0 or step == options.steps:
-            heldout_bpd = evaluate_bpd(ema, eval_crops, options.batch, device)
-            mean_train = window_bpd / window_steps if window_steps else float("nan")
-            curve.append([step, mean_train, heldout_bpd])
-            last_eval_step = step
-            log(
-                f"step {step}/{options.steps}  {rate:.1f} crops/s  train {mean_train:.4f} bpd  "
-                f"held-out {heldout_bpd:.4f} bpd (EMA)  lr {lr:.2e}  kl weight {beta:.2f}  "
-                f"skipped {skipped}  {elapsed():.0f} s"
-            )
+        if run.step % options.eval_every == 0 or run.step == options.steps:
+            heldout_bpd = evaluate()
+            last_eval_step = run.step
+            log(_eval_line(run, options, window, heldout_bpd, f"{rate:.1f} crops/s  ",
+                           f"  lr {lr:.2e}  kl weight {beta:.2f}  skipped {run.skipped}  {elapsed():.0f} s"))
             emit("eval", train_bpd, rate)
-            window_start, window_crops, window_bpd, window_steps = time.monotonic(), 0, 0.0, 0
-        if step % options.checkpoint_every == 0:
-            save_checkpoint()
+            window = _Window()
+        if run.step % options.checkpoint_every == 0:
+            _save_checkpoint(run, data.sampler, options, device, elapsed(), ckpt_path)
             emit("checkpoint", train_bpd, rate)
 
-    if last_eval_step != step:
-        heldout_bpd = evaluate_bpd(ema, eval_crops, options.batch, device)
-        mean_train = window_bpd / window_steps if window_steps else float("nan")
-        curve.append([step, mean_train, heldout_bpd])
-        log(f"step {step}/{options.steps}  train {mean_train:.4f} bpd  held-out {heldout_bpd:.4f} bpd (EMA)  final")
-    save_checkpoint()
+    if last_eval_step != run.step:
+        heldout_bpd = evaluate()
+        log(_eval_line(run, options, window, heldout_bpd, "", "  final"))
+    _save_checkpoint(run, data.sampler, options, device, elapsed(), ckpt_path)
     wall = elapsed()
-    _atomic_save({k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}, weights_path)
-    record = {
-        "config": options.config.to_dict(),
-        "training": {
-            "data": _describe_data(options.data),
-            "data_specs": list(options.data),
-            "training_images": len(images),
-            "heldout": heldout_text,
-            "heldout_crops": len(eval_crops),
-            "steps": step,
-            "crops_seen": crops_seen,
-            "batch": options.batch,
-            "crop": options.crop,
-            "skipped_updates": skipped,
-            "wall_time_s": round(wall, 1),
-            "hardware": hardware_name(device),
-            "torch_version": torch.__version__,
-            "final_heldout_bpd": heldout_bpd,
-            "heldout_bpd_meaning": "-ELBO bits per subpixel of the held-out crops, EMA weights, 1 latent sample",
-            "curve": [[v if isinstance(v, int) or math.isfinite(v) else None for v in row] for row in curve],
-            "options": options.to_dict(),
-        },
-    }
-    tmp = record_path.with_name(record_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, record_path)
+    _write_outputs(run, data, options, device, wall, heldout_bpd, weights_path, record_path)
     log(f"wrote {weights_path} (EMA weights), {record_path}, {ckpt_path}")
     emit("done", train_bpd, rate)
-    return TrainResult(weights_path, record_path, ckpt_path, step, float(heldout_bpd), wall)
+    return TrainResult(weights_path, record_path, ckpt_path, run.step, float(heldout_bpd), wall)
