@@ -504,12 +504,12 @@ def plane_codec(height: int, width: int, levels: int, base: Optional[np.ndarray]
     def push(ans: AnsCoder, plane: np.ndarray) -> None:
         plane = _check(plane, height, width, levels)
         if not trivial:
-            _push_steps(ans, _plane_steps(height, width, levels, plane, base))
+            push_steps(ans, _plane_steps(height, width, levels, plane, base))
 
     def pop(ans: AnsCoder) -> np.ndarray:
         if trivial:
             return np.zeros((height, width), dtype)
-        return _pop_steps(ans, _plane_steps(height, width, levels, None, base))
+        return pop_steps(ans, _plane_steps(height, width, levels, None, base))
 
     return Codec(push, pop)
 
