@@ -18,10 +18,11 @@ Stream of one channel, in pop order: b - 8 (uniform over 9), the fill (uniform o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from .coders import AnsCoder, Codec, uniform
+from .coders import Codec, Steps, pop_steps, push_steps, uniform
 
 
 @dataclass(frozen=True)
@@ -75,34 +76,28 @@ def low_codec(high: np.ndarray) -> Codec:
         before: S; after: S + the low bits (channel 0 on top).
     pop(ans): stack before: S + the low bits; after: S. Returns the (H, W, C) uint16 pixels.
     """
+    return Codec(lambda ans, pixels: push_steps(ans, _low_steps(high, pixels)),
+                 lambda ans: pop_steps(ans, _low_steps(high, None)))
+
+
+def _low_steps(high: np.ndarray, pixels: Optional[np.ndarray]) -> Steps:
+    """The low bits of every channel in pop order (`coders.Steps`); returns the uint16
+    pixels. `pixels` is the truth on the encoder, None on the decoder."""
     from .planes import plane_codec
 
     height, width, channels = high.shape
-
-    def plane(c: int, low: LowBits) -> Codec:
-        base = high[:, :, c].astype(np.int32) << (low.bits - 8)
-        return plane_codec(height, width, low.levels, base)
-
-    def push(ans: AnsCoder, pixels: np.ndarray) -> None:
-        for c in reversed(range(channels)):  # reversed: channel 0 is popped first
-            samples = pixels[:, :, c].astype(np.int64)
-            low = significant_bits(samples)
-            data = samples >> (16 - low.bits)
-            plane(c, low).push(ans, data & (low.levels - 1))
-            uniform(2, 1).push(ans, np.array([int(low.replicate)]))
-            uniform(9, 1).push(ans, np.array([low.bits - 8]))
-
-    def pop(ans: AnsCoder) -> np.ndarray:
-        pixels = np.empty((height, width, channels), np.uint16)
-        for c in range(channels):
-            bits = 8 + int(uniform(9, 1).pop(ans)[0])
-            low = LowBits(bits, bool(uniform(2, 1).pop(ans)[0]))
-            coded = plane(c, low).pop(ans).astype(np.int64)
-            data = (high[:, :, c].astype(np.int64) << (bits - 8)) | coded
-            pixels[:, :, c] = low.fill(data)
-        return pixels
-
-    return Codec(push, pop)
+    out = np.empty((height, width, channels), np.uint16)
+    for c in range(channels):
+        samples = None if pixels is None else pixels[:, :, c].astype(np.int64)
+        truth = None if samples is None else significant_bits(samples)
+        bits = 8 + int((yield uniform(9, 1), None if truth is None else np.array([truth.bits - 8]))[0])
+        replicate = (yield uniform(2, 1), None if truth is None else np.array([int(truth.replicate)]))[0]
+        low = LowBits(bits, bool(replicate))
+        base = high[:, :, c].astype(np.int64) << (bits - 8)
+        coded_truth = None if samples is None else (samples >> (16 - bits)) & (low.levels - 1)
+        coded = yield plane_codec(height, width, low.levels, base.astype(np.int32)), coded_truth
+        out[:, :, c] = low.fill(base | np.asarray(coded, np.int64))
+    return out
 
 
 def estimate_low_bits(pixels: np.ndarray) -> float:
