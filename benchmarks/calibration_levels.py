@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaezip import api, rates, registry
+from vaezip import imagecodec, rates, registry
+from vaezip.images import as_image
 from vaezip.model import LOG_SCALE_MAX, LOG_SCALE_MIN, MixtureParams, mixture_log_prob, split_lattice
 from vaezip.tiles import TileGrid
 
@@ -66,8 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for path in args.images:
-        image = api.as_image(path)
-        _, loaded = api._resolve_model(image.mode, None, None)
+        image = as_image(path)
+        loaded = imagecodec.model_for_mode(image.mode)
         recon, kl = stage_channel_bits(loaded, image.pixels)
         n = image.pixels.size
         levels = {

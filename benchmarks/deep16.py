@@ -14,7 +14,11 @@ with one `vaezip decompress`; every decoded PNG is checked against its input (sa
 mode, 16-bit depth). PNG (zlib 9, filter search) and JPEG-XL (lossless, effort 9) code
 the same samples, each checked lossless (`vaezip.baselines`).
 
-    python benchmarks/deep16.py [--kodak 1 2 ... 24] [--json-out /tmp/vaezip-deep16.json]
+With --split N, the first N wiki-mean3 photos are also split into their high bytes (an 8-bit
+photo: vaezip's photo model against JPEG-XL on it alone) and the rest (vaezip's low-bit coder,
+`depth.estimate_low_bits`, against JPEG-XL's whole file minus its high-byte file).
+
+    python benchmarks/deep16.py [--kodak 1 2 ... 24] [--split 4] [--json-out /tmp/vaezip-deep16.json]
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from vaezip import baselines
+import vaezip as vz
+from vaezip import baselines, depth
 from vaezip.images import Image, pixels_equal, read_image, write_png
 
 DATA = Path(os.environ.get("VAEZIP_DATA", "/work/shared/data"))
@@ -95,18 +100,39 @@ def run_set(name: str, images: dict[str, Image], vaezip: str, folder: Path) -> d
     return row
 
 
+def split_high_low(images: dict[str, Image]) -> dict:
+    """Bits per subpixel of the high bytes and of the rest, vaezip against JPEG-XL e9."""
+    bits = {"vaezip_high": 0.0, "vaezip_low": 0.0, "jpegxl_high": 0.0, "jpegxl_all": 0.0}
+    subpixels = 0
+    for image in images.values():
+        high = Image(image.mode.split(";")[0], depth.split(image.pixels))
+        bits["vaezip_high"] += 8 * len(vz.compress(high))
+        bits["vaezip_low"] += depth.estimate_low_bits(image.pixels)
+        bits["jpegxl_high"] += 8 * baselines.jpegxl_result(high).size_bytes
+        bits["jpegxl_all"] += 8 * baselines.jpegxl_result(image).size_bytes
+        subpixels += image.num_subpixels
+    row = {k: v / subpixels for k, v in bits.items()}
+    row["jpegxl_low"] = row["jpegxl_all"] - row["jpegxl_high"]
+    print("split: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kodak", type=int, nargs="*", default=list(range(1, 25)))
+    parser.add_argument("--split", type=int, default=0, help="split this many wiki-mean3 photos")
     parser.add_argument("--json-out", default="/tmp/vaezip-deep16.json")
     args = parser.parse_args()
     vaezip = str(Path(sys.executable).with_name("vaezip"))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_set("wiki-mean3", wiki_mean3(gray=False), vaezip, Path(tmp)),
+        wiki = wiki_mean3(gray=False)
+        split = split_high_low(dict(list(wiki.items())[:args.split])) if args.split else None
+        rows = [run_set("wiki-mean3", wiki, vaezip, Path(tmp)),
                 run_set("wiki-mean3-L", wiki_mean3(gray=True), vaezip, Path(tmp))]
         if args.kodak:
             rows.append(run_set("kodak-x257", kodak_x257(args.kodak), vaezip, Path(tmp)))
-    Path(args.json_out).write_text(json.dumps({"rows": rows, "versions": baselines.versions()}, indent=1))
+    Path(args.json_out).write_text(json.dumps({"rows": rows, "split": split, "versions": baselines.versions()},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from vaezip import api, archive, container
+from vaezip import api, archive, versions
 from vaezip.errors import VaezipError
 from vaezip.images import Image
 
@@ -39,9 +39,9 @@ def samples(rng: np.random.Generator) -> list[tuple[list[Image], bytes]]:
         Image("P", rng.integers(0, 4, (9, 6, 1), dtype=np.uint8), palette=bytes(range(12))),
         Image("1", rng.integers(0, 2, (8, 13, 1), dtype=np.uint8)),
     ]
-    files = [([image], api.compress(image, version=v)) for image in images for v in container.KNOWN_VERSIONS]
+    files = [([image], api.compress(image, version=v)) for image in images for v in versions.KNOWN_VERSIONS]
     named = [(f"{i:02d}.png", image) for i, image in enumerate(images + images[:2])]
-    files += [(images + images[:2], api.pack(named, version=v)) for v in archive.KNOWN_VERSIONS]
+    files += [(images + images[:2], api.pack(named, version=v)) for v in versions.KNOWN_VERSIONS]
     return files
 
 

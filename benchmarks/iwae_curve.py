@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from vaezip import api, data, registry  # noqa: E402
+from vaezip import data, imagecodec, registry  # noqa: E402
 from vaezip.rates import heatmap, model_terms, render_heatmap, tile_log_weights  # noqa: E402
 
 KODAK = "/work/shared/data/kodak/kodim{:02d}.png"
@@ -65,7 +65,7 @@ def curve(name: str, images: list[np.ndarray], ks: list[int], label: str) -> dic
     nelbo, subpixels = 0.0, 0
     start = time.perf_counter()
     for i, pixels in enumerate(images):
-        tile = api.tile_size(pixels.shape[0], pixels.shape[1], loaded.spec.config.downsampling)
+        tile = imagecodec.tile_size(pixels.shape[0], pixels.shape[1], loaded.spec.config.downsampling)
         for k, b in iwae_bits_by_k(tile_log_weights(loaded, pixels, tile, k_max, seed=i), ks).items():
             bits[k] += b
         nelbo += model_terms(loaded, pixels, tile, seed=i).nelbo_bits

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from iwae_curve import KODAK, centre_crop  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from vaezip import api, registry  # noqa: E402
+from vaezip import imagecodec, registry  # noqa: E402
 from vaezip.rates import SAMPLE_PIXELS, model_terms  # noqa: E402
 
 MODEL = "photo-rgb-1"
@@ -69,7 +69,7 @@ def row(loaded: registry.LoadedModel, images: list[np.ndarray], k: int) -> dict:
     iwae = nelbo = 0.0
     start = time.perf_counter()
     for i, pixels in enumerate(images):
-        tile = api.tile_size(pixels.shape[0], pixels.shape[1], loaded.spec.config.downsampling)
+        tile = imagecodec.tile_size(pixels.shape[0], pixels.shape[1], loaded.spec.config.downsampling)
         terms = model_terms(loaded, pixels, tile, samples=k, seed=i)
         iwae, nelbo = iwae + terms.iwae_bits, nelbo + terms.nelbo_bits
     subpixels = sum(p.size for p in images)

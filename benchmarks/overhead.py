@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image as PILImage
 
-from vaezip import api, registry
+from vaezip import api, imagecodec, registry
 
 KODAK = "/work/shared/data/kodak/kodim{:02d}.png"
 
@@ -63,7 +63,7 @@ def main() -> None:
                 back = api.decompress(data, loaded=loaded)
                 if not np.array_equal(back, pixels):
                     raise SystemExit(f"round trip failed: kodim{index:02d} size {size} {strategy}")
-                tile = api.tile_size(*pixels.shape[:2], loaded.spec.config.downsampling)
+                tile = imagecodec.tile_size(*pixels.shape[:2], loaded.spec.config.downsampling)
                 nelbo, _ = api.model_bits(loaded, pixels, tile)
                 report_header = len(data) - 4 * len(api.container.unpack(data)[1])
                 file_bits += 8 * len(data)

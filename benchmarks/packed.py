@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaezip import api, archive, container, registry
+from vaezip import api, archive, container, imagecodec, registry
 from vaezip.images import Image, from_array
 
 NELBO_TILES = 96  # tiles per network call for the batched −ELBO
@@ -66,19 +66,19 @@ def nelbo_bits(images: list[Image], model: str | None, seed: int = 0) -> float:
     """
     import torch
 
-    from vaezip.tiles import TileGrid
+    from vaezip.tiles import TileGrid, lattice_to_pixels, split_tiles
 
     groups: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for img in images:
         if img.mode not in ("L", "RGB"):
             raise SystemExit(f"−ELBO of mode {img.mode} images is not implemented here")
-        name = api.choose_model(img.mode, model)
-        lm = registry.load_model(name)
-        tile = api.tile_size(img.height, img.width, lm.spec.config.downsampling)
+        lm = imagecodec.model_for_mode(img.mode, model)
+        name = lm.spec.name
+        tile = imagecodec.tile_size(img.height, img.width, lm.spec.config.downsampling)
         grid = TileGrid(img.height, img.width, tile)
         indices = range(grid.count)
         groups.setdefault((name, tile), []).append(
-            (api._padded_tiles(img.pixels, grid, indices), grid.pixel_masks(indices)))
+            (lattice_to_pixels(split_tiles(img.pixels, grid, indices)), grid.pixel_masks(indices)))
     torch.manual_seed(seed)
     total = 0.0
     with torch.inference_mode():
@@ -132,9 +132,7 @@ def main() -> None:
 
     # Load the models before timing (as a long-running process would have them).
     for img in images[:1]:
-        name = api.choose_model(img.mode, args.model)
-        if name:
-            registry.load_model(name)
+        imagecodec.model_for_mode(img.mode, args.model)
 
     done = [0]
     step = max(1, len(items) // 20)

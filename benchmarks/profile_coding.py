@@ -29,6 +29,7 @@ import time
 START = time.perf_counter()
 
 from vaezip import api, calibrate, coders, inference, registry  # noqa: E402  (timed: the imports)
+from vaezip.images import as_image  # noqa: E402
 
 IMPORTED = time.perf_counter()
 PHASES = {"bottom_up": "network", "top_down": "network", "posteriors": "network", "stage_params": "network"}
@@ -102,7 +103,7 @@ def main() -> None:
     start = time.perf_counter()
     registry.load_model("photo-rgb-1")
     loaded = time.perf_counter() - start
-    image = api.as_image(args.image)
+    image = as_image(args.image)
     result = {"image": args.image, "size": [image.width, image.height], "import_s": IMPORTED - START,
               "model_load_s": loaded, "threads": inference.default_workers()}
     totals: collections.Counter = collections.Counter()

@@ -82,7 +82,7 @@ def _print_json(obj) -> None:
 
 
 def _tile_count(height: int, width: int) -> int:
-    from vaezip.api import MAX_TILE
+    from vaezip.imagecodec import MAX_TILE
 
     return -(-height // MAX_TILE) * -(-width // MAX_TILE)
 

@@ -3,7 +3,7 @@
 Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
 
     magic         8 bytes   b"VZPK\\r\\n\\x1a\\n"  (differs from .vz's b"VZIP\\r\\n\\x1a\\n")
-    version       u16       1, 2 or 3
+    version       u16       1 to 4 (`versions`)
     count         u32       number of images, >= 1
     table_size    u32       bytes of the image table, uncompressed
     table_zsize   u32       bytes of the zlib stream that follows
@@ -11,7 +11,7 @@ Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
     payload       u32 count + count x u32   ANS words of all images, chained
     crc32         u32       zlib.crc32 of every byte before it
 
-Version 2 and 3 table (payloads coded as .vz version 2 or 3), column by column, so
+Versions with `archive_columns` (2 to 4) store the table column by column, so
 that fields repeating from image to image deflate to almost nothing:
 
     runtime       text      library versions that affect the numbers
@@ -39,10 +39,10 @@ tile sequence (`bitsback.encode_tile_sets`: batches straddle image boundaries).
 The first image of a run has JOINED clear, the others set. A batch's schedule
 entry is stored with the image its first tile belongs to, so the run's schedule
 is the concatenation of its images' schedules. A run of one image is coded
-exactly as `api.push_image` codes it.
+exactly as `imagecodec.push_image` codes it.
 
-Any change to this layout bumps `FORMAT_VERSION`; `unpack` refuses versions not
-in `KNOWN_VERSIONS`. Everything read is validated and reported as
+Any change to this layout is a new row in `versions`; `unpack` refuses versions not
+in `versions.KNOWN_VERSIONS`. Everything read is validated and reported as
 `CorruptFileError` with a one-line message.
 """
 
@@ -57,24 +57,23 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import container
+from . import container, versions
 from .container import Header, Reader
 from .errors import CorruptFileError, UnsupportedVersionError
 
 MAGIC = b"VZPK\r\n\x1a\n"
-FORMAT_VERSION = 4
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 
 JOINED = 0x01
 BATCH_SIZE_MASK = container.DETERMINISTIC_FLAG - 1
 """Tile count of a schedule entry; the top bit is `container.DETERMINISTIC_FLAG`."""
 MAX_NAME_BYTES = 4096
-_MIN_COLUMNS_BYTES = 1 + 1 + 8 + 2 + 8 + 2 + 2 + 2 + 2 + 4
-MIN_RECORD_BYTES = {1: 2 + 1 + 1 + 54, 2: _MIN_COLUMNS_BYTES, 3: _MIN_COLUMNS_BYTES, 4: _MIN_COLUMNS_BYTES}
-"""Smallest table bytes an image takes: version 1, a 1-byte name, flags and header
-fields with empty strings; versions 2 and 3, its columns (names may be numbered)."""
+MIN_RECORD_BYTES = 2 + 1 + 1 + 54
+"""Smallest table bytes an image takes as a record: a 1-byte name, flags and header fields
+with empty strings."""
+MIN_COLUMNS_BYTES = 1 + 1 + 8 + 2 + 8 + 2 + 2 + 2 + 2 + 4
+"""Smallest table bytes an image takes in columns (names may be numbered)."""
 NO_CHECKSUM = bytes(container.CHECKSUM_BYTES)
-"""`pixel_checksum` of a version 2 or 3 entry read back: images are checked as a set."""
+"""`pixel_checksum` of an entry read from columns: images are checked as a set."""
 MAX_DEFLATE_RATIO = 1100
 """Deflate cannot expand more than 1032:1; a larger claimed table size is corrupt."""
 _U16 = 0xFFFF
@@ -145,10 +144,12 @@ def entries_problem(entries: Sequence[Entry]) -> str:
         return "an archive holds at least one image"
     if len(entries) > _U32:
         return "more than 2**32-1 images"
-    versions = {e.header.version for e in entries}
-    if len(versions) > 1:
-        return f"images of format versions {sorted(versions)} in one archive"
-    if min(versions) >= 2 and len({e.header.runtime for e in entries}) > 1:
+    numbers = {e.header.version for e in entries}
+    if len(numbers) > 1:
+        return f"images of format versions {sorted(numbers)} in one archive"
+    if numbers - set(versions.FORMATS):
+        return f"unknown format version {min(numbers - set(versions.FORMATS))}"
+    if entries[0].header.fmt.archive_columns and len({e.header.runtime for e in entries}) > 1:
         return "images written by different runtimes in one archive"
     seen: set[str] = set()
     for i, entry in enumerate(entries):
@@ -236,7 +237,7 @@ def _names_block(names: Sequence[str]) -> bytes:
     return b"\x01" + _text(prefix) + struct.pack("<IB", first, digits) + _text(suffix)
 
 
-def _table_v2(entries: Sequence[Entry]) -> bytes:
+def _columns_table(entries: Sequence[Entry]) -> bytes:
     headers = [e.header for e in entries]
     columns = [
         [struct.pack("<B", JOINED if e.joined else 0) for e in entries],
@@ -275,7 +276,7 @@ def pack(entries: Sequence[Entry], words: np.ndarray) -> bytes:
         raise ValueError(f"cannot pack archive: {problem}")
     words = container.checked_payload(words)
     version = entries[0].header.version
-    table = _table_v2(entries) if version >= 2 else b"".join(_record(e) for e in entries)
+    table = _columns_table(entries) if entries[0].header.fmt.archive_columns else b"".join(_record(e) for e in entries)
     if len(table) > _U32:
         raise ValueError("image table longer than 2**32-1 bytes")
     packed_table = zlib.compress(table, 9)
@@ -292,7 +293,7 @@ def pack(entries: Sequence[Entry], words: np.ndarray) -> bytes:
 def _check_preamble(data: bytes) -> None:
     if data[: len(container.MAGIC)] == container.MAGIC:
         raise CorruptFileError("this is a .vz file, not a .vzp archive (use vaezip decompress)")
-    container.check_preamble(data, MAGIC, KNOWN_VERSIONS, "archive")
+    container.check_preamble(data, MAGIC, versions.KNOWN_VERSIONS, "archive")
 
 
 def _inflate(packed: bytes, size: int) -> bytes:
@@ -307,7 +308,7 @@ def _inflate(packed: bytes, size: int) -> bytes:
     return table
 
 
-def _read_v1(records: Reader, count: int) -> list[Entry]:
+def _read_records(records: Reader, count: int) -> list[Entry]:
     entries = []
     for _ in range(count):
         name = records.text("image name", records.u16("image name length"))
@@ -332,7 +333,7 @@ def _read_names(table: Reader, count: int) -> list[str]:
     return [f"{prefix}{first + i:0{digits}d}{suffix}" for i in range(count)]
 
 
-def _read_v2(table: Reader, count: int, version: int) -> tuple[list[Entry], bytes]:
+def _read_columns(table: Reader, count: int, version: int) -> tuple[list[Entry], bytes]:
     runtime = table.text("runtime", table.u16("runtime length"))
     checksum = table.take(container.CHECKSUM_BYTES, "set checksum")
     names = _read_names(table, count)
@@ -368,13 +369,14 @@ def read(data: bytes) -> Contents:
     """Parses and validates .vzp bytes.
 
     Raises:
-        UnsupportedVersionError: format version not in `KNOWN_VERSIONS`.
+        UnsupportedVersionError: format version not in `versions.KNOWN_VERSIONS`.
         CorruptFileError: anything else wrong: magic, truncation, CRC, counts,
             names, header fields, tile schedules, trailing bytes.
     """
     data = bytes(data)
     _check_preamble(data)
     (version,) = struct.unpack_from("<H", data, len(MAGIC))
+    columns = versions.get(version).archive_columns
     reader = Reader(data[:-4], len(MAGIC) + 2)
     count = reader.u32("image count")
     table_size = reader.u32("image table size")
@@ -383,7 +385,7 @@ def read(data: bytes) -> Contents:
         raise CorruptFileError("corrupt vaezip archive: no images")
     if table_zsize > reader.remaining or table_size > MAX_DEFLATE_RATIO * table_zsize + 64:
         raise CorruptFileError("corrupt vaezip archive: image table sizes do not fit the file")
-    if count > table_size // MIN_RECORD_BYTES[version]:
+    if count > table_size // (MIN_COLUMNS_BYTES if columns else MIN_RECORD_BYTES):
         raise CorruptFileError(f"corrupt vaezip archive: {count} images cannot fit a {table_size}-byte table")
     table = _inflate(reader.take(table_zsize, "image table"), table_size)
     words = reader.array(reader.u32("payload word count"), "<u4", "payload")
@@ -391,10 +393,10 @@ def read(data: bytes) -> Contents:
         raise CorruptFileError(f"corrupt vaezip archive: {reader.remaining} unexpected trailing bytes")
     records = Reader(table, 0)
     checksum = None
-    if version == 1:
-        entries = _read_v1(records, count)
+    if columns:
+        entries, checksum = _read_columns(records, count, version)
     else:
-        entries, checksum = _read_v2(records, count, version)
+        entries = _read_records(records, count)
     if records.remaining:
         raise CorruptFileError(f"corrupt vaezip archive: {records.remaining} unexpected bytes in the image table")
     problem = entries_problem(entries)

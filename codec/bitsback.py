@@ -51,6 +51,7 @@ from .container import DETERMINISTIC_FLAG
 from .errors import CorruptFileError
 from .inference import Network
 from .model import Gaussian
+from .versions import CURRENT, Format
 from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles, stage_masks
 
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
@@ -64,7 +65,7 @@ class CodingParams:
 
     tile: int
     latent_grid: float
-    version: int = 2
+    fmt: Format = CURRENT
     """Format version: which numerics and probability-table layout apply."""
 
     @property
@@ -89,16 +90,16 @@ def latent_codec(g: Gaussian, params: CodingParams) -> Codec:
 
 
 def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray,
-                 version: int, truth: Optional[np.ndarray] = None) -> coders.Steps:
+                 fmt: Format, truth: Optional[np.ndarray] = None) -> coders.Steps:
     """Steps of the real subpixels (m, C) of one sub-lattice stage, in pop order; returns them (int64).
 
-    Version 3 pops the stage's log-scale offsets (`calibrate`) first; the encoder
-    chooses them for its true values `truth` (None on the decoder).
+    With `fmt.scale_offsets` the stage's log-scale offsets (`calibrate`) pop first;
+    the encoder chooses them for its true values `truth` (None on the decoder).
     """
     params = net.stage_params(features, torch.from_numpy(lattice), stage)
-    q = quantize.quantize_mixture(params, mask, version)
+    q = quantize.quantize_mixture(params, mask, fmt)
     channels = lattice.shape[2]
-    if version >= 3:
+    if fmt.scale_offsets:
         offsets = yield calibrate.offset_codec(channels), None if truth is None else calibrate.choose_offsets(q, truth)
         q = q.with_scale_offsets(offsets)
     return (yield from _subpixel_steps(net, q, channels, truth))
@@ -108,16 +109,16 @@ def _subpixel_steps(net: Network, q: quantize.QuantizedMixture, channels: int,
                     truth: Optional[np.ndarray] = None) -> coders.Steps:
     """Steps of the subpixels (m, C) under the mixtures `q`, in pop order; returns them (int64).
 
-    Channels are autoregressive: R, then G given R, then B given R and G. Version 1
-    codes each subpixel with one 256-entry table; versions 2 and 3 code it as its
-    bin, then its value in the bin, each in chunks of rows (`_row_chunks`).
+    Channels are autoregressive: R, then G given R, then B given R and G. Without
+    `binned_tables` (version 1) each subpixel is coded with one 256-entry table; with
+    them as its bin, then its value in the bin, each in chunks of rows (`_row_chunks`).
     Tables are built when a step is pushed or popped (`coders.deferred`), from the
     channels before it, which by then hold their values.
     """
     values = np.zeros((len(q.logits), channels), dtype=np.int64)
     for c in range(channels):
         true = None if truth is None else truth[:, c]
-        if q.version == 1:
+        if not q.fmt.binned_tables:
             values[:, c] = yield _pmf_codec(q, c, values), true
             continue
         tables = quantize.ChannelTables(q, c, values)
@@ -257,7 +258,7 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     for stage in range(4):
         mask = grid.stage_masks(indices, stage)
         truth = _stage_values(lattice, stage, mask) if encoding else None
-        values = yield from _stage_steps(net, features, decoded, stage, mask, params.version, truth)
+        values = yield from _stage_steps(net, features, decoded, stage, mask, params.fmt, truth)
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
         decoded[:, stage].transpose(0, 2, 3, 1)[mask] = values

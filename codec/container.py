@@ -21,8 +21,9 @@ UTF-8 with a length prefix; the version says how the payload was coded
     payload            u32 count + count x u32   ANS words
     crc32              u32       zlib.crc32 of every byte before it
 
-Any change to this layout or to how payloads are coded bumps `FORMAT_VERSION`; `unpack` refuses versions not in
-`KNOWN_VERSIONS`. Everything read is validated and reported as `CorruptFileError`.
+Any change to this layout or to how payloads are coded is a new row in `versions`; `unpack`
+refuses versions not in `versions.KNOWN_VERSIONS`. Everything read is validated and reported
+as `CorruptFileError`.
 """
 
 from __future__ import annotations
@@ -34,20 +35,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import versions
 from .errors import CorruptFileError, UnsupportedVersionError
 from .images import SUPPORTED_MODES, Image, decode_transparency
 
 MAGIC = b"VZIP\r\n\x1a\n"
 """8 bytes; the CR LF, ^Z and LF catch text-mode mangling, as in PNG."""
 
-FORMAT_VERSION = 4
-"""Written by this build. 1: native convolutions, one 256-entry table per subpixel;
-2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (faster);
-3: as 2, plus per-batch log-scale offsets chosen by the encoder (`calibrate`);
-4: as 3, plus the modes of other sample depths (L;2, L;4 and the 16-bit ones, `depth`)."""
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
-EIGHT_BIT_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA", "P", "1")
-"""The modes of versions 1 to 3; version 4 adds the rest of `images.SUPPORTED_MODES`."""
 
 MAX_SIDE = 65535
 """Largest width or height, pixels."""
@@ -95,14 +89,19 @@ class Header:
     transparency: bytes = b""
     icc_profile: bytes = b""
     runtime: str = ""
-    version: int = FORMAT_VERSION
+    version: int = versions.CURRENT.version
+
+    @property
+    def fmt(self) -> versions.Format:
+        """The record of `version` (`versions.get`)."""
+        return versions.get(self.version)
 
 
 def header_problem(header: Header) -> str:
     """Returns why `header` cannot be stored or used, or "" if it is valid."""
-    if header.version not in KNOWN_VERSIONS:
+    if header.version not in versions.FORMATS:
         return f"unknown format version {header.version}"
-    if header.mode not in (SUPPORTED_MODES if header.version >= 4 else EIGHT_BIT_MODES):
+    if header.mode not in header.fmt.modes:
         return f"unknown image mode {header.mode!r} for format version {header.version}"
     if not (1 <= header.width <= MAX_SIDE and 1 <= header.height <= MAX_SIDE):
         return f"image size {header.width}x{header.height} outside 1..{MAX_SIDE}"
@@ -241,7 +240,7 @@ class _Reader:
         return np.frombuffer(self.take(count * size, what), dtype=dtype).astype(dtype[1:])
 
 
-def check_preamble(data: bytes, magic: bytes = MAGIC, known: tuple[int, ...] = KNOWN_VERSIONS,
+def check_preamble(data: bytes, magic: bytes = MAGIC, known: tuple[int, ...] = versions.KNOWN_VERSIONS,
                    kind: str = "file") -> None:
     """Magic, version and CRC-32 of a vaezip file (`kind` "file") or archive ("archive").
 
@@ -275,7 +274,7 @@ def unpack(data: bytes) -> tuple[Header, np.ndarray]:
         The header and the payload as a 1-D uint32 array.
 
     Raises:
-        UnsupportedVersionError: If the format version is not in `KNOWN_VERSIONS`.
+        UnsupportedVersionError: If the format version is not in `versions.KNOWN_VERSIONS`.
         CorruptFileError: If the bytes are not a vaezip file, are truncated, have trailing
             bytes, fail the CRC, or hold an invalid field.
     """

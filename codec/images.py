@@ -355,6 +355,27 @@ def from_array(array: np.ndarray, mode: str | None = None) -> Image:
     return Image(mode, np.ascontiguousarray(array))
 
 
+ImageLike = Union[Image, np.ndarray, "os.PathLike", str, PILImage.Image]
+"""What the library codes: an `Image`, a pixel array (`from_array`), a Pillow image or a path."""
+
+
+def as_image(image: ImageLike) -> Image:
+    """The `Image` of an `ImageLike`.
+
+    Raises:
+        InputError: an object of another type; as `read_image`, `from_array`, `from_pil`.
+    """
+    if isinstance(image, Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return from_array(image)
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, PILImage.Image):
+        return from_pil(image)
+    raise InputError(f"cannot compress an object of type {type(image).__name__}")
+
+
 READABLE_FORMATS: dict[str, str] = {
     "PNG": "PNG", "TIFF": "TIFF", "PPM": "PNM", "BMP": "BMP", "DIB": "BMP", "GIF": "GIF",
     "JPEG": "JPEG", "WEBP": "WebP"}

@@ -1,13 +1,13 @@
 """How coding runs the network: the float arithmetic each format version fixes.
 
 Encoder and decoder must compute bit-identical network outputs, so the way the
-network runs is part of the format:
+network runs is part of the format (`versions.Numerics` of each version):
 
-  numerics 1 (.vz/.vzp version 1): PyTorch's native convolutions on the whole
-      tile batch at the process's thread count (native results do not depend on
-      it; oneDNN's do, measured on this machine's 2 cores).
-  numerics 2 (versions 2 and 3): oneDNN convolutions (faster), each call on ONE
-      thread and on a fixed sub-batch of tiles (`SUB_BATCH_PIXELS`); the
+  native (version 1): PyTorch's native convolutions on the whole tile batch at the
+      process's thread count (native results do not depend on it; oneDNN's do,
+      measured on this machine's 2 cores).
+  oneDNN sub-batches (versions 2 to 4): oneDNN convolutions (faster), each call on
+      ONE thread and on a fixed sub-batch of tiles (`sub_batch_pixels`); the
       sub-batches run side by side in a thread pool. A single-threaded call on a
       fixed shape computes the same numbers however many workers there are, so
       files decode identically with any thread count.
@@ -29,24 +29,10 @@ import numpy as np
 import torch
 
 from .model import Gaussian, HierarchicalVAE, MixtureParams, TopDownSteps
+from .versions import Format, Numerics
 
-SUB_BATCH_PIXELS = 4 * 64 * 64
-"""Numerics 2: tile pixels per network call (four 64x64 tiles)."""
 ROW_CHUNK = 4096
 """Positions per probability-table chunk (`Network.row_tables`)."""
-
-
-@dataclass(frozen=True)
-class Numerics:
-    """Network settings of one format version (`NUMERICS[version]`)."""
-
-    onednn: bool
-    sub_batch_pixels: Optional[int]  # None: the whole batch in one call
-
-
-_ONEDNN_SUB_BATCHES = Numerics(onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)
-NUMERICS = {1: Numerics(onednn=False, sub_batch_pixels=None), 2: _ONEDNN_SUB_BATCHES, 3: _ONEDNN_SUB_BATCHES,
-            4: _ONEDNN_SUB_BATCHES}
 
 
 def _parts(count: int, size: int) -> list[slice]:
@@ -167,22 +153,19 @@ def _step(walk, z: Optional[torch.Tensor]):
 
 
 def default_workers() -> int:
-    """Threads for numerics 2: torch's intra-op thread count (OMP_NUM_THREADS or the cores)."""
+    """Threads for sub-batched numerics: torch's intra-op thread count (OMP_NUM_THREADS or the cores)."""
     return max(1, torch.get_num_threads() or os.cpu_count() or 1)
 
 
 @contextmanager
-def coding_network(model: HierarchicalVAE, version: int, workers: Optional[int] = None) -> Iterator[Network]:
-    """Torch set up for coding with format `version`'s numerics; restored afterwards.
+def coding_network(model: HierarchicalVAE, fmt: Format, workers: Optional[int] = None) -> Iterator[Network]:
+    """Torch set up for coding with format `fmt`'s numerics; restored afterwards.
 
-    Changes process-wide torch settings (oneDNN on or off, and for numerics 2
-    one intra-op thread) while it is open: do not run other torch work in
-    parallel threads meanwhile.
-
-    Raises:
-        KeyError: unknown version (callers validate versions first).
+    Changes process-wide torch settings (oneDNN on or off, and for sub-batches one
+    intra-op thread) while it is open: do not run other torch work in parallel
+    threads meanwhile.
     """
-    numerics = NUMERICS[version]
+    numerics = fmt.numerics
     previous = torch.backends.mkldnn.enabled, torch.get_num_threads()
     workers = workers or default_workers()
     torch.backends.mkldnn.enabled = numerics.onednn

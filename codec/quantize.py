@@ -34,15 +34,14 @@ from typing import Optional
 import numpy as np
 
 from .model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
+from .versions import Format
 
 MEAN_STEPS = 32
 LOG_SCALE_STEPS = 16
 COEFF_STEPS = 4096
 LOGIT_STEPS = 8
 MEAN_MIN, MEAN_MAX = -64 * MEAN_STEPS, 319 * MEAN_STEPS
-_WIDE_MEANS = (-1024 * MEAN_STEPS, 1279 * MEAN_STEPS)
-MEAN_RANGES = {1: (MEAN_MIN, MEAN_MAX), 2: _WIDE_MEANS, 3: _WIDE_MEANS, 4: _WIDE_MEANS}
-"""Mean clamp by format version, in mean steps."""
+"""Version 1's mean clamp in mean steps: its 256-entry tables cover these means."""
 BIN = 16
 """Versions 2 and 3: subpixel values per coarse bin; 256 // BIN bins."""
 SCALE_LO = int(round(LOG_SCALE_MIN * LOG_SCALE_STEPS))
@@ -59,31 +58,32 @@ class QuantizedMixture:
 
     logits: (n, K); means: (n, C, K) in 1/MEAN_STEPS pixel before the channel
     shift; log_scales: (n, C, K) in 1/LOG_SCALE_STEPS; coeffs: (n, 3, K) in
-    1/COEFF_STEPS, None for gray; version: the format version whose grids apply.
+    1/COEFF_STEPS, None for gray; fmt: the format version whose grids and tables apply.
     """
 
     logits: np.ndarray
     means: np.ndarray
     log_scales: np.ndarray
     coeffs: Optional[np.ndarray]
-    version: int = 1
+    fmt: Format
     _weights: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def mean_range(self) -> tuple[int, int]:
-        return MEAN_RANGES[self.version]
+        """The means' clamp in mean steps."""
+        return mean_range(self.fmt)
 
     def rows(self, rows: slice) -> "QuantizedMixture":
         """The parameters of positions `rows` (views, no copies)."""
         return QuantizedMixture(self.logits[rows], self.means[rows], self.log_scales[rows],
-                                None if self.coeffs is None else self.coeffs[rows], self.version)
+                                None if self.coeffs is None else self.coeffs[rows], self.fmt)
 
     def with_scale_offsets(self, offsets: np.ndarray) -> "QuantizedMixture":
         """These parameters with channel c's log-scales shifted by offsets[c] grid steps
         (clamped to the grid), as format version 3 codes them (`calibrate`)."""
         shift = np.asarray(offsets, dtype=np.int32)[None, :, None]
         log_scales = np.clip(self.log_scales + shift, SCALE_LO, SCALE_HI).astype(np.int32)
-        shifted = QuantizedMixture(self.logits, self.means, log_scales, self.coeffs, self.version)
+        shifted = QuantizedMixture(self.logits, self.means, log_scales, self.coeffs, self.fmt)
         shifted._weights = self._weights  # the weights do not depend on the scales
         return shifted
 
@@ -112,8 +112,13 @@ def _round(a: np.ndarray, steps: int, lo: int, hi: int) -> np.ndarray:
     return np.clip(a, lo, hi, out=a).astype(np.int32)
 
 
-def quantize_mixture(params: MixtureParams, mask: Optional[np.ndarray] = None, version: int = 1) -> QuantizedMixture:
-    """Round mixture parameters of shape (N, ..., h, w) onto format `version`'s grids.
+def mean_range(fmt: Format) -> tuple[int, int]:
+    """The clamp of quantised means under `fmt`, in mean steps."""
+    return fmt.mean_range[0] * MEAN_STEPS, fmt.mean_range[1] * MEAN_STEPS
+
+
+def quantize_mixture(params: MixtureParams, mask: Optional[np.ndarray], fmt: Format) -> QuantizedMixture:
+    """Round mixture parameters of shape (N, ..., h, w) onto format `fmt`'s grids.
 
     Args:
         mask: optional (N, h, w) bool; keeps only those positions (row-major order).
@@ -122,10 +127,10 @@ def quantize_mixture(params: MixtureParams, mask: Optional[np.ndarray] = None, v
     coeff_limit = int(COEFF_RANGE * COEFF_STEPS)
     return QuantizedMixture(
         logits=_round(_flat(params.logits, 1)[keep], LOGIT_STEPS, -LOGIT_LIMIT, LOGIT_LIMIT),
-        means=_round(_flat(params.means, 2)[keep], MEAN_STEPS, *MEAN_RANGES[version]),
+        means=_round(_flat(params.means, 2)[keep], MEAN_STEPS, *mean_range(fmt)),
         log_scales=_round(_flat(params.log_scales, 2)[keep], LOG_SCALE_STEPS, SCALE_LO, SCALE_HI),
         coeffs=None if params.coeffs is None else _round(_flat(params.coeffs, 2)[keep], COEFF_STEPS, -coeff_limit, coeff_limit),
-        version=version,
+        fmt=fmt,
     )
 
 
@@ -206,8 +211,8 @@ def channel_pmf(q: QuantizedMixture, channel: int, previous: np.ndarray) -> np.n
     The result depends only on integers, so encoder and decoder rebuild it bit
     for bit. Rows are not exactly normalised; constriction rescales them.
     """
-    if q.version != 1:
-        raise ValueError(f"channel_pmf is the version 1 layout, not version {q.version}")
+    if q.fmt.binned_tables:
+        raise ValueError(f"channel_pmf is the version 1 layout, not version {q.fmt.version}")
     rows = _cdf_rows()
     means = channel_means(q, channel, previous)
     weights = mixture_weights(q.logits)
@@ -261,8 +266,8 @@ class ChannelTables:
     """
 
     def __init__(self, q: QuantizedMixture, channel: int, previous: np.ndarray):
-        if q.version < 2:
-            raise ValueError(f"ChannelTables is the version 2 and 3 layout, not version {q.version}")
+        if not q.fmt.binned_tables:
+            raise ValueError(f"ChannelTables is the binned layout, not version {q.fmt.version}'s")
         self._q, self._channel, self._previous = q, channel, previous
         self._inputs: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 

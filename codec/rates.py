@@ -42,8 +42,7 @@ from .errors import InputError, VaezipError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .api import ImageLike
-    from .images import Image
+    from .images import Image, ImageLike
 
 LN2 = math.log(2.0)
 NELBO_BATCH = 16  # tiles per network call for −ELBO and the heatmap
@@ -200,9 +199,10 @@ def _tile_tensors(pixels: np.ndarray, grid, indices: range):
     """(x uint8 (n, C, T, T), mask bool (n, 1, T, T)) of the tiles as coded."""
     import torch
 
-    from .api import _padded_tiles
+    from .tiles import lattice_to_pixels, split_tiles
 
-    return torch.from_numpy(_padded_tiles(pixels, grid, indices)), torch.from_numpy(grid.pixel_masks(indices))
+    tiles = lattice_to_pixels(split_tiles(pixels, grid, indices))
+    return torch.from_numpy(tiles), torch.from_numpy(grid.pixel_masks(indices))
 
 
 def _elbo_pass(net, x: "torch.Tensor", mask: "torch.Tensor", latents: str, generator):
@@ -326,18 +326,17 @@ def seed_words(loaded: Optional[registry.LoadedModel], tile: int) -> np.ndarray:
     return words
 
 
-def seeded_payload_bits(img: "Image", name: str, loaded: Optional[registry.LoadedModel]) -> int:
-    """Payload bits of `img` pushed (`api.push_image`) onto a stack pre-filled with
+def seeded_payload_bits(img: "Image", model: Optional[registry.LoadedModel]) -> int:
+    """Payload bits of `img` pushed (`imagecodec.push_image`) onto a stack pre-filled with
     `seed_words`, minus the pre-fill: the image's cost once start-up is paid, since
     with that many bits on the stack every batch of tiles borrows its latents.
     """
-    from . import api, coders
+    from . import coders, imagecodec
 
-    model_coded = bool(api._layout(img.mode, name).model_channels)
-    tile = api.tile_size(img.height, img.width, loaded.spec.config.downsampling) if model_coded else 0
-    ans = coders.new_coder(seed_words(loaded if model_coded else None, tile))
+    tile = imagecodec.tile_size(img.height, img.width, model.spec.config.downsampling) if model else 0
+    ans = coders.new_coder(seed_words(model, tile))
     before = len(ans.get_compressed())
-    _, ans = api.push_image(ans, img, name, loaded)
+    _, ans = imagecodec.push_image(ans, img, model)
     return 32 * (len(ans.get_compressed()) - before)
 
 
@@ -374,17 +373,19 @@ def measure(image: "ImageLike", model: Optional[str] = None, *, samples: int = 0
     Returns:
         A `Report`; see its attributes.
     """
-    from . import api, container, depth, planes
+    from . import coders, container, depth, imagecodec, planes
+    from .images import as_image
 
     begin = time.perf_counter()
-    img = api.as_image(image)
-    name, loaded = api._resolve_model(img.mode, model, loaded)
+    img = as_image(image)
+    loaded = imagecodec.model_for_mode(img.mode, model, () if loaded is None else (loaded,))
     start = time.perf_counter()
-    data = api.compress(img, model, loaded=loaded)
+    header, ans = imagecodec.push_image(coders.new_coder(), img, loaded)
+    data = container.pack(header, ans.get_compressed())
     encode_seconds = time.perf_counter() - start
-    header, words = container.unpack(data)
+    words = ans.get_compressed()
     n = img.num_subpixels
-    layout = api._layout(img.mode, name)
+    layout = imagecodec.layout(img.mode, loaded is not None)
     high, plane_bits = img.pixels, 0.0
     if img.bit_depth == 16:  # the model sees the high bytes; the low bits are plane-coded
         high, plane_bits = depth.split(img.pixels), depth.estimate_low_bits(img.pixels)
@@ -404,7 +405,7 @@ def measure(image: "ImageLike", model: Optional[str] = None, *, samples: int = 0
     header_bits = 8 * (len(data) - 4 * len(words))
     startup = discretisation = None
     if breakdown:
-        seeded = seeded_payload_bits(img, name, loaded)
+        seeded = seeded_payload_bits(img, loaded)
         startup, discretisation = (coded_bits - seeded) / n, (seeded - nelbo_bits) / n
     baselines = {}
     if compare:
@@ -514,19 +515,20 @@ def heatmap(image: "ImageLike", model: Optional[str] = None, *,
     """
     import torch
 
-    from . import api, depth
+    from . import depth, imagecodec
+    from .images import as_image
     from .model import merge_lattice
     from .tiles import TileGrid
 
-    img = api.as_image(image)
-    name, loaded = api._resolve_model(img.mode, model, loaded)
-    layout = api._layout(img.mode, name)
+    img = as_image(image)
+    loaded = imagecodec.model_for_mode(img.mode, model, () if loaded is None else (loaded,))
+    layout = imagecodec.layout(img.mode, loaded is not None)
     if not layout.model_channels:
         raise InputError(f"mode {img.mode} images are coded without a model: no heatmap")
     high = depth.split(img.pixels) if img.bit_depth == 16 else img.pixels
     pixels = np.ascontiguousarray(high[:, :, list(layout.model_channels)])
     net = loaded.net
-    tile = api.tile_size(img.height, img.width, loaded.spec.config.downsampling)
+    tile = imagecodec.tile_size(img.height, img.width, loaded.spec.config.downsampling)
     grid = TileGrid(img.height, img.width, tile)
     out = np.zeros((img.height, img.width))
     with torch.inference_mode():
@@ -578,10 +580,9 @@ def render_heatmap(image: "ImageLike", bits: np.ndarray, path: "str | os.PathLik
     from PIL import Image as PILImage
     from PIL import ImageDraw, ImageFont
 
-    from . import api
-    from .images import to_pil
+    from .images import as_image, to_pil
 
-    img = api.as_image(image)
+    img = as_image(image)
     bits = np.asarray(bits, dtype=np.float64)
     if bits.shape != (img.height, img.width):
         raise InputError(f"heatmap shape {bits.shape} does not match the image {img.height}x{img.width}")

@@ -11,9 +11,9 @@ from conftest import kodak_crop, random_pixels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaezip import api, coders, quantize, registry
+from vaezip import api, coders, imagecodec, quantize, registry, versions
 from vaezip.bitsback import DETERMINISTIC_FLAG, CodingParams, decode_tiles, encode_tiles
-from vaezip.container import KNOWN_VERSIONS
+from vaezip.versions import KNOWN_VERSIONS
 from vaezip.errors import CorruptFileError
 from vaezip.inference import coding_network
 from vaezip.quantize import QuantizedMixture
@@ -23,8 +23,8 @@ SIZES = [(1, 1), (17, 23), (64, 64), (65, 130)]  # (height, width)
 
 def _params(loaded, height: int, width: int, version: int = 2) -> CodingParams:
     cfg = loaded.spec.config
-    return CodingParams(tile=api.tile_size(height, width, cfg.downsampling), latent_grid=cfg.latent_grid,
-                        version=version)
+    return CodingParams(tile=imagecodec.tile_size(height, width, cfg.downsampling), latent_grid=cfg.latent_grid,
+                        fmt=versions.get(version))
 
 
 def _prefilled(count: int, seed: int = 0):
@@ -40,7 +40,7 @@ def _round_trip(loaded, pixels: np.ndarray, prefill: int, version: int = 2):
     params = _params(loaded, height, width, version)
     ans = _prefilled(prefill)
     before = ans.get_compressed().copy()
-    with coding_network(loaded.net, params.version) as net:
+    with coding_network(loaded.net, params.fmt) as net:
         schedule, ans = encode_tiles(net, ans, pixels, params)
         # Through the words, as a file would carry them.
         ans = coders.new_coder(ans.get_compressed())
@@ -92,7 +92,7 @@ def test_first_batch_is_deterministic_and_encoding_is_repeatable(tiny_model):
     params = _params(tiny_model, 64, 64)
     results = []
     for _ in range(2):
-        with coding_network(tiny_model.net, params.version) as net:
+        with coding_network(tiny_model.net, params.fmt) as net:
             schedule, ans = encode_tiles(net, coders.new_coder(), pixels, params)
         results.append((schedule, ans.get_compressed().tolist()))
     assert results[0] == results[1]
@@ -101,7 +101,7 @@ def test_first_batch_is_deterministic_and_encoding_is_repeatable(tiny_model):
 
 def test_schedule_not_covering_the_image_is_corrupt(tiny_model):
     params = _params(tiny_model, 65, 130)
-    with coding_network(tiny_model.net, params.version) as net:
+    with coding_network(tiny_model.net, params.fmt) as net:
         for schedule in [(), (5,), (7,), (0, 6), (DETERMINISTIC_FLAG,)]:
             with pytest.raises(CorruptFileError):
                 decode_tiles(net, _prefilled(50), 65, 130, 3, params, schedule)
@@ -120,7 +120,7 @@ def test_real_model_codes_close_to_nelbo():
     loaded = registry.load_model("photo-rgb-1")
     pixels = kodak_crop("kodim03.png", 0, 0, 128, 128)
     params = _params(loaded, 128, 128)
-    with coding_network(loaded.net, params.version) as net:
+    with coding_network(loaded.net, params.fmt) as net:
         schedule, ans = encode_tiles(net, coders.new_coder(), pixels, params)
     coded_bits = ans.num_bits()
     # -ELBO is a one-sample estimate: average a few seeds so the bar is not noise.
@@ -132,7 +132,7 @@ def test_real_model_codes_close_to_nelbo():
     # Version 3's scale offsets can code below -ELBO (0.7 % on Kodak, 22 % on one noisy
     # photo), but not on this crop; far below would mean lost information.
     assert coded_bits >= 0.97 * nelbo_bits
-    with coding_network(loaded.net, params.version) as net:
+    with coding_network(loaded.net, params.fmt) as net:
         out = decode_tiles(net, ans, 128, 128, 3, params, schedule)
     np.testing.assert_array_equal(out, pixels)
     assert ans.is_empty()
@@ -144,7 +144,7 @@ def test_real_model_full_photo_gap():
     loaded = registry.load_model("photo-rgb-1")
     pixels = kodak_crop("kodim03.png", 0, 0, 512, 768)
     params = _params(loaded, 512, 768)
-    with coding_network(loaded.net, params.version) as net:
+    with coding_network(loaded.net, params.fmt) as net:
         _, ans = encode_tiles(net, coders.new_coder(), pixels, params)
     nelbo_bits = api.model_bits(loaded, pixels, params.tile)[0]
     print(f"kodim03 full: coded {ans.num_bits()} bits, -ELBO {nelbo_bits:.0f}, ratio {ans.num_bits() / nelbo_bits:.4f}")
@@ -161,7 +161,7 @@ def _mixture(logits, means_px, log_scales, coeffs=None) -> QuantizedMixture:
     c = None if coeffs is None else np.rint(np.asarray(coeffs) * quantize.COEFF_STEPS).astype(np.int64)[None]
     return QuantizedMixture(
         logits=np.rint(np.asarray(logits, np.float64) * quantize.LOGIT_STEPS).astype(np.int64)[None],
-        means=means[None], log_scales=scales[None], coeffs=c,
+        means=means[None], log_scales=scales[None], coeffs=c, fmt=versions.get(1),
     )
 
 
@@ -213,7 +213,7 @@ def test_channel_pmf_rows_are_valid(mixtures, seed):
         logits=rng.integers(-quantize.LOGIT_LIMIT, quantize.LOGIT_LIMIT + 1, (n, mixtures)),
         means=rng.integers(quantize.MEAN_MIN, quantize.MEAN_MAX + 1, (n, channels, mixtures)),
         log_scales=rng.integers(quantize.SCALE_LO, quantize.SCALE_HI + 1, (n, channels, mixtures)),
-        coeffs=rng.integers(-quantize.COEFF_STEPS, quantize.COEFF_STEPS + 1, (n, 3, mixtures)),
+        coeffs=rng.integers(-quantize.COEFF_STEPS, quantize.COEFF_STEPS + 1, (n, 3, mixtures)), fmt=versions.get(1),
     )
     q.means[:4] = quantize.MEAN_MIN  # the clamp limits
     q.means[4:8] = quantize.MEAN_MAX

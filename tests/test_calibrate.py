@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vaezip import calibrate, coders, inference, quantize
+from vaezip import calibrate, coders, inference, quantize, versions
 from vaezip.bitsback import _subpixel_steps
 
 N = 6000
@@ -23,7 +23,7 @@ def _mixture(channels: int, log_scale: float, seed: int = 0) -> tuple[quantize.Q
         means=np.rint(means_px * quantize.MEAN_STEPS).astype(np.int32),
         log_scales=np.full((N, channels, k), quantize.LOG_SCALE_STEPS * 1, np.int32),  # model says e^1 px
         coeffs=None if channels == 1 else np.zeros((N, 3, k), np.int32),
-        version=3,
+        fmt=versions.get(3),
     )
     noise = rng.logistic(0.0, np.exp(log_scale), size=(N, channels))
     values = np.clip(np.rint(means_px[:, :, 0] + noise), 0, 255).astype(np.int64)
@@ -73,7 +73,7 @@ def test_chosen_offsets_code_smaller_and_decode_exactly(true_log_scale):
     """A miscalibrated model: coding with the chosen offsets takes fewer bits, and the
     same offsets give the decoder the same tables."""
     q, values = _mixture(3, true_log_scale)
-    net = inference.Network(model=None, numerics=inference.NUMERICS[3], pool=None)
+    net = inference.Network(model=None, numerics=versions.get(3).numerics, pool=None)
     sizes = {}
     for label, offsets in (("none", np.zeros(3, np.int64)), ("chosen", calibrate.choose_offsets(q, values))):
         ans = coders.new_coder()

@@ -14,8 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vaezip.container import (
-    FORMAT_VERSION,
-    KNOWN_VERSIONS,
     MAGIC,
     Header,
     pack,
@@ -25,6 +23,7 @@ from vaezip.container import (
 )
 from vaezip.errors import CorruptFileError, UnsupportedVersionError
 from vaezip.images import SUPPORTED_MODES, Image, encode_transparency
+from vaezip.versions import CURRENT, KNOWN_VERSIONS
 
 HEADER = Header(
     mode="P",
@@ -70,7 +69,7 @@ def test_layout_is_pinned():
         ]
     )
     assert MAGIC[:2] == b"VZ" and len(MAGIC) == 8
-    assert FORMAT_VERSION in KNOWN_VERSIONS
+    assert CURRENT.version in KNOWN_VERSIONS
     assert pack(HEADER, WORDS) == _with_crc(expected_body)
 
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import kodak_crop, random_image, random_pixels, require_data
 from PIL import Image as PILImage
 
-from vaezip import api
+from vaezip import api, imagecodec
 from vaezip.rates import (
     Report,
     chunked_iwae,
@@ -208,7 +208,7 @@ def test_heatmap_sums_to_nelbo_at_posterior_means(tiny_model, size):
     x = random_pixels("RGB", *size, seed=4, smooth=True)
     bits = heatmap(x, loaded=tiny_model)
     assert bits.shape == size and (bits > 0).all()
-    tile = api.tile_size(*size, tiny_model.spec.config.downsampling)
+    tile = imagecodec.tile_size(*size, tiny_model.spec.config.downsampling)
     terms = model_terms(tiny_model, x, tile, latents="mean")
     assert bits.sum() == pytest.approx(terms.nelbo_bits, rel=1e-9)
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import make_tiny_model, random_image, random_pixels
 from PIL import Image as PILImage
 
-from vaezip import api, archive, bitsback, coders, container, registry
+from vaezip import api, archive, bitsback, coders, container, registry, versions
 from vaezip.inference import coding_network
 from vaezip.cli.main import main
 from vaezip.errors import CorruptFileError, DecodeMismatchError, InputError, UnsupportedVersionError, VaezipError
@@ -117,7 +117,7 @@ def test_tile_set_batches_straddle_images_and_restore_the_stack(tiny_gray_model)
     ans = coders.new_coder()
     coders.uniform(1 << 16, 20000).push(ans, np.random.default_rng(0).integers(0, 1 << 16, 20000))
     before = ans.get_compressed().copy()
-    with coding_network(tiny_gray_model.net, params.version) as net:
+    with coding_network(tiny_gray_model.net, params.fmt) as net:
         schedule, ans = bitsback.encode_tile_sets(net, ans, images, params)
         ans = coders.new_coder(ans.get_compressed())
         out = bitsback.decode_tile_sets(net, ans, shapes, 1, params, schedule)
@@ -170,7 +170,7 @@ def _parts(data: bytes):
     return count, table, data[22 + zsize:-4]
 
 
-def _rebuild(count: int, table: bytes, payload: bytes, version: int = archive.FORMAT_VERSION,
+def _rebuild(count: int, table: bytes, payload: bytes, version: int = versions.CURRENT.version,
              magic: bytes = archive.MAGIC) -> bytes:
     packed_table = zlib.compress(table, 9)
     return _with_crc(magic + struct.pack("<HIII", version, count, len(table), len(packed_table)) + packed_table + payload)
@@ -326,7 +326,7 @@ def test_crafted_fields_are_corrupt(packed):
 def test_table_size_claims_are_checked_before_inflating(packed):
     count, table, payload = _parts(packed)
     packed_table = zlib.compress(table, 9)
-    head = archive.MAGIC + struct.pack("<H", archive.FORMAT_VERSION)
+    head = archive.MAGIC + struct.pack("<H", versions.CURRENT.version)
     for size, zsize in [(0xFFFFFFFF, len(packed_table)), (len(table), 0xFFFFFFFF), (len(table) - 1, len(packed_table)),
                         (len(table) + 1, len(packed_table))]:
         data = _with_crc(head + struct.pack("<III", count, size, zsize) + packed_table + payload)
@@ -369,7 +369,7 @@ def test_structured_fuzz_never_escapes_as_another_exception(packed, models):
 
 def test_version_and_foreign_magic(packed, tiny_model):
     count, table, payload = _parts(packed)
-    unknown = max(archive.KNOWN_VERSIONS) + 1
+    unknown = max(versions.KNOWN_VERSIONS) + 1
     with pytest.raises(UnsupportedVersionError, match=f"version {unknown}"):
         archive.unpack(_rebuild(count, table, payload, version=unknown))
     with pytest.raises(CorruptFileError):  # a version 3 table read as version 1

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import KODAK, make_tiny_model, random_pixels
 
-from vaezip import api, registry
+from vaezip import api, imagecodec, registry
 from vaezip.config import ModelConfig
 from vaezip.errors import ModelError
 
@@ -130,7 +130,7 @@ def test_stated_bpd_is_reproduced(name):
         with PILImage.open(path) as im:
             pixels = np.asarray(im.convert("RGB" if spec.config.channels == 3 else "L"))
         pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], spec.config.channels)
-        tile = api.tile_size(*pixels.shape[:2], spec.config.downsampling)
+        tile = imagecodec.tile_size(*pixels.shape[:2], spec.config.downsampling)
         bits += api.model_bits(loaded, np.ascontiguousarray(pixels), tile)[0]
         subpixels += pixels.size
     for key, stated in sets.items():

@@ -1,0 +1,96 @@
+"""The table of format versions: one frozen record per version, the only place its facts live.
+
+A .vz file or .vzp archive names its version; everything that codes or reads it takes
+that version's `Format` (`get`), never the bare number, so a new version is one new row
+here plus the code its new fields switch on. `CURRENT` is what this build writes.
+Torch-free: the byte-level format (`container`, `archive`) reads it too.
+
+    version  numerics                      pixel tables   scale offsets  modes         .vzp table
+    1        native convolutions, 1 call   256 per value  no             8-bit         a record per image
+    2        oneDNN, 4-tile sub-batches    bin, then rest no             8-bit         columns, set checksum
+    3        as 2                          as 2           yes            8-bit         as 2
+    4        as 2                          as 2           yes            + other depths as 2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import UnsupportedVersionError
+
+EIGHT_BIT_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA", "P", "1")
+OTHER_DEPTH_MODES: tuple[str, ...] = ("L;2", "L;4", "L;16", "LA;16", "RGB;16", "RGBA;16")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How coding runs the network (`inference.coding_network`).
+
+    Attributes:
+        onednn: oneDNN convolutions (else PyTorch's native ones, MKL).
+        sub_batch_pixels: tile pixels per network call, each call on one thread, the calls
+            side by side (so any thread count gives the same numbers); None: the whole
+            batch in one call.
+    """
+
+    onednn: bool
+    sub_batch_pixels: Optional[int]
+
+
+@dataclass(frozen=True)
+class Format:
+    """The facts of one format version.
+
+    Attributes:
+        version: the number files carry (u16).
+        numerics: how the network runs (`Numerics`).
+        mean_range: clamp of the quantised mixture means, in pixels (`quantize`).
+        binned_tables: a subpixel is coded as its 16-value bin, then its place in the bin
+            (else with one 256-entry table).
+        scale_offsets: each batch's stages code log-scale offsets chosen by the encoder
+            (`calibrate`) above their pixels.
+        modes: the image modes it holds.
+        archive_columns: a .vzp table is stored column by column, deflated, with one
+            checksum over the set (else a record per image, each with its own checksum).
+    """
+
+    version: int
+    numerics: Numerics
+    mean_range: tuple[int, int]
+    binned_tables: bool
+    scale_offsets: bool
+    modes: tuple[str, ...]
+    archive_columns: bool
+
+
+_NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
+_ONEDNN_SUB_BATCHES = Numerics(onednn=True, sub_batch_pixels=4 * 64 * 64)
+
+_V1 = Format(1, _NATIVE, (-64, 319), binned_tables=False, scale_offsets=False, modes=EIGHT_BIT_MODES,
+             archive_columns=False)
+_V2 = Format(2, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_offsets=False,
+             modes=EIGHT_BIT_MODES, archive_columns=True)
+_V3 = Format(3, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_offsets=True,
+             modes=EIGHT_BIT_MODES, archive_columns=True)
+_V4 = Format(4, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_offsets=True,
+             modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True)
+
+FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4)}
+"""Every version this build reads, by number."""
+KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
+CURRENT: Format = _V4
+"""The version this build writes."""
+
+
+def get(version: int) -> Format:
+    """The record of `version`.
+
+    Raises:
+        UnsupportedVersionError: a version this build does not know.
+    """
+    try:
+        return FORMATS[version]
+    except (KeyError, TypeError):
+        known = ", ".join(str(v) for v in KNOWN_VERSIONS)
+        raise UnsupportedVersionError(f"format version {version} is not supported (this build reads: {known})") from None
