@@ -80,10 +80,9 @@ def make(kind: str, root: Path) -> dict:
     info["env"] = env
     sys.path.insert(0, str(pkg))
     import vaezip
+    import vaezip.evaluation.baselines
 
-    import vaezip.baselines
-
-    for module in (vaezip, vaezip.baselines):
+    for module in (vaezip, vaezip.evaluation.baselines):
         if not Path(module.__file__).resolve().is_relative_to(pkg.resolve()):
             raise SystemExit(f"snapshot not active: {module.__name__} imported from {module.__file__}")
     probe = subprocess.run([sys.executable, "-c", "import vaezip.cli.main, vaezip; print(vaezip.__file__)"],

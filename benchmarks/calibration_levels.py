@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaezip import imagecodec, rates, registry
-from vaezip.images import as_image
-from vaezip.model import LOG_SCALE_MAX, LOG_SCALE_MIN, MixtureParams, mixture_log_prob, split_lattice
-from vaezip.tiles import TileGrid
+from vaezip.coding import imagecodec
+from vaezip.coding.tiles import TileGrid
+from vaezip.evaluation import rates
+from vaezip.imaging.images import as_image
+from vaezip.network import registry
+from vaezip.network.model import LOG_SCALE_MAX, LOG_SCALE_MIN, MixtureParams, mixture_log_prob, split_lattice
 
 OFFSETS = [-0.5 + 0.125 * i for i in range(19)]
 

@@ -12,7 +12,7 @@ Two kinds of 16-bit photo, written as 16-bit PNGs into a temporary folder:
 Each set is compressed with one `vaezip compress DIR -o OUT --json` and decompressed
 with one `vaezip decompress`; every decoded PNG is checked against its input (samples,
 mode, 16-bit depth). PNG (zlib 9, filter search) and JPEG-XL (lossless, effort 9) code
-the same samples, each checked lossless (`vaezip.baselines`).
+the same samples, each checked lossless (`vaezip.evaluation.baselines`).
 
 With --split N, the first N wiki-mean3 photos are also split into their high bytes (an 8-bit
 photo: vaezip's photo model against JPEG-XL on it alone) and the rest (vaezip's low-bit coder,
@@ -36,8 +36,9 @@ import numpy as np
 from PIL import Image as PILImage
 
 import vaezip as vz
-from vaezip import baselines, depth
-from vaezip.images import Image, pixels_equal, read_image, write_png
+from vaezip.entropy import depth
+from vaezip.evaluation import baselines
+from vaezip.imaging.images import Image, pixels_equal, read_image, write_png
 
 DATA = Path(os.environ.get("VAEZIP_DATA", "/work/shared/data"))
 

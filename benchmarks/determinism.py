@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _snapshot
+import numpy as np
 
 KODAK = Path("/work/shared/data/kodak")
 DEFAULT_JSON = Path(tempfile.gettempdir()) / "vaezip-bench" / "determinism.json"
@@ -38,7 +37,7 @@ def worker(action: str, threads: int, source: str, target: str) -> int:
 
     torch.set_num_threads(threads)
     from vaezip import api
-    from vaezip.images import read_image, write_png
+    from vaezip.imaging.images import read_image, write_png
 
     if action == "encode":
         Path(target).write_bytes(api.compress(read_image(source)))
@@ -81,7 +80,7 @@ def _run(action: str, threads: int, source: Path, target: Path, env: dict) -> di
 
 
 def check_image(path: Path, workdir: Path, env: dict) -> dict:
-    from vaezip.images import pixels_equal, read_image
+    from vaezip.imaging.images import pixels_equal, read_image
 
     original = read_image(path)
     row = {"image": path.name, "mode": original.mode, "width": original.width, "height": original.height,

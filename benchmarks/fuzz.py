@@ -24,9 +24,10 @@ import zlib
 
 import numpy as np
 
-from vaezip import api, archive, versions
+from vaezip import api
 from vaezip.errors import VaezipError
-from vaezip.images import Image
+from vaezip.format import archive, versions
+from vaezip.imaging.images import Image
 
 
 def samples(rng: np.random.Generator) -> list[tuple[list[Image], bytes]]:

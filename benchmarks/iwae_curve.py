@@ -1,6 +1,6 @@
 """IWAE bound against the number of importance samples K, for the shipped models.
 
-For every image, `vaezip.rates.tile_log_weights` draws K_max posterior samples
+For every image, `vaezip.evaluation.rates.tile_log_weights` draws K_max posterior samples
 per tile once. IWAE(K) is then averaged over the K_max / K disjoint groups of K
 columns (the usual unbiased estimate of E[IWAE_K], much less noisy for small K
 than one draw), summed over tiles, and totalled over images: total bits over
@@ -33,8 +33,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from vaezip import data, imagecodec, registry  # noqa: E402
-from vaezip.rates import heatmap, model_terms, render_heatmap, tile_log_weights  # noqa: E402
+from vaezip.coding import imagecodec  # noqa: E402
+from vaezip.evaluation.rates import heatmap, model_terms, render_heatmap, tile_log_weights  # noqa: E402
+from vaezip.network import registry  # noqa: E402
+from vaezip.training import data  # noqa: E402
 
 KODAK = "/work/shared/data/kodak/kodim{:02d}.png"
 LN2 = math.log(2.0)

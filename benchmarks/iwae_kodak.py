@@ -1,7 +1,7 @@
 """IWAE up to K = 1000 on full Kodak images: the bound, its cost, and its memory.
 
 For each K (in increasing order) every image is measured with
-`vaezip.rates.model_terms(..., samples=K)`, the streaming estimator `vaezip bpd
+`vaezip.evaluation.rates.model_terms(..., samples=K)`, the streaming estimator `vaezip bpd
 --samples K` uses: each tile's K log-weights are drawn in chunks of at most
 `SAMPLE_PIXELS` tile pixels x samples per network call and folded into a running
 log-sum-exp, so memory should not grow with K. Each row reports, totalled over the
@@ -43,8 +43,9 @@ import torch  # noqa: E402
 from iwae_curve import KODAK, centre_crop  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from vaezip import imagecodec, registry  # noqa: E402
-from vaezip.rates import SAMPLE_PIXELS, model_terms  # noqa: E402
+from vaezip.coding import imagecodec  # noqa: E402
+from vaezip.evaluation.rates import SAMPLE_PIXELS, model_terms  # noqa: E402
+from vaezip.network import registry  # noqa: E402
 
 MODEL = "photo-rgb-1"
 

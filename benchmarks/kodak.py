@@ -4,7 +4,7 @@ For each image: `vaezip compress IMG -o X.vz` and `vaezip decompress X.vz -o X.p
 subprocesses (wall time including interpreter and model start-up), a pixel-exact check of
 the decoded PNG (mode and pixels; the run aborts on any difference), the model's −ELBO on
 the same pixels with the tile size read from the .vz header, and the baselines of
-`vaezip.baselines` (each checked lossless). Rates are bits per subpixel (H*W*C).
+`vaezip.evaluation.baselines` (each checked lossless). Rates are bits per subpixel (H*W*C).
 Totals are total bits over total subpixels, not means of ratios.
 
     .venv/bin/python benchmarks/kodak.py [--limit N] [--images kodim01.png ...]
@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _snapshot
+import numpy as np
 
 KODAK = Path("/work/shared/data/kodak")
 DEFAULT_JSON = Path(tempfile.gettempdir()) / "vaezip-bench" / "kodak.json"
@@ -71,8 +70,11 @@ def cli_seconds(stdout: str) -> float | None:
 
 
 def bench_image(path: Path, vaezip: str, workdir: Path, loaded_models: dict, env: dict) -> dict:
-    from vaezip import api, baselines, container, registry
-    from vaezip.images import pixels_equal, read_image
+    from vaezip import api
+    from vaezip.evaluation import baselines
+    from vaezip.format import container
+    from vaezip.imaging.images import pixels_equal, read_image
+    from vaezip.network import registry
 
     original = read_image(path)
     vz = workdir / (path.stem + ".vz")
@@ -215,7 +217,7 @@ def markdown(result: dict) -> str:
 def environment() -> dict:
     import torch
 
-    from vaezip import baselines
+    from vaezip.evaluation import baselines
 
     return {
         "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),

@@ -43,9 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _snapshot
+import numpy as np
 
 KODAK = Path("/work/shared/data/kodak")
 DEFAULT_JSON = Path(tempfile.gettempdir()) / "vaezip-bench" / "large_image.json"

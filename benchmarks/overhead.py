@@ -22,7 +22,9 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image as PILImage
 
-from vaezip import api, imagecodec, registry
+from vaezip import api
+from vaezip.coding import imagecodec
+from vaezip.network import registry
 
 KODAK = "/work/shared/data/kodak/kodim{:02d}.png"
 

@@ -14,7 +14,7 @@ subpixel (total bits / total subpixels, H*W*C summed over the set):
               computed in batches of tiles);
   overhead    file / −ELBO − 1 and payload / −ELBO − 1;
   baselines   PNG / WebP-lossless / JPEG-XL-lossless, one file per image
-              (`vaezip.baselines.baseline_sizes`, skipped if absent);
+              (`vaezip.evaluation.baselines.baseline_sizes`, skipped if absent);
   times       pack and unpack wall time (this machine, in-process, model loaded).
 
     .venv/bin/python benchmarks/packed.py --dataset mnist-test [--limit N] [--model mnist-1]
@@ -36,16 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from vaezip import api, archive, container, imagecodec, registry
-from vaezip.images import Image, from_array
+from vaezip import api
+from vaezip.coding import imagecodec
+from vaezip.format import archive, container
+from vaezip.imaging.images import Image, from_array
+from vaezip.network import registry
 
 NELBO_TILES = 96  # tiles per network call for the batched −ELBO
 
 
 def load(spec: str, limit: int | None) -> list[tuple[str, Image]]:
     """(name, Image) pairs of a named data set or a folder."""
-    from vaezip import data
-    from vaezip.images import read_image
+    from vaezip.imaging.images import read_image
+    from vaezip.training import data
 
     path = Path(spec)
     if path.is_dir():
@@ -66,7 +69,7 @@ def nelbo_bits(images: list[Image], model: str | None, seed: int = 0) -> float:
     """
     import torch
 
-    from vaezip.tiles import TileGrid, lattice_to_pixels, split_tiles
+    from vaezip.coding.tiles import TileGrid, lattice_to_pixels, split_tiles
 
     groups: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for img in images:
@@ -96,7 +99,7 @@ def nelbo_bits(images: list[Image], model: str | None, seed: int = 0) -> float:
 def baseline_bits(images: list[Image]) -> dict[str, float | None]:
     """Total bits of each baseline over the images, one file per image (None: codec missing)."""
     try:
-        from vaezip.baselines import baseline_sizes
+        from vaezip.evaluation.baselines import baseline_sizes
     except ImportError:
         return {}
     totals: dict[str, float | None] = {}

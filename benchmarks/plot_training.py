@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from vaezip import registry  # noqa: E402
+from vaezip.network import registry  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -28,8 +28,11 @@ import time
 
 START = time.perf_counter()
 
-from vaezip import api, calibrate, coders, inference, registry  # noqa: E402  (timed: the imports)
-from vaezip.images import as_image  # noqa: E402
+from vaezip import api  # noqa: E402  (timed: the imports)
+from vaezip.coding import calibrate  # noqa: E402  (timed: the imports)
+from vaezip.entropy import coders  # noqa: E402  (timed: the imports)
+from vaezip.imaging.images import as_image  # noqa: E402
+from vaezip.network import inference, registry  # noqa: E402  (timed: the imports)
 
 IMPORTED = time.perf_counter()
 PHASES = {"bottom_up": "network", "top_down": "network", "posteriors": "network", "stage_params": "network"}

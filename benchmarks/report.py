@@ -43,7 +43,7 @@ def kodak_section(result: dict, title: str = "Kodak") -> str:
         "times including Python, torch and model start-up. The decoded PNG is compared with the "
         "original (mode and every pixel); the run aborts on any difference. −ELBO is the model's "
         "bound on the same pixels with the tile size from the file header "
-        "(`vaezip.api.model_bits`). Baselines come from `vaezip.baselines` (PNG: Pillow "
+        "(`vaezip.api.model_bits`). Baselines come from `vaezip.evaluation.baselines` (PNG: Pillow "
         "`optimize=True`; WebP: Pillow `lossless=True, quality=100, method=6, exact=True`; "
         "JPEG-XL: `imagecodecs.jpegxl_encode(arr, lossless=True, effort=9)`), each decoded back "
         "and checked pixel-exact. Rates are bits per subpixel (H·W·3); the total row is total "

@@ -1,7 +1,7 @@
 """`vaezip bpd`: bits per subpixel of images, folders and data sets, as a table or JSON.
 
-A thin layer over `vaezip.rates`: it gathers the inputs (image files, folders of
-images, any `vaezip.data.load_dataset` spec), measures each image on its own, and
+A thin layer over `vaezip.evaluation.rates`: it gathers the inputs (image files, folders of
+images, any `vaezip.training.data.load_dataset` spec), measures each image on its own, and
 prints one row per image plus a total (total bits over total subpixels).
 """
 
@@ -23,14 +23,14 @@ def _dataset_channels(model: Optional[str]) -> Optional[int]:
     """Channels to load a data set with: the model's, or None (decide from the data)."""
     if model is None:
         return None
-    from vaezip import registry
+    from vaezip.network import registry
 
     return registry.get_spec(model).config.channels
 
 
 def _load_dataset(spec: str, limit: Optional[int], channels: Optional[int]):
     """Arrays of a data set; without a model, gray data (R = G = B) stays one channel."""
-    from vaezip import data
+    from vaezip.training import data
 
     if channels is not None:
         return data.load_dataset(spec, limit, channels)
@@ -46,7 +46,7 @@ def gather(inputs, limit: Optional[int], model: Optional[str]) -> list[tuple[str
     An existing image file is read as it is (mode kept); a folder with image files
     gives those files, sorted; anything else is a `load_dataset` spec.
     """
-    from vaezip import data
+    from vaezip.training import data
 
     items: list[tuple[str, str, object]] = []
     for spec in inputs:
@@ -100,7 +100,7 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
 def _table(rows: list[tuple[str, object]], samples: int, breakdown: bool, compare: bool):
     from rich.table import Table
 
-    from vaezip.rates import BASELINE_NAMES
+    from vaezip.evaluation.rates import BASELINE_NAMES
 
     models = sorted({r.model for _, r in rows})
     table = Table(title=f"bits per subpixel, model {', '.join(models)}", title_justify="left",
@@ -147,7 +147,7 @@ def bpd_command(inputs, model, samples, compare, heatmap_out, as_json, limit, no
     """Bits per subpixel of images, folders and data sets: −ELBO, IWAE, coded size.
 
     INPUTS are image files, folders of images, or data set specs (mnist-test,
-    cifar10-test, FILE.npz[:KEY], an IDX file, ...; see vaezip.data.load_dataset).
+    cifar10-test, FILE.npz[:KEY], an IDX file, ...; see vaezip.training.data.load_dataset).
 
     Reports −ELBO, the IWAE bound with K samples, the real coded size (payload and
     whole file), the overhead over −ELBO split into header, start-up (what an
@@ -159,8 +159,8 @@ def bpd_command(inputs, model, samples, compare, heatmap_out, as_json, limit, no
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    from vaezip.images import read_image
-    from vaezip.rates import heatmap, measure, render_heatmap, total_report
+    from vaezip.evaluation.rates import heatmap, measure, render_heatmap, total_report
+    from vaezip.imaging.images import read_image
 
     items = gather(inputs, limit, model)
     targets = _heatmap_targets(heatmap_out, [stem for _, stem, _ in items], force) if heatmap_out else []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vaezip.images import Image
+    from vaezip.imaging.images import Image
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def compress_file(source: Path, target: Path, model: Optional[str], force: bool,
     """
     from vaezip import api
     from vaezip.files import atomic_write
-    from vaezip.images import read_image
+    from vaezip.imaging.images import read_image
 
     start = time.perf_counter()
     image = read_image(source)

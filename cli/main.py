@@ -19,7 +19,8 @@ import click
 
 from vaezip.errors import VaezipError
 from vaezip.files import atomic_write, check_output
-from vaezip.images import PNG_LEVEL
+from vaezip.imaging.images import PNG_LEVEL
+
 
 class VaezipGroup(click.Group):
     """Maps VaezipError (and Ctrl-C) to one line on stderr, never a traceback."""
@@ -82,7 +83,7 @@ def _print_json(obj) -> None:
 
 
 def _tile_count(height: int, width: int) -> int:
-    from vaezip.imagecodec import MAX_TILE
+    from vaezip.coding.imagecodec import MAX_TILE
 
     return -(-height // MAX_TILE) * -(-width // MAX_TILE)
 
@@ -187,8 +188,8 @@ def decompress(files, output, png_level, force, as_json) -> None:
     output_bytes, width, height, mode, subpixels, bpd (bits per subpixel of the .vz file), seconds.
     """
     from vaezip import api
-    from vaezip.container import read_header
-    from vaezip.images import write_png
+    from vaezip.format.container import read_header
+    from vaezip.imaging.images import write_png
 
     _inputs_exist(files)
     targets = _targets(files, output, _decoded_name)
@@ -253,7 +254,7 @@ def info(file, as_json) -> None:
     tile_size, batches, deterministic_batches, payload_words, header_bytes, bpd,
     icc_profile_bytes, runtime.
     """
-    from vaezip.container import DETERMINISTIC_FLAG, unpack
+    from vaezip.format.container import DETERMINISTIC_FLAG, unpack
 
     _inputs_exist([file])  # not click's exists=True: bad input is a VaezipError, as in every command
     data = file.read_bytes()
@@ -295,7 +296,7 @@ def models(as_json) -> None:
 
     --json: a list with one record per model: name, file, modes, sha256, bpd (as registered).
     """
-    from vaezip import registry
+    from vaezip.network import registry
 
     if as_json:
         _print_json([{"name": s.name, "file": s.file, "modes": list(s.modes), "sha256": s.sha256, "bpd": s.bpd}
@@ -323,8 +324,8 @@ def pack(inputs, output, model, force, as_json) -> None:
     output_bytes, subpixels, bpd (bits per subpixel of the archive), seconds.
     """
     from vaezip import api
-    from vaezip.archive import name_problem
-    from vaezip.images import read_image
+    from vaezip.format.archive import name_problem
+    from vaezip.imaging.images import read_image
 
     for p in inputs:
         if not p.exists():
@@ -392,8 +393,9 @@ def unpack(archive_file, output, png_level, force, as_json) -> None:
     --json: one object: input, output, images (name, output, width, height, mode,
     subpixels per image), input_bytes, subpixels, bpd (bits per subpixel of the archive), seconds.
     """
-    from vaezip import api, archive
-    from vaezip.images import write_png
+    from vaezip import api
+    from vaezip.format import archive
+    from vaezip.imaging.images import write_png
 
     _inputs_exist([archive_file])
     data = archive_file.read_bytes()

@@ -1,6 +1,6 @@
 """`vaezip registry add` and `vaezip prune`: turning a training run into a registered model.
 
-Thin layers over `vaezip.registry.add_entry` and `vaezip.prune.prune`; torch is
+Thin layers over `vaezip.network.registry.add_entry` and `vaezip.training.prune.prune`; torch is
 imported inside the commands, so `vaezip --help` stays fast.
 """
 
@@ -38,7 +38,7 @@ def registry_add(name, weights, meta, modes) -> None:
     MODEs are the image modes the model is the default for (RGB, L; default RGB).
     Names are never reused.
     """
-    from vaezip import registry
+    from vaezip.network import registry
 
     _inputs_exist(weights, meta)
     entry = registry.add_entry(name, weights, meta, list(modes) or ["RGB"])
@@ -59,8 +59,8 @@ def registry_add(name, weights, meta, modes) -> None:
 def prune_command(weights, meta, out, data, threshold, crops, crop, force) -> None:
     """Prune collapsed latent channels: write OUT.json, META.json with the kept channels in its
     config and the measured KL in its training record, ready for `vaezip registry add`."""
-    from vaezip.prune import prune
-    from vaezip.registry import read_record
+    from vaezip.network.registry import read_record
+    from vaezip.training.prune import prune
 
     _inputs_exist(weights, meta)
     check_output(out, force)

@@ -1,4 +1,4 @@
-"""`vaezip train`: a thin click front end to `vaezip.train.train` with a progress bar.
+"""`vaezip train`: a thin click front end to `vaezip.training.train.train` with a progress bar.
 
 torch is imported inside the command, so `vaezip --help` stays fast. Runnable
 stand-alone (no constriction needed):
@@ -64,8 +64,8 @@ def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
 @click.pass_context
 def train_command(ctx: click.Context, **kw) -> None:
     """Train a vaezip model on image crops (negative ELBO, bits per subpixel)."""
-    from vaezip.config import ModelConfig
-    from vaezip.train import TrainOptions, checkpoint_options, train
+    from vaezip.network.config import ModelConfig
+    from vaezip.training.train import TrainOptions, checkpoint_options, train
 
     try:
         if kw["resume"]:
@@ -103,7 +103,14 @@ def train_command(ctx: click.Context, **kw) -> None:
 
 def _run_with_progress(options, train, overwrite: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(file=sys.stdout)
     columns = [

@@ -22,11 +22,11 @@ __all__ = sorted(_API) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _API:
-        from . import api
+        from vaezip import api
 
         return getattr(api, name)
     if name in {"VaezipError"}:
-        from . import errors
+        from vaezip import errors
 
         return getattr(errors, name)
     raise AttributeError(f"module 'vaezip' has no attribute {name!r}")

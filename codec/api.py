@@ -10,10 +10,12 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from . import container, imagecodec, registry, versions
-from .errors import CorruptFileError, DecodeMismatchError, InputError, ModelError
-from .images import Image, ImageLike, as_image, to_pil
-from .imagecodec import Progress
+from vaezip.coding import imagecodec
+from vaezip.coding.imagecodec import Progress
+from vaezip.errors import CorruptFileError, DecodeMismatchError, InputError, ModelError
+from vaezip.format import container, versions
+from vaezip.imaging.images import Image, ImageLike, as_image, to_pil
+from vaezip.network import registry
 
 load_model = registry.load_model
 LoadedModels = Union[registry.LoadedModel, Sequence[registry.LoadedModel], None]
@@ -35,7 +37,7 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: LoadedMod
         version: format version to write (`versions.KNOWN_VERSIONS`; older ones for
             compatibility tests).
     """
-    from . import coders
+    from vaezip.entropy import coders
 
     fmt = versions.get(version)
     img = as_image(image)
@@ -52,7 +54,7 @@ def decompress_image(data: bytes, *, loaded: LoadedModels = None, progress: Opti
         DecodeMismatchError: pixels fail the stored checksum (never returned).
         ModelError: the file's model is missing, has other weights, or is not among `loaded`.
     """
-    from . import coders
+    from vaezip.entropy import coders
 
     header, words = container.unpack(bytes(data))
     candidates = _candidates(loaded)
@@ -88,8 +90,7 @@ def decompress_pil(data: bytes, **kwargs):
 
 
 # Measurement lives in rates.py; these names stay importable from here.
-from .rates import Report, measure, model_bits  # noqa: E402,F401
-
+from vaezip.evaluation.rates import Report, measure, model_bits  # noqa: E402,F401
 
 # ---- archives (.vzp): many images on one bits-back stack -----------------------
 
@@ -121,7 +122,8 @@ def pack(items: Sequence[ArchiveItem], model: Optional[str] = None, *, loaded: L
     Raises:
         InputError: no items, a bad or duplicate name. VaezipError: as `compress`.
     """
-    from . import archive, coders
+    from vaezip.entropy import coders
+    from vaezip.format import archive
 
     fmt = versions.get(version)
     items = list(items)
@@ -162,7 +164,8 @@ def unpack(data: bytes, *, loaded: LoadedModels = None,
         DecodeMismatchError: an image fails its checksum (never returned).
         ModelError: a model the archive names is missing or has other weights.
     """
-    from . import archive, coders
+    from vaezip.entropy import coders
+    from vaezip.format import archive
 
     contents = archive.read(bytes(data))
     entries, check = contents.entries, contents.checksum is None  # records: checked per image

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputExistsError
+from vaezip.errors import OutputExistsError
 
 
 def check_output(path: Path, force: bool) -> None:

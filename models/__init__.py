@@ -1,1 +1,1 @@
-"""Model weights shipped as package data; see vaezip.registry."""
+"""Model weights shipped as package data; see vaezip.network.registry."""

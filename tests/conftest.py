@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vaezip.images import CHANNELS, Image
+from vaezip.imaging.images import CHANNELS, Image
 
 DATA = Path(os.environ.get("VAEZIP_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-os.environ["VAEZIP_DATA"] = str(DATA)  # vaezip.data.data_root() looks where the tests look
+os.environ["VAEZIP_DATA"] = str(DATA)  # vaezip.training.data.data_root() looks where the tests look
 KODAK = DATA / "kodak"
 
 
@@ -52,9 +52,9 @@ def make_tiny_model(channels: int, name: str):
     """
     import torch
 
-    from vaezip import registry
-    from vaezip.config import ModelConfig
-    from vaezip.model import HierarchicalVAE
+    from vaezip.network import registry
+    from vaezip.network.config import ModelConfig
+    from vaezip.network.model import HierarchicalVAE
 
     cfg = ModelConfig(channels=channels, width=16, bottleneck=8, pixel_width=8, mixtures=2, latent_scales=TINY_SCALES)
     torch.manual_seed(0)

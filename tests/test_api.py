@@ -13,7 +13,7 @@ import pytest
 from conftest import kodak_crop, random_image, random_pixels
 from PIL import Image as PILImage
 
-from vaezip import api, container, registry
+from vaezip import api
 from vaezip.errors import (
     CorruptFileError,
     DecodeMismatchError,
@@ -21,7 +21,9 @@ from vaezip.errors import (
     UnsupportedImageError,
     VaezipError,
 )
-from vaezip.images import Image, encode_transparency, from_pil, pixels_equal, write_png
+from vaezip.format import container
+from vaezip.imaging.images import Image, encode_transparency, from_pil, pixels_equal, write_png
+from vaezip.network import registry
 
 SIZES = [(1, 1), (1, 97), (61, 1), (17, 23), (300, 7)]  # (height, width)
 LARGE = (129, 257)  # 15 tiles of the shipped model: RGB and L only (time), plus the plane-coded modes

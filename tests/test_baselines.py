@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from vaezip import baselines
-from vaezip.images import Image, from_array
+from vaezip.evaluation import baselines
+from vaezip.imaging.images import Image, from_array
 
 
 def _image(mode: str, height: int = 13, width: int = 11, seed: int = 0) -> Image:
@@ -96,5 +96,5 @@ def test_versions():
 
 
 def test_no_torch_import():
-    code = "import sys, vaezip.baselines; sys.exit('torch' in sys.modules)"
+    code = "import sys, vaezip.evaluation.baselines; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

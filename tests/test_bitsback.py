@@ -1,4 +1,4 @@
-"""Tests for vaezip.bitsback (and the quantize -> coder step it relies on).
+"""Tests for vaezip.coding.bitsback (and the quantize -> coder step it relies on).
 
 Round trips use the tiny seeded model; the rate test uses the shipped photo-rgb-1.
 """
@@ -11,12 +11,16 @@ from conftest import kodak_crop, random_pixels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaezip import api, coders, imagecodec, quantize, registry, versions
-from vaezip.bitsback import DETERMINISTIC_FLAG, CodingParams, decode_tiles, encode_tiles
-from vaezip.versions import KNOWN_VERSIONS
+from vaezip import api
+from vaezip.coding import imagecodec, quantize
+from vaezip.coding.bitsback import DETERMINISTIC_FLAG, CodingParams, decode_tiles, encode_tiles
+from vaezip.coding.quantize import QuantizedMixture
+from vaezip.entropy import coders
 from vaezip.errors import CorruptFileError
-from vaezip.inference import coding_network
-from vaezip.quantize import QuantizedMixture
+from vaezip.format import versions
+from vaezip.format.versions import KNOWN_VERSIONS
+from vaezip.network import registry
+from vaezip.network.inference import coding_network
 
 SIZES = [(1, 1), (17, 23), (64, 64), (65, 130)]  # (height, width)
 

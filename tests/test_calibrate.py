@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vaezip import calibrate, coders, inference, quantize, versions
-from vaezip.bitsback import _subpixel_steps
+from vaezip.coding import calibrate, quantize
+from vaezip.coding.bitsback import _subpixel_steps
+from vaezip.entropy import coders
+from vaezip.format import versions
+from vaezip.network import inference
 
 N = 6000
 

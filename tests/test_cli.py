@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from conftest import random_image
 from PIL import Image as PILImage
 
-from vaezip import api, container
+from vaezip import api
 from vaezip.cli.main import main
-from vaezip.images import pixels_equal, read_image, write_png
+from vaezip.format import container
+from vaezip.imaging.images import pixels_equal, read_image, write_png
 
 
 def _run(*args, cwd: Path | None = None):
@@ -286,7 +287,7 @@ def test_compress_decompress_info_json(tmp_path):
 
 
 def test_models_json():
-    from vaezip import registry
+    from vaezip.network import registry
 
     result = _run("models", "--json")
     _ok(result)

@@ -1,4 +1,4 @@
-"""Tests for vaezip.coders: every primitive is an exact push/pop inverse that restores the coder."""
+"""Tests for vaezip.entropy.coders: every primitive is an exact push/pop inverse that restores the coder."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaezip import coders
-from vaezip.coders import Codec, new_coder
+from vaezip.entropy import coders
+from vaezip.entropy.coders import Codec, new_coder
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

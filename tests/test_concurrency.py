@@ -18,7 +18,7 @@ import pytest
 from conftest import random_image
 
 from vaezip import api
-from vaezip.images import pixels_equal, read_image, write_png
+from vaezip.imaging.images import pixels_equal, read_image, write_png
 
 PROCESSES = 3
 TIMEOUT_S = 120

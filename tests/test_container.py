@@ -1,4 +1,4 @@
-"""Tests for vaezip.container: exact layout, round trips, and every kind of damaged file."""
+"""Tests for vaezip.format.container: exact layout, round trips, and every kind of damaged file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaezip.container import (
+from vaezip.errors import CorruptFileError, UnsupportedVersionError
+from vaezip.format.container import (
     MAGIC,
     Header,
     pack,
@@ -21,9 +22,8 @@ from vaezip.container import (
     read_header,
     unpack,
 )
-from vaezip.errors import CorruptFileError, UnsupportedVersionError
-from vaezip.images import SUPPORTED_MODES, Image, encode_transparency
-from vaezip.versions import CURRENT, KNOWN_VERSIONS
+from vaezip.format.versions import CURRENT, KNOWN_VERSIONS
+from vaezip.imaging.images import SUPPORTED_MODES, Image, encode_transparency
 
 HEADER = Header(
     mode="P",

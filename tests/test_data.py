@@ -13,8 +13,8 @@ import torch
 from conftest import require_data
 from PIL import Image
 
-from vaezip import data
 from vaezip.errors import InputError
+from vaezip.training import data
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

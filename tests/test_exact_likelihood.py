@@ -3,7 +3,7 @@
 The model is a real `HierarchicalVAE` (seeded random weights) with ONE coded
 scalar latent: one latent group at factor 4 with two channels, channel 0 pruned
 to the prior mean by `active_latents`. A 2x2 image is coded as the coder codes
-it: one 4x4 tile, padded as `vaezip.tiles` pads, the padding masked out of the
+it: one 4x4 tile, padded as `vaezip.coding.tiles` pads, the padding masked out of the
 likelihood. So for each of the 16 binary 2x2 images (pixels 0 or 255)
 
     log p(x) = log ∫ p(x | z) p(z) dz
@@ -14,7 +14,7 @@ model's own top-down pass (`top_down` with a chooser that returns the grid
 values) and pixel likelihood (`pixel_log_prob`). Outside the grid p(x | z) <= 1
 (a probability mass), so the tails add at most P(|u| > 10) = 1.5e-23.
 
-Against that exact value the instrument (`vaezip.rates.tile_log_weights`, whose
+Against that exact value the instrument (`vaezip.evaluation.rates.tile_log_weights`, whose
 log-weights `model_terms` and `vaezip bpd` stream) and the model's own
 `iwae_bits` / `nelbo` are checked. Every tolerance is a multiple of the
 estimator's standard error measured from the same samples (4 standard errors:
@@ -31,11 +31,11 @@ import pytest
 import torch
 from conftest import _state_sha256
 
-from vaezip import registry
-from vaezip.config import ModelConfig
-from vaezip.model import HierarchicalVAE, split_lattice
-from vaezip.rates import _tile_tensors, log_mean_exp, tile_log_weights
-from vaezip.tiles import TileGrid
+from vaezip.coding.tiles import TileGrid
+from vaezip.evaluation.rates import _tile_tensors, log_mean_exp, tile_log_weights
+from vaezip.network import registry
+from vaezip.network.config import ModelConfig
+from vaezip.network.model import HierarchicalVAE, split_lattice
 
 LN2 = math.log(2.0)
 CONFIG = ModelConfig(channels=1, width=8, bottleneck=8, pixel_width=4, mixtures=2,

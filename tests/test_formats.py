@@ -18,10 +18,11 @@ from conftest import kodak_crop, require_data
 from PIL import Image as PILImage
 
 import vaezip
-from vaezip import api, container
+from vaezip import api
 from vaezip.cli.main import main
 from vaezip.errors import InputError, UnsupportedImageError, VaezipError
-from vaezip.images import Image, bit_depth, decode_image, pixels_equal, png_bytes, read_image, write_png
+from vaezip.format import container
+from vaezip.imaging.images import Image, bit_depth, decode_image, pixels_equal, png_bytes, read_image, write_png
 
 ICC = b"a profile that must survive \x00\xff" * 2
 

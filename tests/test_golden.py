@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from conftest import kodak_crop, random_image, to_gray
 
-from vaezip import api, archive, container, versions
-from vaezip.images import Image, encode_transparency, pixels_equal, read_image, write_png
+from vaezip import api
+from vaezip.format import archive, container, versions
+from vaezip.imaging.images import Image, encode_transparency, pixels_equal, read_image, write_png
 
 GOLDEN = Path(__file__).parent / "golden"
 VERSIONS = sorted(int(p.name[1:]) for p in GOLDEN.glob("v*"))

@@ -1,4 +1,4 @@
-"""Tests for vaezip.images: modes, palettes, transparency, ICC, refusals, exact PNG round trips."""
+"""Tests for vaezip.imaging.images: modes, palettes, transparency, ICC, refusals, exact PNG round trips."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 from vaezip.errors import InputError, UnsupportedImageError
-from vaezip.images import (
+from vaezip.imaging.images import (
     CHANNELS,
     SUPPORTED_MODES,
     Image,

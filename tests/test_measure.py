@@ -1,4 +1,4 @@
-"""Self-checks of the measuring instrument (vaezip.rates) and of `vaezip bpd`.
+"""Self-checks of the measuring instrument (vaezip.evaluation.rates) and of `vaezip bpd`.
 
 (a) IWAE is a tighter bound than −ELBO and tightens with K, on average;
 (b) the IWAE of a real `HierarchicalVAE` converges in K, and the chunked
@@ -20,8 +20,9 @@ from click.testing import CliRunner
 from conftest import kodak_crop, random_image, random_pixels, require_data
 from PIL import Image as PILImage
 
-from vaezip import api, imagecodec
-from vaezip.rates import (
+from vaezip import api
+from vaezip.coding import imagecodec
+from vaezip.evaluation.rates import (
     Report,
     chunked_iwae,
     colormap,
@@ -178,10 +179,10 @@ def test_overhead_split_for_every_coding_path(tiny_model):
 
 def test_api_reexports_measure():
     import vaezip
-    import vaezip.rates
+    import vaezip.evaluation.rates
 
-    assert api.measure is vaezip.rates.measure and api.Report is Report
-    assert api.model_bits is vaezip.rates.model_bits
+    assert api.measure is vaezip.evaluation.rates.measure and api.Report is Report
+    assert api.model_bits is vaezip.evaluation.rates.model_bits
     assert vaezip.measure is api.measure  # the lazily exported function, untouched by the module import
 
 
@@ -305,7 +306,7 @@ def test_cli_errors_are_one_line(args, message):
 
 
 def test_tile_log_weights_match_streamed_iwae(tiny_model):
-    from vaezip.rates import tile_log_weights
+    from vaezip.evaluation.rates import tile_log_weights
 
     x = random_pixels("RGB", 40, 72, seed=6, smooth=True)
     log_w = tile_log_weights(tiny_model, x, 64, 5, seed=3)

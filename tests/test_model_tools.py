@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_model, random_image
 
-from vaezip import registry
 from vaezip.cli.main import main
-from vaezip.config import ModelConfig
-from vaezip.images import write_png
+from vaezip.imaging.images import write_png
+from vaezip.network import registry
+from vaezip.network.config import ModelConfig
 
 
 def _run(*args):

@@ -1,4 +1,4 @@
-"""Tests for .vzp archives: vaezip.archive (format), api.pack/unpack (chained bits-back,
+"""Tests for .vzp archives: vaezip.format.archive (format), api.pack/unpack (chained bits-back,
 tile sets across images), bitsback tile sets, and the `vaezip pack` / `unpack` commands.
 
 Everything runs on the tiny seeded models of conftest; the CLI tests map the registry's
@@ -17,11 +17,15 @@ from click.testing import CliRunner
 from conftest import make_tiny_model, random_image, random_pixels
 from PIL import Image as PILImage
 
-from vaezip import api, archive, bitsback, coders, container, registry, versions
-from vaezip.inference import coding_network
+from vaezip import api
 from vaezip.cli.main import main
+from vaezip.coding import bitsback
+from vaezip.entropy import coders
 from vaezip.errors import CorruptFileError, DecodeMismatchError, InputError, UnsupportedVersionError, VaezipError
-from vaezip.images import encode_transparency
+from vaezip.format import archive, container, versions
+from vaezip.imaging.images import encode_transparency
+from vaezip.network import registry
+from vaezip.network.inference import coding_network
 
 ICC = b"icc profile \x00\xff"
 

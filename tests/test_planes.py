@@ -1,4 +1,4 @@
-"""Tests for vaezip.planes: exact round trips, coder state restored, code lengths."""
+"""Tests for vaezip.entropy.planes: exact round trips, coder state restored, code lengths."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaezip import planes
-from vaezip.coders import new_coder, uniform
-from vaezip.planes import estimate_bits, plane_codec
+from vaezip.entropy import planes
+from vaezip.entropy.coders import new_coder, uniform
+from vaezip.entropy.planes import estimate_bits, plane_codec
 
 SHAPES = [(1, 1), (1, 97), (61, 1), (17, 23), (300, 7), (2, 2), (5, 64)]
 LEVELS = [2, 3, 16, 256]

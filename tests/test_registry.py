@@ -1,4 +1,4 @@
-"""Tests for vaezip.registry: every shipped entry present, hashed and strictly loadable; tampering refused."""
+"""Tests for vaezip.network.registry: every shipped entry present, hashed and strictly loadable; tampering refused."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 import torch
 from conftest import KODAK, make_tiny_model, random_pixels
 
-from vaezip import api, imagecodec, registry
-from vaezip.config import ModelConfig
+from vaezip import api
+from vaezip.coding import imagecodec
 from vaezip.errors import ModelError
+from vaezip.network import registry
+from vaezip.network.config import ModelConfig
 
 NAMES = sorted(registry.specs())
 

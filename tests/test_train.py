@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from conftest import KODAK
 
 from vaezip.cli.train import parse_latent_scales, train_command
-from vaezip.config import ModelConfig
-from vaezip.data import save_crop_bank
 from vaezip.errors import InputError, OutputExistsError
-from vaezip.model import HierarchicalVAE
-from vaezip.train import TrainOptions, kl_weight, learning_rate, train
+from vaezip.network.config import ModelConfig
+from vaezip.network.model import HierarchicalVAE
+from vaezip.training.data import save_crop_bank
+from vaezip.training.train import TrainOptions, kl_weight, learning_rate, train
 
 TINY = ModelConfig(width=16, bottleneck=8, pixel_width=8, latent_scales=((16, 1, 4), (4, 1, 2)))
 

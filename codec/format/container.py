@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import versions
-from .errors import CorruptFileError, UnsupportedVersionError
-from .images import SUPPORTED_MODES, Image, decode_transparency
+from vaezip.errors import CorruptFileError, UnsupportedVersionError
+from vaezip.format import versions
+from vaezip.imaging.images import SUPPORTED_MODES, Image, decode_transparency
 
 MAGIC = b"VZIP\r\n\x1a\n"
 """8 bytes; the CR LF, ^Z and LF catch text-mode mangling, as in PNG."""

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .coders import Codec, Steps, pop_steps, push_steps, uniform
+from vaezip.entropy.coders import Codec, Steps, pop_steps, push_steps, uniform
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def low_codec(high: np.ndarray) -> Codec:
 def _low_steps(high: np.ndarray, pixels: Optional[np.ndarray]) -> Steps:
     """The low bits of every channel in pop order (`coders.Steps`); returns the uint16
     pixels. `pixels` is the truth on the encoder, None on the decoder."""
-    from .planes import plane_codec
+    from vaezip.entropy.planes import plane_codec
 
     height, width, channels = high.shape
     out = np.empty((height, width, channels), np.uint16)
@@ -102,7 +102,7 @@ def _low_steps(high: np.ndarray, pixels: Optional[np.ndarray]) -> Steps:
 
 def estimate_low_bits(pixels: np.ndarray) -> float:
     """Ideal bits of `low_codec(split(pixels)).push(pixels)` (within a few bits per channel)."""
-    from .planes import estimate_bits
+    from vaezip.entropy.planes import estimate_bits
 
     high = split(pixels)
     total = 0.0

@@ -45,14 +45,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import calibrate, coders, quantize
-from .coders import AnsCoder, Codec
-from .container import DETERMINISTIC_FLAG
-from .errors import CorruptFileError
-from .inference import Network
-from .model import Gaussian
-from .versions import CURRENT, Format
-from .tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles, stage_masks
+from vaezip.coding import calibrate, quantize
+from vaezip.coding.tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles, stage_masks
+from vaezip.entropy import coders
+from vaezip.entropy.coders import AnsCoder, Codec
+from vaezip.errors import CorruptFileError
+from vaezip.format.container import DETERMINISTIC_FLAG
+from vaezip.format.versions import CURRENT, Format
+from vaezip.network.inference import Network
+from vaezip.network.model import Gaussian
 
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
 MAX_BATCH_PIXELS = MAX_BATCH * 64 * 64  # the same bound for smaller tiles (tile sets of small images)

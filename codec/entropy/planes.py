@@ -2,7 +2,7 @@
 
 A plane is a (H, W) uint8 array with values in 0..levels-1. It is coded onto the
 same `AnsCoder` as the rest of the file, built only from the push/pop `Codec`s of
-`vaezip.coders`; it writes no bytes of its own.
+`vaezip.entropy.coders`; it writes no bytes of its own.
 
 Algorithm (semi-static, two passes on the encoder):
 
@@ -45,7 +45,17 @@ from typing import Callable, Optional
 import constriction
 import numpy as np
 
-from .coders import AnsCoder, Codec, Steps, categorical, deferred, iid_categorical, pop_steps, push_steps, uniform
+from vaezip.entropy.coders import (
+    AnsCoder,
+    Codec,
+    Steps,
+    categorical,
+    deferred,
+    iid_categorical,
+    pop_steps,
+    push_steps,
+    uniform,
+)
 
 _constriction_model = constriction.stream.model
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import UnsupportedVersionError
+from vaezip.errors import UnsupportedVersionError
 
 EIGHT_BIT_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA", "P", "1")
 OTHER_DEPTH_MODES: tuple[str, ...] = ("L;2", "L;4", "L;16", "LA;16", "RGB;16", "RGBA;16")

@@ -24,8 +24,8 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image as PILImage
 
-from . import imagefiles
-from .errors import InputError, UnsupportedImageError
+from vaezip.errors import InputError, UnsupportedImageError
+from vaezip.imaging import imagefiles
 
 SUPPORTED_MODES: tuple[str, ...] = (
     "L", "LA", "RGB", "RGBA", "P", "1", "L;2", "L;4", "L;16", "LA;16", "RGB;16", "RGBA;16")

@@ -20,9 +20,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .config import ModelConfig
-from .errors import InputError, ModelError
-from .files import atomic_write
+from vaezip.errors import InputError, ModelError
+from vaezip.files import atomic_write
+from vaezip.network.config import ModelConfig
 
 REGISTRY_FILE = "registry.json"
 
@@ -118,7 +118,7 @@ def model_from_weights(spec: ModelSpec, path_or_state) -> LoadedModel:
     """Build the network of `spec` and load weights strictly (path or state dict)."""
     import torch
 
-    from .model import HierarchicalVAE
+    from vaezip.network.model import HierarchicalVAE
 
     net = HierarchicalVAE(spec.config)
     state = path_or_state

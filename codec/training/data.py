@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
-from .files import atomic_write
+from vaezip.errors import InputError
+from vaezip.files import atomic_write
 
 # Where the shared data sets live; override with VAEZIP_DATA (e.g. on a GPU machine).
 DEFAULT_DATA_ROOT = Path("/work/shared/data")

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from .errors import ModelError
+from vaezip.errors import ModelError
 
 
 def unknown_keys(cls, data: dict) -> list[str]:

@@ -22,9 +22,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import container, registry, versions
-from .errors import CorruptFileError, DecodeMismatchError, ModelError, VaezipError
-from .images import CHANNELS, Image, bit_depth, colour_mode
+from vaezip.errors import CorruptFileError, DecodeMismatchError, ModelError, VaezipError
+from vaezip.format import container, versions
+from vaezip.imaging.images import CHANNELS, Image, bit_depth, colour_mode
+from vaezip.network import registry
 
 MAX_TILE = 64
 """Largest tile side, pixels."""
@@ -185,7 +186,7 @@ def _push_planes(ans, img: Image, plan: Layout) -> np.ndarray:
 
     Stack before: S. After: S + low bits + planes (the last plane on top).
     """
-    from . import depth, planes
+    from vaezip.entropy import depth, planes
 
     pixels = img.pixels
     if img.bit_depth == 16:
@@ -199,7 +200,7 @@ def _push_planes(ans, img: Image, plan: Layout) -> np.ndarray:
 def _pop_planes(ans, mode: str, plan: Layout, pixels: np.ndarray) -> np.ndarray:
     """Pop what `_push_planes` pushed into the 8-bit `pixels` (model channels filled in);
     returns the image's pixels (uint16 for a 16-bit mode)."""
-    from . import depth, planes
+    from vaezip.entropy import depth, planes
 
     height, width = pixels.shape[:2]
     for c in reversed(plan.plane_channels):  # reversed: pushed first, popped last
@@ -208,14 +209,14 @@ def _pop_planes(ans, mode: str, plan: Layout, pixels: np.ndarray) -> np.ndarray:
 
 
 def _coding_params(model: registry.LoadedModel, tile: int, fmt: versions.Format):
-    from .bitsback import CodingParams
+    from vaezip.coding.bitsback import CodingParams
 
     return CodingParams(tile=tile, latent_grid=model.spec.config.latent_grid, fmt=fmt)
 
 
 def _network(model: registry.LoadedModel, fmt: versions.Format):
     """The model set up for coding with `fmt`'s numerics (`inference.coding_network`)."""
-    from .inference import coding_network
+    from vaezip.network.inference import coding_network
 
     return coding_network(model.net, fmt)
 
@@ -252,7 +253,7 @@ def push_image(ans, img: Image, model: Optional[registry.LoadedModel], fmt: vers
     high = _push_planes(ans, img, plan)
     schedule, tile = (), 0
     if plan.model_channels:
-        from .bitsback import encode_tiles
+        from vaezip.coding.bitsback import encode_tiles
 
         tile = tile_size(img.height, img.width, model.spec.config.downsampling)
         with _network(model, fmt) as net:
@@ -274,7 +275,7 @@ def pop_image(ans, header: container.Header, loaded: LoadedModels = (), progress
     plan = layout(header.mode, bool(header.model_name))
     with payload_errors(header.runtime):
         if plan.model_channels:
-            from .bitsback import decode_tiles
+            from vaezip.coding.bitsback import decode_tiles
 
             model = model_for_header(header, loaded)
             if header.tile_size != tile_size(header.height, header.width, model.spec.config.downsampling):
@@ -336,7 +337,7 @@ def push_tile_set(ans, imgs: Sequence[Image], model: registry.LoadedModel, fmt: 
     Stack before: S. After: S + every image's plane-coded planes (in order),
     then all their model-coded tiles as one sequence (the last batch on top).
     """
-    from .bitsback import encode_tile_sets
+    from vaezip.coding.bitsback import encode_tile_sets
 
     for img in imgs:
         _check_mode(img.mode, fmt)
@@ -358,7 +359,7 @@ def pop_tile_set(ans, headers: Sequence[container.Header], loaded: LoadedModels 
 
     Stack before: S + the images. After: S.
     """
-    from .bitsback import decode_tile_sets
+    from vaezip.coding.bitsback import decode_tile_sets
 
     model = model_for_header(headers[0], loaded)
     cfg = model.spec.config

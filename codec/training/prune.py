@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .model import HierarchicalVAE, gaussian_kl
+from vaezip.network.config import ModelConfig
+from vaezip.network.model import HierarchicalVAE, gaussian_kl
 
 
 def channel_kl_bits(net: HierarchicalVAE, crops: np.ndarray, batch: int = 32) -> list[np.ndarray]:
@@ -67,7 +67,7 @@ def prune(weights: str | Path, meta: dict, data: str = "heldout", threshold: flo
         (the record with the pruned config and `training.pruning`, for `vaezip registry add`;
         the kept channels per group; the KL per channel per group, bits per dimension).
     """
-    from .data import evaluation_crops, load_dataset, pad_to_multiple
+    from vaezip.training.data import evaluation_crops, load_dataset, pad_to_multiple
 
     config = ModelConfig.from_dict({**meta["config"], "active_latents": None})
     net = HierarchicalVAE(config)

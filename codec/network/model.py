@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from vaezip.network.config import ModelConfig
 
 LN2 = math.log(2.0)
 # Pixel-likelihood parameter ranges, in pixel units; quantize.py uses the same.

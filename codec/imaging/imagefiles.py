@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import UnsupportedImageError
+from vaezip.errors import UnsupportedImageError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}

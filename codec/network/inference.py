@@ -28,8 +28,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import Gaussian, HierarchicalVAE, MixtureParams, TopDownSteps
-from .versions import Format, Numerics
+from vaezip.format.versions import Format, Numerics
+from vaezip.network.model import Gaussian, HierarchicalVAE, MixtureParams, TopDownSteps
 
 ROW_CHUNK = 4096
 """Positions per probability-table chunk (`Network.row_tables`)."""

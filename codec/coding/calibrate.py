@@ -21,9 +21,17 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import coders
-from .coders import Codec
-from .quantize import LOG_SCALE_STEPS, MEAN_STEPS, SCALE_HI, SCALE_LO, QuantizedMixture, channel_means, mixture_weights
+from vaezip.coding.quantize import (
+    LOG_SCALE_STEPS,
+    MEAN_STEPS,
+    SCALE_HI,
+    SCALE_LO,
+    QuantizedMixture,
+    channel_means,
+    mixture_weights,
+)
+from vaezip.entropy import coders
+from vaezip.entropy.coders import Codec
 
 OFFSET_MIN, OFFSET_MAX = -32, 64
 """Offsets in log-scale steps: scales from e^-2 to e^4 times the model's."""

@@ -33,8 +33,8 @@ from typing import Optional
 
 import numpy as np
 
-from .model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
-from .versions import Format
+from vaezip.format.versions import Format
+from vaezip.network.model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
 
 MEAN_STEPS = 32
 LOG_SCALE_STEPS = 16

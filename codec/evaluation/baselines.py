@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import features
 
-from .images import Image, decode_image, png_bytes
+from vaezip.imaging.images import Image, decode_image, png_bytes
 
 BASELINES: tuple[str, ...] = ("png", "webp", "jpegxl")
 """Baseline names, in the order tables print them."""

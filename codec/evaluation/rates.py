@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequen
 
 import numpy as np
 
-from . import registry
-from .errors import InputError, VaezipError
+from vaezip.errors import InputError, VaezipError
+from vaezip.network import registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .images import Image, ImageLike
+    from vaezip.imaging.images import Image, ImageLike
 
 LN2 = math.log(2.0)
 NELBO_BATCH = 16  # tiles per network call for −ELBO and the heatmap
@@ -199,7 +199,7 @@ def _tile_tensors(pixels: np.ndarray, grid, indices: range):
     """(x uint8 (n, C, T, T), mask bool (n, 1, T, T)) of the tiles as coded."""
     import torch
 
-    from .tiles import lattice_to_pixels, split_tiles
+    from vaezip.coding.tiles import lattice_to_pixels, split_tiles
 
     tiles = lattice_to_pixels(split_tiles(pixels, grid, indices))
     return torch.from_numpy(tiles), torch.from_numpy(grid.pixel_masks(indices))
@@ -242,7 +242,7 @@ def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, 
     """
     import torch
 
-    from .tiles import TileGrid
+    from vaezip.coding.tiles import TileGrid
 
     net = loaded.net
     grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
@@ -279,7 +279,7 @@ def tile_log_weights(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int
     """
     import torch
 
-    from .tiles import TileGrid
+    from vaezip.coding.tiles import TileGrid
 
     net = loaded.net
     grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
@@ -312,7 +312,7 @@ def seed_words(loaded: Optional[registry.LoadedModel], tile: int) -> np.ndarray:
     SEED_WORDS plus what one full batch of tiles could borrow at most (every
     coded latent at log2 of the grid's size), so no batch runs the stack dry.
     """
-    from .bitsback import MAX_BATCH, CodingParams
+    from vaezip.coding.bitsback import MAX_BATCH, CodingParams
 
     count = SEED_WORDS
     if loaded is not None:
@@ -331,7 +331,8 @@ def seeded_payload_bits(img: "Image", model: Optional[registry.LoadedModel]) -> 
     `seed_words`, minus the pre-fill: the image's cost once start-up is paid, since
     with that many bits on the stack every batch of tiles borrows its latents.
     """
-    from . import coders, imagecodec
+    from vaezip.coding import imagecodec
+    from vaezip.entropy import coders
 
     tile = imagecodec.tile_size(img.height, img.width, model.spec.config.downsampling) if model else 0
     ans = coders.new_coder(seed_words(model, tile))
@@ -343,7 +344,7 @@ def seeded_payload_bits(img: "Image", model: Optional[registry.LoadedModel]) -> 
 def _baseline_bytes(img: "Image") -> dict[str, Optional[int]]:
     """Baseline codec sizes in bytes; every codec "missing" (None) if the module is absent."""
     try:
-        from . import baselines
+        from vaezip.evaluation import baselines
     except ImportError:
         return {name: None for name in BASELINE_NAMES}
     try:
@@ -373,8 +374,10 @@ def measure(image: "ImageLike", model: Optional[str] = None, *, samples: int = 0
     Returns:
         A `Report`; see its attributes.
     """
-    from . import coders, container, depth, imagecodec, planes
-    from .images import as_image
+    from vaezip.coding import imagecodec
+    from vaezip.entropy import coders, depth, planes
+    from vaezip.format import container
+    from vaezip.imaging.images import as_image
 
     begin = time.perf_counter()
     img = as_image(image)
@@ -515,10 +518,11 @@ def heatmap(image: "ImageLike", model: Optional[str] = None, *,
     """
     import torch
 
-    from . import depth, imagecodec
-    from .images import as_image
-    from .model import merge_lattice
-    from .tiles import TileGrid
+    from vaezip.coding import imagecodec
+    from vaezip.coding.tiles import TileGrid
+    from vaezip.entropy import depth
+    from vaezip.imaging.images import as_image
+    from vaezip.network.model import merge_lattice
 
     img = as_image(image)
     loaded = imagecodec.model_for_mode(img.mode, model, () if loaded is None else (loaded,))
@@ -580,7 +584,7 @@ def render_heatmap(image: "ImageLike", bits: np.ndarray, path: "str | os.PathLik
     from PIL import Image as PILImage
     from PIL import ImageDraw, ImageFont
 
-    from .images import as_image, to_pil
+    from vaezip.imaging.images import as_image, to_pil
 
     img = as_image(image)
     bits = np.asarray(bits, dtype=np.float64)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import STAGE_OFFSETS
+from vaezip.network.model import STAGE_OFFSETS
 
 EMPTY_FILL = 128
 

@@ -30,10 +30,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import data as datasets
-from .config import ModelConfig, unknown_keys
-from .errors import InputError, OutputExistsError, VaezipError
-from .model import HierarchicalVAE
+from vaezip.errors import InputError, OutputExistsError, VaezipError
+from vaezip.network.config import ModelConfig, unknown_keys
+from vaezip.network.model import HierarchicalVAE
+from vaezip.training import data as datasets
 
 CHECKPOINT_FORMAT = "vaezip-train-checkpoint-1"
 EVAL_SEED = 20240601  # fixed, so held-out crops and eval noise match across runs
@@ -46,7 +46,7 @@ class TrainOptions:
 
     Attributes:
         config: model architecture; `config.channels` picks gray or RGB data.
-        data: dataset specs (see `vaezip.data.load_dataset`); "photos" is the
+        data: dataset specs (see `vaezip.training.data.load_dataset`); "photos" is the
             default photo training set.
         heldout: spec of the held-out evaluation images; None: the held-out
             wikiphotos when training on "photos", else the last 5 % of the

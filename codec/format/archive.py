@@ -57,9 +57,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import container, versions
-from .container import Header, Reader
-from .errors import CorruptFileError, UnsupportedVersionError
+from vaezip.errors import CorruptFileError, UnsupportedVersionError
+from vaezip.format import container, versions
+from vaezip.format.container import Header, Reader
 
 MAGIC = b"VZPK\r\n\x1a\n"
 

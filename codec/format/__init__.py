@@ -1,0 +1,1 @@
+"""The byte-level file formats: the version table, .vz files, .vzp archives (no torch)."""
