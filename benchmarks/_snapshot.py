@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = {"codec": "vaezip", "cli": "vaezip/cli", "models": "vaezip/models"}
-OVERLAY = {"codec/baselines.py": "vaezip/baselines.py"}
+OVERLAY = {"codec/evaluation/baselines.py": "vaezip/evaluation/baselines.py"}
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 

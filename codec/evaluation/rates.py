@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequen
 import numpy as np
 
 from vaezip.errors import InputError, VaezipError
+from vaezip.files import atomic_write
 from vaezip.network import registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -618,11 +618,5 @@ def render_heatmap(image: "ImageLike", bits: np.ndarray, path: "str | os.PathLik
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"{path.parent}: no such folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         canvas.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vaezip.network.config import ModelConfig
-from vaezip.network.model import HierarchicalVAE, gaussian_kl
+from vaezip.network.model import HierarchicalVAE
 
 
 def channel_kl_bits(net: HierarchicalVAE, crops: np.ndarray, batch: int = 32) -> list[np.ndarray]:
@@ -34,13 +34,8 @@ def channel_kl_bits(net: HierarchicalVAE, crops: np.ndarray, batch: int = 32) ->
     with torch.inference_mode():
         for start in range(0, len(crops), batch):
             x = torch.from_numpy(np.ascontiguousarray(crops[start : start + batch].transpose(0, 3, 1, 2)))
-            kls = []
-
-            def choose(g, prior, posterior):
-                kls.append(gaussian_kl(posterior, prior).mean(dim=(2, 3)).sum(0).numpy() / math.log(2))
-                return posterior.mean
-
-            net.top_down(x.shape[0], x.shape[2], x.shape[3], choose, net.bottom_up(x))
+            walk = net.sample_posterior(x, latents="mean")
+            kls = [kl.mean(dim=(2, 3)).sum(0).numpy() / math.log(2) for kl in walk.kl_nats]
             totals = kls if not totals else [t + k for t, k in zip(totals, kls)]
             count += x.shape[0]
     return [t / count for t in totals]
