@@ -119,3 +119,15 @@ def to_gray(rgb: np.ndarray) -> np.ndarray:
     from PIL import Image as PILImage
 
     return np.asarray(PILImage.fromarray(rgb, "RGB").convert("L"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny networks: they are all overhead, and on a
+    shared 2-core machine a second thread's spin-waits made them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -48,13 +48,7 @@ CURVE_KS = (1, 4, 16, 64, 256)  # IWAE(K) on its own block of samples per K ...
 CURVE_BLOCK = 2048  # ... of this many samples (2048 // K independent estimates)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread (see test_measure.py): tiny networks, shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def binary_images() -> list[np.ndarray]:

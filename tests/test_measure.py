@@ -35,15 +35,7 @@ from vaezip.evaluation.rates import (
     total_report,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the tiny networks here are all overhead, and on a shared
-    2-core machine a second thread's spin-waits made them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bpd_cli():

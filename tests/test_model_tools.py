@@ -28,13 +28,7 @@ def _one_line_error(result, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("vaezip: error: ") and needle in lines[0], result.stderr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the tiny network is all overhead (see test_measure.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

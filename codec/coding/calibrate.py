@@ -24,8 +24,6 @@ import numpy as np
 from vaezip.coding.quantize import (
     LOG_SCALE_STEPS,
     MEAN_STEPS,
-    SCALE_HI,
-    SCALE_LO,
     QuantizedMixture,
     channel_means,
     mixture_weights,

@@ -57,7 +57,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vaezip.errors import CorruptFileError, UnsupportedVersionError
+from vaezip.errors import CorruptFileError
 from vaezip.format import container, versions
 from vaezip.format.container import Header, Reader
 
