@@ -255,12 +255,13 @@ def info(file, as_json) -> None:
     icc_profile_bytes, runtime.
     """
     from vaezip.format.container import DETERMINISTIC_FLAG, unpack
+    from vaezip.imaging.images import CHANNELS
 
     _inputs_exist([file])  # not click's exists=True: bad input is a VaezipError, as in every command
     data = file.read_bytes()
     header, words = unpack(data)
     det = sum(1 for e in header.schedule if e & DETERMINISTIC_FLAG)
-    bpd = 8 * len(data) / (header.width * header.height * _channels(header.mode))
+    bpd = 8 * len(data) / (header.width * header.height * CHANNELS[header.mode])
     if as_json:
         _print_json({
             "file": str(file), "bytes": len(data), "version": header.version, "width": header.width,
@@ -283,10 +284,6 @@ def info(file, as_json) -> None:
     ]
     for key, value in rows:
         click.echo(f"{key:>14}: {value}")
-
-
-def _channels(mode: str) -> int:
-    return {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "P": 1, "1": 1}[mode]
 
 
 @main.command()

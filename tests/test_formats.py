@@ -100,6 +100,14 @@ def test_pngsuite_through_the_cli(tmp_path):
         assert back.exists(), path.name
         assert pixels_equal(read_image(back), read_image(path)), path.name
         assert _ihdr_depth_and_colour(back.read_bytes()) == _ihdr_depth_and_colour(path.read_bytes()), path.name
+    result = runner.invoke(main, ["pack", str(originals), "-o", str(tmp_path / "suite.vzp")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["unpack", str(tmp_path / "suite.vzp"), "-o", str(tmp_path / "unpacked")])
+    assert result.exit_code == 0, result.output
+    for path in valid:
+        back = tmp_path / "unpacked" / path.name
+        assert pixels_equal(read_image(back), read_image(path)), path.name
+        assert _ihdr_depth_and_colour(back.read_bytes()) == _ihdr_depth_and_colour(path.read_bytes()), path.name
     for path in corrupt:
         result = runner.invoke(main, ["compress", str(path), "-o", str(tmp_path / "bad.vz")])
         assert result.exit_code == 1 and "Traceback" not in result.output
@@ -285,6 +293,26 @@ def test_16_bit_images_in_an_archive(tiny_model, tiny_gray_model):
     assert [name for name, _ in back] == [name for name, _ in items]
     for (_, image), (_, expected) in zip(back, items):
         assert pixels_equal(image, expected)
+
+
+def test_measure_and_info_of_a_16_bit_image(tmp_path, tiny_model):
+    from vaezip.evaluation.rates import measure
+
+    from vaezip.entropy import depth
+
+    image = Image("RGB;16", _photo16(24, 32))
+    report = measure(image, loaded=tiny_model, samples=2, breakdown=False)
+    assert report.mode == "RGB;16" and report.subpixels == image.num_subpixels
+    assert np.isfinite([report.nelbo_bpd, report.iwae_bpd, report.coded_bpd]).all()
+    high = measure(Image("RGB", depth.split(image.pixels)), loaded=tiny_model, samples=2, breakdown=False)
+    low_bits = depth.estimate_low_bits(image.pixels)
+    n = image.num_subpixels
+    assert report.nelbo_bpd * n == pytest.approx(high.nelbo_bpd * n + low_bits)
+    assert report.iwae_bpd * n == pytest.approx(high.iwae_bpd * n + low_bits)
+    path = tmp_path / "a.vz"
+    path.write_bytes(vaezip.compress(image, loaded=tiny_model))
+    result = CliRunner().invoke(main, ["info", str(path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["mode"] == "RGB;16"
 
 
 def test_older_versions_refuse_other_depths(tiny_model):
