@@ -25,8 +25,6 @@ from vaezip.errors import UnsupportedImageError
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 """Samples per pixel of each PNG colour type."""
-PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}
-"""PNG colour type of each channel count (gray, gray+alpha, RGB, RGBA)."""
 
 
 class FormatError(ValueError):
@@ -158,8 +156,9 @@ def read_tiff(data: bytes, path: str) -> Optional[TiffSamples]:
     """Samples of a TIFF whose samples exceed 8 bits; None when none do (Pillow reads those).
 
     Raises:
-        UnsupportedImageError: several pages, float or signed samples, or a layout other
-            than gray / RGB with at most one extra sample (the message names it).
+        UnsupportedImageError: several pages, float or signed samples, other than 1, 8 or
+            16 bits per sample, or a layout other than gray / RGB with at most one extra
+            sample (the message names it).
         FormatError: a damaged file.
     """
     import tifffile
@@ -171,6 +170,8 @@ def read_tiff(data: bytes, path: str) -> Optional[TiffSamples]:
                 raise UnsupportedImageError(f"{path}: TIFF with {len(tif.pages)} pages; vaezip codes single images")
             if page.sampleformat != 1:
                 raise UnsupportedImageError(f"{path}: TIFF with float or signed samples: not supported")
+            if page.bitspersample not in (1, 8, 16):  # 12-bit data would change meaning as 16-bit PNG
+                raise UnsupportedImageError(f"{path}: {page.bitspersample}-bit TIFF: not supported (1, 8 and 16 bits are)")
             if page.bitspersample <= 8:
                 return None
             photometric = int(page.photometric)

@@ -444,9 +444,6 @@ def _read_deep(data: bytes, name: str) -> Optional[Image]:
         tiff = imagefiles.read_tiff(data, name)
         if tiff is None:
             return None
-        if tiff.pixels.dtype != np.uint16:
-            bits = 8 * tiff.pixels.dtype.itemsize
-            raise UnsupportedImageError(f"{name}: {bits}-bit TIFF: not supported (8 and 16 bits are)")
         mode = _DEEP_MODES[(tiff.pixels.shape[2] - tiff.alpha, tiff.alpha)]
         return Image(mode, tiff.pixels, icc_profile=tiff.icc_profile)
     if data[:2] in (b"P2", b"P3", b"P5", b"P6"):
