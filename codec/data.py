@@ -709,6 +709,7 @@ class PhotoBank:
     sha256: str
 
     def describe(self) -> str:
+        """One line: sha256 prefix, images, pixels, the recipe's parts and the held-out set."""
         pixels = sum(im.shape[0] * im.shape[1] for im in self.images)
         return (f"photo bank sha256 {self.sha256[:16]}: {len(self.images)} training images, {pixels / 1e6:.1f} Mpx ("
                 + "; ".join(self.manifest["parts"]) + f"); held-out {len(self.heldout)} crops of "
@@ -791,6 +792,19 @@ def is_photo_bank(path: str | Path) -> bool:
             return "format" in archive.files and _text(archive["format"]) == PHOTO_BANK_FORMAT
     except (OSError, ValueError, zipfile.BadZipFile):
         return False
+
+
+def describe_photo_bank(path: str | Path) -> str:
+    """`PhotoBank.describe()` of the bank at `path`, without decoding its pixels."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            shapes, heldout = archive["shapes"], archive["heldout"].shape
+            manifest = json.loads(_text(archive["manifest"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read photo bank {path}: {exc}") from None
+    pixels = int((shapes[:, 0].astype(np.int64) * shapes[:, 1]).sum())
+    return (f"photo bank sha256 {_sha256(Path(path))[:16]}: {len(shapes)} training images, {pixels / 1e6:.1f} Mpx ("
+            + "; ".join(manifest["parts"]) + f"); held-out {heldout[0]} crops of " + manifest["heldout"])
 
 
 def read_photo_bank(path: str | Path) -> PhotoBank:
