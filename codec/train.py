@@ -807,10 +807,10 @@ def _train(options: TrainOptions, progress, log, ranks: _Ranks, device: torch.de
             last_checkpoint = time.monotonic()
             emit("checkpoint", train_bpd, rate)
 
+    seconds = time.monotonic() - start  # training only: the final evaluation is not in crops/s
     if last_eval_step != run.step:
         heldout_bpd = evaluate()
         log(_eval_line(run, options, window, heldout_bpd, "", "  final"))
-    seconds = time.monotonic() - start
     run.sessions.append({
         "steps": [first_step, run.step], "seconds": round(seconds, 1),
         "crops_per_s": round((run.crops_seen - first_crops) / max(seconds, 1e-9), 1),
