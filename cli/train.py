@@ -81,7 +81,7 @@ def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
 def train_command(ctx: click.Context, **kw) -> None:
     """Train a vaezip model on image crops (negative ELBO, bits per subpixel)."""
     from vaezip.config import ModelConfig
-    from vaezip.train import TrainOptions, checkpoint_options, train
+    from vaezip.train import TrainOptions, checkpoint_options, output_paths, train
 
     kw["compile"] = kw.pop("compile_")
     given = [name for name in kw if ctx.get_parameter_source(name if name != "compile" else "compile_")
@@ -100,7 +100,8 @@ def train_command(ctx: click.Context, **kw) -> None:
                 kw["campaign"], seconds=kw["time_limit"], device=kw["device"],
                 out=kw["out"] if "out" in given else None,
                 **{n: kw[n] for n in CAMPAIGN_OPTIONS if n in given and n not in ("time_limit", "device", "out")})
-            result = _run_with_progress(options, train, overwrite=False)
+            # continuing from the weights OUT.pt of an earlier session replaces them
+            result = _run_with_progress(options, train, overwrite=options.init_from == str(output_paths(options.out)[0]))
             click.echo(f"held-out -ELBO {result.heldout_bpd:.4f} bits/subpixel after {result.steps} steps; "
                        f"weights {result.weights}, record {result.record}")
             return

@@ -6,12 +6,15 @@ repository holds, for the time a session has, on whatever device it has.
     vaezip registry add photo-rgb-2 runs/gen2.pt runs/gen2.json RGB --only-if-better-than photo-rgb-1
 
 A campaign run continues, in this order: the checkpoint OUT.ckpt if it is there
-(carried to the device, or left by a background CPU run); else the newest
+(left by a background CPU run, or carried); else the weights OUT.pt of an earlier
+session of this campaign (a device session brings back OUT.pt and OUT.json: a
+checkpoint is larger than what comes back from the device); else the newest
 registered model that an earlier run of this campaign produced; else the
-campaign's base model. Starting from a registered model is a warm start
-(`vaezip.warmstart`), so a new architecture in `Campaign.config` begins where
-the old model stands. Run it from the repository root: the bank lives in the
-ignored `.carry/` folder there.
+campaign's base model. Starting from weights is a warm start (`vaezip.warmstart`:
+fresh optimiser, learning-rate warm-up, the earlier sessions kept in the record),
+so a new architecture in `Campaign.config` also begins where the old model
+stands. Run it from the repository root: the bank lives in the ignored `.carry/`
+folder there.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto
     kind = resolve_device(device).type
     per_device = {"batch": campaign.batch[kind], "precision": campaign.precision[kind],
                   "channels_last": campaign.channels_last[kind]}
-    checkpoint = output_paths(out)[2]
+    weights, record, checkpoint = output_paths(out)
     if checkpoint.exists():
         options = checkpoint_options(checkpoint)
         if options.campaign != campaign.name:
@@ -112,10 +115,14 @@ def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto
         if not Path(campaign.bank).is_file():
             raise InputError(f"{campaign.bank} is missing: build it with `vaezip train --campaign {name} --prepare` "
                              "(needs the shared data) or carry it along")
-        start = starting_model(campaign)
-        from .registry import get_spec
+        from .registry import get_spec, read_record
 
-        config = campaign.config or get_spec(start).config
+        if weights.is_file() and record.is_file() and read_record(record).get("training", {}).get("campaign") == name:
+            start = str(weights)  # the weights an earlier session brought back, its checkpoint left behind
+            config = campaign.config or ModelConfig.from_dict(read_record(record)["config"])
+        else:
+            start = starting_model(campaign)
+            config = campaign.config or get_spec(start).config
         options = TrainOptions(
             config=config, data=(campaign.bank,), heldout=campaign.bank + ":heldout", crop=campaign.crop,
             steps=campaign.steps, lr=campaign.lr, warmup_steps=campaign.warmup_steps, kl_warmup_fraction=0.0,

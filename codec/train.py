@@ -462,12 +462,13 @@ def _new_run(options: TrainOptions, device: torch.device, log: Callable[[str], N
     """A seeded fresh model (warm-started from `options.init_from`), its EMA copy and AdamW."""
     torch.manual_seed(options.seed)
     model = HierarchicalVAE(options.config)
-    warm = None
+    warm, sessions = None, []
     if options.init_from is not None and options.resume is None:
         state, source = source_state(options.init_from)
         report = warm_start(model, state)
         log(f"{report.summary()} from {source}")
         warm = {"from": source, **report.to_dict()}
+        sessions = _earlier_sessions(options.init_from)
     model = model.to(device)
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -475,7 +476,20 @@ def _new_run(options: TrainOptions, device: torch.device, log: Callable[[str], N
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.99),
                                   weight_decay=options.weight_decay, **fused)
-    return _RunState(model, ema, optimizer, warm_start=warm)
+    return _RunState(model, ema, optimizer, sessions=sessions, warm_start=warm)
+
+
+def _earlier_sessions(source: str) -> list[dict]:
+    """The `sessions` of the run whose weights `source` (OUT.pt beside OUT.json) are,
+    each marked as before this warm start; [] for a registered model or no record."""
+    record = output_paths(source)[1]
+    if not source.endswith(".pt") or not record.is_file():
+        return []
+    try:
+        earlier = json.loads(record.read_text()).get("training", {}).get("sessions", [])
+    except (OSError, ValueError):
+        return []
+    return [{**row, "before_warm_start": True} for row in earlier if isinstance(row, dict)]
 
 
 def _rank_state(sampler: datasets.TensorCrops, device: torch.device) -> dict:

@@ -70,6 +70,14 @@ def test_campaign_starts_warm_then_resumes(bank, tmp_path, monkeypatch):
     again = campaigns.campaign_options("tiny", seconds=30, device="cpu", out=str(tmp_path / "run"), stop_step=4)
     assert again.resume == str(first.checkpoint) and again.time_limit == 30
     assert train(again, log=None).steps == 4
+    first.checkpoint.unlink()  # a device session brings back OUT.pt and OUT.json, not the checkpoint
+    later = campaigns.campaign_options("tiny", seconds=None, device="cpu", out=str(tmp_path / "run"), stop_step=1)
+    assert later.init_from == str(first.weights) and later.resume is None
+    later = later.__class__(**{**later.__dict__, "heldout": None})
+    record = json.loads(train(later, log=None, overwrite=True).record.read_text())["training"]
+    assert record["warm_start"]["from"] == str(first.weights)
+    # base run, campaign session 1, its resumed session 2 (all before), then this one
+    assert [row.get("before_warm_start", False) for row in record["sessions"]] == [True, True, True, False]
     with pytest.raises(InputError):
         campaigns.get_campaign("nope")
 
