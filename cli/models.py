@@ -31,7 +31,10 @@ def registry_group() -> None:
 @click.argument("weights", metavar="WEIGHTS.pt", type=click.Path(path_type=Path))
 @click.argument("meta", metavar="META.json", type=click.Path(path_type=Path))
 @click.argument("modes", metavar="[MODE]...", nargs=-1)
-def registry_add(name, weights, meta, modes) -> None:
+@click.option("--only-if-better-than", "baseline", default=None, metavar="MODEL",
+              help="Register only if WEIGHTS.pt has a lower -ELBO than the registered MODEL on the held-out "
+                   "crops its run was selected on (its record's held-out set); else exit 1.")
+def registry_add(name, weights, meta, modes, baseline) -> None:
     """Register WEIGHTS.pt under NAME with the config and training record of META.json.
 
     Copies the weights into models/, computes their sha256 and prints the new entry.
@@ -41,6 +44,14 @@ def registry_add(name, weights, meta, modes) -> None:
     from vaezip.network import registry
 
     _inputs_exist(weights, meta)
+    if baseline is not None:
+        from vaezip.training.campaign import compare_heldout
+
+        new, old, count = compare_heldout(weights, registry.read_record(meta), baseline)
+        verdict = f"held-out -ELBO on {count} crops: {weights} {new:.4f}, {baseline} {old:.4f} bits/subpixel"
+        if not new < old:
+            raise click.ClickException(verdict + f"; not better, {name} not registered")
+        click.echo(verdict)
     entry = registry.add_entry(name, weights, meta, list(modes) or ["RGB"])
     click.echo(json.dumps({k: entry[k] for k in ("name", "file", "sha256", "modes")}, indent=1))
 

@@ -14,7 +14,10 @@ import click
 from vaezip.errors import VaezipError
 
 # Options a resumed run may change; everything else is fixed by the checkpoint.
-RESUME_OVERRIDES = ("time_limit", "stop_step", "out", "device", "steps", "eval_every", "checkpoint_every")
+RESUME_OVERRIDES = ("time_limit", "stop_step", "out", "device", "steps", "eval_every", "checkpoint_every",
+                    "checkpoint_seconds", "batch", "precision", "channels_last", "compile")
+# Options a campaign run takes from the command line; the campaign fixes the rest.
+CAMPAIGN_OPTIONS = ("time_limit", "stop_step", "out", "device", "batch", "precision", "channels_last", "compile")
 
 
 def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -48,12 +51,25 @@ def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
 @click.option("--steps", type=click.IntRange(min=1), default=20000, show_default=True, help="Total steps (the lr schedule spans them).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate.")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True, help="Linear lr warm-up steps.")
-@click.option("--time-limit", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+@click.option("--time-limit", "--seconds", "time_limit", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Stop cleanly after this long: checkpoint and write the outputs.")
 @click.option("--stop-step", type=click.IntRange(min=1), default=None, help="Stop this run after this step (resume later).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=500, show_default=True, help="Held-out evaluation period (steps).")
 @click.option("--eval-crops", type=click.IntRange(min=1), default=64, show_default=True, help="Held-out crops.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True, help="Checkpoint period (steps).")
+@click.option("--checkpoint-seconds", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="Also checkpoint every SECONDS of wall time.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: autocast the convolutions on CUDA (everything else float32).")
+@click.option("--channels-last/--no-channels-last", default=False, show_default=True, help="Channels-last layout.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the training step.")
+@click.option("--init-from", default=None, metavar="MODEL|PATH",
+              help="Warm-start a fresh run from a registered model or OUT.pt / OUT.ckpt (matching tensors copied).")
+@click.option("--campaign", default=None, metavar="NAME",
+              help="Continue the named campaign (gen2) from runs/NAME.ckpt or the newest registered model; "
+                   "takes --seconds, --device, --out, --batch, --precision, --[no-]channels-last, --compile, --stop-step.")
+@click.option("--prepare", is_flag=True, help="With --campaign: build its photo bank if missing (--force: rebuild) "
+                                              "and run 2 steps of the campaign on the CPU.")
 @click.option("--out", default="runs/model", show_default=True, metavar="PATH",
               help="Writes PATH.pt (EMA weights), PATH.json (config + training record), PATH.ckpt.")
 @click.option("--resume", default=None, metavar="PATH.ckpt",
@@ -65,18 +81,40 @@ def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
 def train_command(ctx: click.Context, **kw) -> None:
     """Train a vaezip model on image crops (negative ELBO, bits per subpixel)."""
     from vaezip.network.config import ModelConfig
-    from vaezip.training.train import TrainOptions, checkpoint_options, train
+    from vaezip.training.train import TrainOptions, checkpoint_options, output_paths, train
 
+    kw["compile"] = kw.pop("compile_")
+    given = [name for name in kw if ctx.get_parameter_source(name if name != "compile" else "compile_")
+             == click.core.ParameterSource.COMMANDLINE]
     try:
+        if kw["campaign"]:
+            from vaezip.training import campaign
+
+            extra = [n for n in given if n not in CAMPAIGN_OPTIONS + ("campaign", "prepare", "force")]
+            if extra:
+                raise click.UsageError(f"--campaign sets these itself: {', '.join('--' + f.replace('_', '-') for f in extra)}")
+            if kw["prepare"]:
+                campaign.prepare(kw["campaign"], rebuild=kw["force"], log=click.echo)
+                return
+            options = campaign.campaign_options(
+                kw["campaign"], seconds=kw["time_limit"], device=kw["device"],
+                out=kw["out"] if "out" in given else None,
+                **{n: kw[n] for n in CAMPAIGN_OPTIONS if n in given and n not in ("time_limit", "device", "out")})
+            # continuing from the weights OUT.pt of an earlier session replaces them
+            result = _run_with_progress(options, train, overwrite=options.init_from == str(output_paths(options.out)[0]))
+            click.echo(f"held-out -ELBO {result.heldout_bpd:.4f} bits/subpixel after {result.steps} steps; "
+                       f"weights {result.weights}, record {result.record}")
+            return
+        if kw["prepare"]:
+            raise click.UsageError("--prepare needs --campaign")
         if kw["resume"]:
-            fixed = [name for name in kw if name not in RESUME_OVERRIDES and name not in ("resume", "force")
-                     and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+            fixed = [name for name in given if name not in RESUME_OVERRIDES and name not in ("resume", "force")]
             if fixed:
                 raise click.UsageError(f"--resume takes these from the checkpoint: {', '.join('--' + f.replace('_', '-') for f in fixed)}")
             options = checkpoint_options(kw["resume"])
             options.resume = kw["resume"]
             for name in RESUME_OVERRIDES:
-                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                if name in given:
                     setattr(options, name, kw[name])
             # per-invocation limits never carry over from the checkpoint
             options.time_limit, options.stop_step = kw["time_limit"], kw["stop_step"]
@@ -92,7 +130,8 @@ def train_command(ctx: click.Context, **kw) -> None:
                 crop=kw["crop"], batch=kw["batch"], steps=kw["steps"], lr=kw["lr"], warmup_steps=kw["warmup_steps"],
                 eval_every=kw["eval_every"], eval_crops=kw["eval_crops"], checkpoint_every=kw["checkpoint_every"],
                 seed=kw["seed"], device=kw["device"], out=kw["out"], time_limit=kw["time_limit"],
-                stop_step=kw["stop_step"],
+                stop_step=kw["stop_step"], checkpoint_seconds=kw["checkpoint_seconds"], precision=kw["precision"],
+                channels_last=kw["channels_last"], compile=kw["compile"], init_from=kw["init_from"],
             )
         result = _run_with_progress(options, train, overwrite=kw["force"])
     except VaezipError as exc:
@@ -102,6 +141,8 @@ def train_command(ctx: click.Context, **kw) -> None:
 
 
 def _run_with_progress(options, train, overwrite: bool):
+    import os
+
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -113,6 +154,8 @@ def _run_with_progress(options, train, overwrite: bool):
     )
 
     console = Console(file=sys.stdout)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
+        return train(options, None, log=None, overwrite=overwrite)
     columns = [
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} crops/s  batch {task.fields[train]} bpd  held-out {task.fields[heldout]} bpd"),

@@ -10,19 +10,30 @@
 The objective is the exact rate, -ELBO in bits per subpixel, with a linear KL
 weight 0.2 -> 1 over the first `kl_warmup_fraction` of the steps and no free
 bits. AdamW with linear warm-up then cosine decay to 10 %, gradient clipping
-and update skipping (VDVAE), EMA weights for evaluation and output. float32
-throughout (TF32 allowed on CUDA); no torch.compile.
+and update skipping (VDVAE), EMA weights for evaluation and output.
+
+One code path on a laptop, a GPU and a cluster: the training images are packed
+once into device memory and crops are cut there (`data.TensorCrops`); the model
+can run channels-last, under bf16 autocast (CUDA; convolutions compute in bf16,
+their outputs and everything after them, the latent Gaussians and the pixel
+likelihood, in float32) and `torch.compile`. Under `torchrun` every rank trains
+on its own crop stream with DistributedDataParallel (gloo on CPU, NCCL on CUDA)
+and only rank 0 evaluates and writes. A run can start from another model's
+weights (`init_from`, see `vaezip.training.warmstart`).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,10 +45,14 @@ from vaezip.errors import InputError, OutputExistsError, VaezipError
 from vaezip.network.config import ModelConfig, unknown_keys
 from vaezip.network.model import HierarchicalVAE
 from vaezip.training import data as datasets
+from vaezip.training.warmstart import source_state, warm_start
 
 CHECKPOINT_FORMAT = "vaezip-train-checkpoint-1"
 EVAL_SEED = 20240601  # fixed, so held-out crops and eval noise match across runs
 HELDOUT_FRACTION = 0.05  # share of the images carved off when no held-out set is named
+PRECISIONS = ("fp32", "bf16")
+FLOAT32_LAYERS = ("head",)  # convolutions kept in float32 under bf16 (their outputs are mixture parameters)
+RANK_SEED_STRIDE = 1_000_003  # rank r > 0 seeds its crops and latent noise with seed + r * this
 
 
 @dataclass
@@ -72,6 +87,14 @@ class TrainOptions:
         time_limit: stop cleanly after this many seconds of this invocation.
         stop_step: stop this invocation after this step (the schedule still
             spans `steps`; resume later to go on).
+        checkpoint_seconds: also write OUT.ckpt every this many seconds.
+        precision: "fp32", or "bf16" (CUDA only: autocast for the convolutions,
+            float32 for everything else; evaluation always float32).
+        channels_last: keep weights and activations in channels-last layout.
+        compile: run the training step's model through `torch.compile`.
+        init_from: start a fresh run from these weights (a registered model
+            name, OUT.pt or OUT.ckpt) by `warmstart.warm_start`.
+        campaign: the name of the campaign this run belongs to (recorded).
     """
 
     config: ModelConfig = field(default_factory=ModelConfig)
@@ -98,6 +121,12 @@ class TrainOptions:
     resume: Optional[str] = None
     time_limit: Optional[float] = None
     stop_step: Optional[int] = None
+    checkpoint_seconds: Optional[float] = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    init_from: Optional[str] = None
+    campaign: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -110,6 +139,8 @@ class TrainOptions:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.crop % self.config.downsampling:
             raise InputError(f"crop {self.crop} is not a multiple of the model's downsampling {self.config.downsampling}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -241,6 +272,9 @@ def _describe_data(specs: tuple[str, ...]) -> list[str]:
             out += [s.describe() for s in datasets.default_photo_sources()]
         elif spec in datasets.NAMED_SPECS:
             out.append(f"{spec}: {datasets.NAMED_SPECS[spec]}")
+        elif re.sub(r":heldout$", "", spec).endswith(".npz") and datasets.is_photo_bank(re.sub(r":heldout$", "", spec)):
+            spec = re.sub(r":heldout$", "", spec)
+            out.append(f"{spec}: {datasets.describe_photo_bank(spec)}")
         else:
             out.append(spec)
     return out
@@ -276,7 +310,9 @@ def _heldout_crops(images: list[np.ndarray], options: TrainOptions) -> torch.Ten
 @torch.no_grad()
 def evaluate_bpd(model: HierarchicalVAE, crops: torch.Tensor, batch: int, device: torch.device) -> float:
     """-ELBO of `crops` (n, C, S, S) uint8 in bits per subpixel, with fixed latent noise
-    (the global RNG is forked, so training's random stream is untouched)."""
+    (the global RNG is forked, so training's random stream is untouched). float32; the
+    model's train/eval mode is left as it was (a cached registry model stays in eval)."""
+    was_training = model.training
     model.eval()
     total = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -284,46 +320,131 @@ def evaluate_bpd(model: HierarchicalVAE, crops: torch.Tensor, batch: int, device
         for start in range(0, len(crops), batch):
             x = crops[start : start + batch].to(device)
             total += float(model.nelbo(x).nelbo_bits.double().sum())
-    model.train()
+    model.train(was_training)
     return total / crops.numel()
 
 
 def _update_ema(ema: HierarchicalVAE, model: HierarchicalVAE, decay: float) -> None:
+    """EMA of the floating-point tensors in one fused call per list (few kernels on a GPU)."""
     with torch.no_grad():
-        for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.lerp_(p, 1.0 - decay)
-            else:
+        pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+        floats = [(e, p) for e, p in pairs if e.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - decay)
+        for e, p in pairs:
+            if not e.dtype.is_floating_point:
                 e.copy_(p)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 outside one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    def seed(self, seed: int) -> int:
+        """Rank 0 keeps `seed` (a one-process run is unchanged); the others get their own."""
+        return seed + self.rank * RANK_SEED_STRIDE
+
+
+def _ranks_from_env() -> _Ranks:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them."""
+    try:
+        return _Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                      int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as exc:
+        raise VaezipError(f"bad torchrun environment: {exc}") from None
+
+
+def _start_distributed(ranks: _Ranks, device: torch.device) -> bool:
+    """Join the process group (NCCL on CUDA, gloo on CPU); True if this call started it."""
+    import torch.distributed as dist
+
+    if not ranks.distributed or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _gather(obj, ranks: _Ranks) -> list:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if not ranks.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * ranks.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _agree(flags: list[bool], ranks: _Ranks, device: torch.device) -> list[bool]:
+    """Rank 0's decisions (stop, checkpoint: they depend on its clock) on every rank."""
+    if not ranks.distributed:
+        return flags
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.broadcast(tensor, 0)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes): equal weights, equal hash."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------- run
 
 
 @dataclass
 class _Data:
-    """Training images, their crop sampler and the fixed held-out crops."""
+    """Training images, their crop sampler (on the device) and the fixed held-out crops."""
 
     images: list[np.ndarray]
-    sampler: datasets.RandomCrops
+    sampler: datasets.TensorCrops
     eval_crops: torch.Tensor
     heldout_text: str
 
 
-def _setup_data(options: TrainOptions, device: torch.device, log: Callable[[str], None]) -> _Data:
+def _setup_data(options: TrainOptions, device: torch.device, ranks: _Ranks, log: Callable[[str], None]) -> _Data:
     t_load = time.monotonic()
     images, heldout_images, heldout_text = _load_data(options)
-    data = _Data(images, datasets.RandomCrops(images, options.crop, seed=options.seed),
-                 _heldout_crops(heldout_images, options), heldout_text)
+    sampler = datasets.TensorCrops(images, options.crop, device=device, seed=ranks.seed(options.seed))
+    data = _Data(images, sampler, _heldout_crops(heldout_images, options).to(device), heldout_text)
     log(
-        f"data: {len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx; "
+        f"data: {len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx "
+        f"({sampler.pixels.numel() / 1e6:.1f} MB on {device}); "
         f"held-out: {heldout_text}, {len(data.eval_crops)} crops of {options.crop}; "
         f"loaded in {time.monotonic() - t_load:.1f} s; device {hardware_name(device)}"
+        + (f"; {ranks.world} ranks" if ranks.distributed else "")
     )
     return data
 
 
 @dataclass
 class _RunState:
-    """Everything a checkpoint restores: weights, optimiser, counters and the held-out curve
-    (rows [step, mean train bpd, held-out bpd])."""
+    """Everything a checkpoint restores: weights, optimiser, counters, the held-out curve
+    (rows [step, mean train bpd, held-out bpd]) and one row per invocation (`sessions`)."""
 
     model: HierarchicalVAE
     ema: HierarchicalVAE
@@ -333,18 +454,52 @@ class _RunState:
     skipped: int = 0
     elapsed_before: float = 0.0
     curve: list[list[float]] = field(default_factory=list)
+    sessions: list[dict] = field(default_factory=list)
+    warm_start: Optional[dict] = None
 
 
-def _new_run(options: TrainOptions, device: torch.device) -> _RunState:
-    """A seeded fresh model, its EMA copy and the AdamW optimiser."""
+def _new_run(options: TrainOptions, device: torch.device, log: Callable[[str], None]) -> _RunState:
+    """A seeded fresh model (warm-started from `options.init_from`), its EMA copy and AdamW."""
     torch.manual_seed(options.seed)
-    model = HierarchicalVAE(options.config).to(device)
+    model = HierarchicalVAE(options.config)
+    warm, sessions = None, []
+    if options.init_from is not None and options.resume is None:
+        state, source = source_state(options.init_from)
+        report = warm_start(model, state)
+        log(f"{report.summary()} from {source}")
+        warm = {"from": source, **report.to_dict()}
+        sessions = _earlier_sessions(options.init_from)
+    model = model.to(device)
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.99), weight_decay=options.weight_decay)
-    return _RunState(model, ema, optimizer)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.99),
+                                  weight_decay=options.weight_decay, **fused)
+    return _RunState(model, ema, optimizer, sessions=sessions, warm_start=warm)
 
 
-def _resume(run: _RunState, sampler: datasets.RandomCrops, options: TrainOptions, device: torch.device) -> None:
+def _earlier_sessions(source: str) -> list[dict]:
+    """The `sessions` of the run whose weights `source` (OUT.pt beside OUT.json) are,
+    each marked as before this warm start; [] for a registered model or no record."""
+    record = output_paths(source)[1]
+    if not source.endswith(".pt") or not record.is_file():
+        return []
+    try:
+        earlier = json.loads(record.read_text()).get("training", {}).get("sessions", [])
+    except (OSError, ValueError):
+        return []
+    return [{**row, "before_warm_start": True} for row in earlier if isinstance(row, dict)]
+
+
+def _rank_state(sampler: datasets.TensorCrops, device: torch.device) -> dict:
+    """The random streams of one rank: crops, latent noise (CPU and CUDA generators)."""
+    return {"sampler": sampler.state, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _resume(run: _RunState, sampler: datasets.TensorCrops, options: TrainOptions, device: torch.device,
+            ranks: _Ranks, log: Callable[[str], None]) -> None:
     """Restore `run`, the sampler and the RNGs from the checkpoint `options.resume`."""
     state = load_checkpoint(options.resume, device)
     saved = TrainOptions.from_dict(state["options"])
@@ -353,17 +508,31 @@ def _resume(run: _RunState, sampler: datasets.RandomCrops, options: TrainOptions
     run.model.load_state_dict(state["model"], strict=True)
     run.ema.load_state_dict(state["ema"], strict=True)
     run.optimizer.load_state_dict(state["optimizer"])
-    sampler.state = state["sampler_state"]
-    torch.set_rng_state(state["torch_rng"].cpu())
-    if device.type == "cuda" and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
     run.step, run.crops_seen, run.skipped = int(state["step"]), int(state["crops_seen"]), int(state["skipped"])
     run.elapsed_before = float(state["elapsed_s"])
     run.curve = [list(row) for row in state["curve"]]
+    run.sessions = list(state.get("sessions", []))
+    run.warm_start = state.get("warm_start")
+    rank_states = state.get("rank_states") or []
+    if len(rank_states) == ranks.world:
+        mine = rank_states[ranks.rank]
+        sampler.state = mine["sampler"]
+        torch.set_rng_state(mine["torch_rng"].cpu())
+        if device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), device)
+    else:  # another number of ranks (or an older checkpoint): fresh streams, never a repeated one
+        sampler.generator.manual_seed(ranks.seed(options.seed) + 7919 * run.step)
+        torch.manual_seed(ranks.seed(options.seed) + 7919 * run.step)
+        log(f"{options.resume} was written by {len(rank_states) or 'an unknown number of'} ranks, this run has "
+            f"{ranks.world}: crop and noise streams restart from new seeds")
 
 
-def _save_checkpoint(run: _RunState, sampler: datasets.RandomCrops, options: TrainOptions, device: torch.device,
-                     elapsed_s: float, path: Path) -> None:
+def _save_checkpoint(run: _RunState, sampler: datasets.TensorCrops, options: TrainOptions, device: torch.device,
+                     ranks: _Ranks, elapsed_s: float, path: Path) -> None:
+    """Rank 0 writes OUT.ckpt with every rank's random streams; every rank must call this."""
+    rank_states = _gather(_rank_state(sampler, device), ranks)
+    if not ranks.writer:
+        return
     _atomic_save(
         {
             "format": CHECKPOINT_FORMAT,
@@ -372,35 +541,96 @@ def _save_checkpoint(run: _RunState, sampler: datasets.RandomCrops, options: Tra
             "model": run.model.state_dict(),
             "ema": run.ema.state_dict(),
             "optimizer": run.optimizer.state_dict(),
-            "sampler_state": sampler.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "rank_states": rank_states,
             "crops_seen": run.crops_seen,
             "skipped": run.skipped,
             "elapsed_s": elapsed_s,
             "curve": run.curve,
+            "sessions": run.sessions,
+            "warm_start": run.warm_start,
         },
         path,
     )
 
 
-def _train_step(run: _RunState, x: torch.Tensor, options: TrainOptions, lr: float, beta: float) -> tuple[float, bool]:
+class _Objective(torch.nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel and
+    `torch.compile` see one call: (rate-weighted loss, -ELBO bits per image)."""
+
+    def __init__(self, model: HierarchicalVAE, dims: int):
+        super().__init__()
+        self.model, self.dims = model, dims
+
+    def forward(self, x: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        terms = self.model.nelbo(x)
+        loss = (terms.recon_bits + beta * terms.kl_bits.sum(1)).mean() / self.dims
+        return loss, terms.nelbo_bits.detach()
+
+
+def _float_outputs(module, inputs, output):
+    """Forward hook: a bf16 convolution hands float32 on, so that only the convolutions
+    run in bf16 and the residual sums, Gaussians and the pixel likelihood stay float32."""
+    return output.float() if output.dtype == torch.bfloat16 else output
+
+
+def _float32_forward(layer: torch.nn.Module, device_type: str) -> None:
+    """Run `layer` in float32 even inside autocast (its outputs are distribution parameters)."""
+    inner = layer.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, enabled=False):
+            return inner(x.float())
+
+    layer.forward = forward
+
+
+def _precision_context(options: TrainOptions, device: torch.device, model: HierarchicalVAE) -> Callable:
+    """A context factory for the training forward pass.
+
+    fp32: nothing (TF32 matmuls on CUDA). bf16 (CUDA only): autocast; every convolution
+    computes in bf16 and hands float32 on, except those named in `FLOAT32_LAYERS` (the
+    layers that output mixture parameters), which run in float32. Measured on
+    photo-rgb-1 and 64 held-out crops (CPU autocast): -ELBO +0.009 bpd against
+    float32, where plain autocast costs +0.034. Evaluation is always float32.
+    """
+    if options.precision == "fp32":
+        return nullcontext
+    if device.type != "cuda":
+        raise InputError("precision bf16 needs a CUDA device (on a CPU, train in fp32)")
+    return bf16_layers(model, device.type)
+
+
+def bf16_layers(model: torch.nn.Module, device_type: str) -> Callable:
+    """Prepare `model`'s convolutions for bf16 autocast as `_precision_context` describes
+    (in place; use a copy for evaluation) and return the autocast context factory."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            if name.rsplit(".", 1)[-1] in FLOAT32_LAYERS:
+                _float32_forward(layer, device_type)
+            else:
+                layer.register_forward_hook(_float_outputs)
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def _train_step(run: _RunState, objective: torch.nn.Module, autocast: Callable, x: torch.Tensor,
+                options: TrainOptions, lr: float, beta: float) -> tuple[float, bool]:
     """One optimiser step on the crops x at learning rate `lr` and KL weight `beta`.
 
     Returns:
-        -ELBO of the batch in bits per subpixel, and whether the update was applied
-        (it is skipped when the gradient norm or the loss is not finite or too large).
+        -ELBO of the batch in bits per subpixel (this rank's crops), and whether the
+        update was applied (skipped when the gradient norm, identical on every rank
+        after DDP's averaging, is not finite or too large). One host sync per step.
     """
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    dims = options.config.channels * options.crop * options.crop
-    terms = run.model.nelbo(x)
-    loss = (terms.recon_bits + beta * terms.kl_bits.sum(1)).mean() / dims
+    with autocast():
+        loss, nelbo_bits = objective(x, torch.tensor(beta, device=x.device))
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), options.grad_clip))
-    train_bpd = float(terms.nelbo_bits.detach().mean()) / dims
-    if math.isfinite(grad_norm) and math.isfinite(train_bpd) and grad_norm <= options.skip_threshold:
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), options.grad_clip)
+    dims = options.config.channels * options.crop * options.crop
+    grad_norm, train_bpd = torch.stack([grad_norm.float(), nelbo_bits.float().mean() / dims]).tolist()
+    if math.isfinite(grad_norm) and grad_norm <= options.skip_threshold:
         run.optimizer.step()
         _update_ema(run.ema, run.model, min(options.ema_decay, (1 + run.step) / (10 + run.step)))
         return train_bpd, True
@@ -415,7 +645,7 @@ class _Window:
         self.start, self.crops, self.bpd, self.steps = time.monotonic(), 0, 0.0, 0
 
     def rate(self) -> float:
-        """Crops per second."""
+        """Crops per second (all ranks)."""
         return self.crops / max(time.monotonic() - self.start, 1e-9)
 
     def mean_bpd(self) -> float:
@@ -429,10 +659,11 @@ def _eval_line(run: _RunState, options: TrainOptions, window: _Window, heldout_b
             f"held-out {heldout_bpd:.4f} bpd (EMA){after}")
 
 
-def _write_outputs(run: _RunState, data: _Data, options: TrainOptions, device: torch.device, wall: float,
-                   heldout_bpd: float, weights_path: Path, record_path: Path) -> None:
+def _write_outputs(run: _RunState, data: _Data, options: TrainOptions, device: torch.device, ranks: _Ranks,
+                   wall: float, heldout_bpd: float, weights_path: Path, record_path: Path,
+                   rank_weights: list[str]) -> None:
     """OUT.pt (the EMA weights) and OUT.json (config and the record of the run)."""
-    _atomic_save({k: v.detach().cpu().clone() for k, v in run.ema.state_dict().items()}, weights_path)
+    _atomic_save({k: v.detach().cpu().contiguous().clone() for k, v in run.ema.state_dict().items()}, weights_path)
     record = {
         "config": options.config.to_dict(),
         "training": {
@@ -443,18 +674,25 @@ def _write_outputs(run: _RunState, data: _Data, options: TrainOptions, device: t
             "heldout_crops": len(data.eval_crops),
             "steps": run.step,
             "crops_seen": run.crops_seen,
-            "batch": options.batch,
+            "batch": options.batch * ranks.world,
             "crop": options.crop,
             "skipped_updates": run.skipped,
             "wall_time_s": round(wall, 1),
-            "hardware": hardware_name(device),
+            "hardware": hardware_name(device) + (f" x {ranks.world} ranks" if ranks.distributed else ""),
             "torch_version": torch.__version__,
             "final_heldout_bpd": heldout_bpd,
             "heldout_bpd_meaning": "-ELBO bits per subpixel of the held-out crops, EMA weights, 1 latent sample",
             "curve": [[v if isinstance(v, int) or math.isfinite(v) else None for v in row] for row in run.curve],
+            "sessions": run.sessions,
             "options": options.to_dict(),
         },
     }
+    if options.campaign:
+        record["training"]["campaign"] = options.campaign
+    if run.warm_start:
+        record["training"]["warm_start"] = run.warm_start
+    if ranks.distributed:
+        record["training"]["rank_weights_sha256"] = rank_weights
     tmp = record_path.with_name(record_path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     os.replace(tmp, record_path)
@@ -469,34 +707,66 @@ def train(
 ) -> TrainResult:
     """Run (or resume) training as `options` says; see the module docstring.
 
+    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same options;
+    `options.batch` is per rank, rank 0 alone logs, evaluates and writes, and the
+    others return a result whose `heldout_bpd` is nan.
+
     Args:
         options: the run; `options.resume` names a checkpoint to continue,
             whose config must equal `options.config`.
-        progress: called with a `TrainEvent` after every step and event.
-        log: receives one line per evaluation / checkpoint (default: stdout, flushed).
+        progress: called with a `TrainEvent` after every step and event (rank 0).
+        log: receives one line per evaluation / checkpoint (default: stdout, flushed; rank 0).
         overwrite: allow replacing existing OUT.pt / OUT.ckpt of a fresh run.
     """
-    log = log or (lambda line: None)
+    ranks = _ranks_from_env()
+    log = (log or (lambda line: None)) if ranks.writer else (lambda line: None)
+    progress = progress if ranks.writer else None
     weights_path, record_path, ckpt_path = output_paths(options.out)
-    if options.resume is None and not overwrite:
+    if options.resume is None and not overwrite and ranks.writer:
         for path in (weights_path, ckpt_path):
             if path.exists():
                 raise OutputExistsError(f"{path} exists: resume it or allow overwriting")
     device = resolve_device(options.device)
+    if device.type == "cuda" and ranks.distributed and device.index is None:
+        device = torch.device("cuda", ranks.local_rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    started_group = _start_distributed(ranks, device)
+    try:
+        return _train(options, progress, log, ranks, device, weights_path, record_path, ckpt_path)
+    finally:
+        if started_group:
+            import torch.distributed as dist
 
-    data = _setup_data(options, device, log)
-    run = _new_run(options, device)
+            dist.destroy_process_group()
+
+
+def _train(options: TrainOptions, progress, log, ranks: _Ranks, device: torch.device,
+           weights_path: Path, record_path: Path, ckpt_path: Path) -> TrainResult:
+    data = _setup_data(options, device, ranks, log)
+    run = _new_run(options, device, log)
     if options.resume is not None:
-        _resume(run, data.sampler, options, device)
+        _resume(run, data.sampler, options, device, ranks, log)
         log(f"resumed from {options.resume} at step {run.step}")
+    elif ranks.rank:
+        torch.manual_seed(ranks.seed(options.seed))  # this rank's own latent noise
+
+    objective: torch.nn.Module = _Objective(run.model, options.config.channels * options.crop * options.crop)
+    autocast = _precision_context(options, device, run.model)
+    if ranks.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if options.compile:
+        objective = torch.compile(objective)
 
     heldout_bpd = run.curve[-1][2] if run.curve else None
     start = time.monotonic()
+    last_checkpoint = start
     window = _Window()
     lr = learning_rate(options, run.step)
+    first_step, first_crops = run.step, run.crops_seen
 
     def elapsed() -> float:
         return run.elapsed_before + time.monotonic() - start
@@ -506,7 +776,9 @@ def train(
             progress(TrainEvent(kind, run.step, options.steps, train_bpd, heldout_bpd, rate, lr, elapsed(), run.skipped))
 
     def evaluate() -> float:
-        """Held-out -ELBO of the EMA weights, added to the curve."""
+        """Held-out -ELBO of the EMA weights, added to the curve (rank 0; nan elsewhere)."""
+        if not ranks.writer:
+            return float("nan")
         bpd = evaluate_bpd(run.ema, data.eval_crops, options.batch, device)
         run.curve.append([run.step, window.mean_bpd(), bpd])
         return bpd
@@ -515,21 +787,25 @@ def train(
     last_eval_step = run.step if run.curve and run.curve[-1][0] == run.step else -1
     run.model.train()
     while run.step < options.steps:
-        if options.time_limit is not None and time.monotonic() - start >= options.time_limit:
-            log(f"time limit of {options.time_limit:g} s reached at step {run.step}")
-            break
-        if options.stop_step is not None and run.step >= options.stop_step:
+        now = time.monotonic()
+        stop = (options.time_limit is not None and now - start >= options.time_limit) or (
+            options.stop_step is not None and run.step >= options.stop_step)
+        due = options.checkpoint_seconds is not None and now - last_checkpoint >= options.checkpoint_seconds
+        stop, due = _agree([stop, due], ranks, device)
+        if stop:
+            if options.time_limit is not None and now - start >= options.time_limit:
+                log(f"time limit of {options.time_limit:g} s reached at step {run.step}")
             break
         run.step += 1
-        lr = learning_rate(options, run.step, time.monotonic() - start)
+        lr = learning_rate(options, run.step, now - start)
         beta = kl_weight(options, run.step)
-        x = data.sampler.sample(options.batch).to(device, non_blocking=True)
-        train_bpd, applied = _train_step(run, x, options, lr, beta)
+        x = data.sampler.sample(options.batch)
+        train_bpd, applied = _train_step(run, objective, autocast, x, options, lr, beta)
         if applied:
             window.bpd += train_bpd
             window.steps += 1
-        run.crops_seen += options.batch
-        window.crops += options.batch
+        run.crops_seen += options.batch * ranks.world
+        window.crops += options.batch * ranks.world
         rate = window.rate()
         emit("step", train_bpd, rate)
 
@@ -540,16 +816,29 @@ def train(
                            f"  lr {lr:.2e}  kl weight {beta:.2f}  skipped {run.skipped}  {elapsed():.0f} s"))
             emit("eval", train_bpd, rate)
             window = _Window()
-        if run.step % options.checkpoint_every == 0:
-            _save_checkpoint(run, data.sampler, options, device, elapsed(), ckpt_path)
+        if run.step % options.checkpoint_every == 0 or due:
+            _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path)
+            last_checkpoint = time.monotonic()
             emit("checkpoint", train_bpd, rate)
 
+    seconds = time.monotonic() - start  # training only: the final evaluation is not in crops/s
     if last_eval_step != run.step:
         heldout_bpd = evaluate()
         log(_eval_line(run, options, window, heldout_bpd, "", "  final"))
-    _save_checkpoint(run, data.sampler, options, device, elapsed(), ckpt_path)
+    run.sessions.append({
+        "steps": [first_step, run.step], "seconds": round(seconds, 1),
+        "crops_per_s": round((run.crops_seen - first_crops) / max(seconds, 1e-9), 1),
+        "hardware": hardware_name(device), "ranks": ranks.world, "batch_per_rank": options.batch,
+        "precision": options.precision, "channels_last": options.channels_last, "compile": options.compile,
+        "torch_version": str(torch.__version__),
+    })
+    _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path)
+    rank_weights = _gather(weights_sha256(run.model), ranks)
+    if len(set(rank_weights)) != 1:
+        raise VaezipError(f"ranks diverged: their weights differ ({rank_weights})")
     wall = elapsed()
-    _write_outputs(run, data, options, device, wall, heldout_bpd, weights_path, record_path)
-    log(f"wrote {weights_path} (EMA weights), {record_path}, {ckpt_path}")
+    if ranks.writer:
+        _write_outputs(run, data, options, device, ranks, wall, heldout_bpd, weights_path, record_path, rank_weights)
+        log(f"wrote {weights_path} (EMA weights), {record_path}, {ckpt_path}")
     emit("done", train_bpd, rate)
     return TrainResult(weights_path, record_path, ckpt_path, run.step, float(heldout_bpd), wall)

@@ -1,0 +1,195 @@
+"""Training campaigns: one command that continues a model's training from what the
+repository holds, for the time a session has, on whatever device it has.
+
+    vaezip train --campaign gen2 --prepare                      # CPU: bank + 2-step smoke run
+    vaezip train --campaign gen2 --seconds 540 --device cuda    # the device session
+    vaezip registry add photo-rgb-2 runs/gen2.pt runs/gen2.json RGB --only-if-better-than photo-rgb-1
+
+A campaign run continues, in this order: the checkpoint OUT.ckpt if it is there
+(left by a background CPU run, or carried); else the weights OUT.pt of an earlier
+session of this campaign (a device session brings back OUT.pt and OUT.json: a
+checkpoint is larger than what comes back from the device); else the newest
+registered model that an earlier run of this campaign produced; else the
+campaign's base model. Starting from weights is a warm start (`vaezip.training.warmstart`:
+fresh optimiser, learning-rate warm-up, the earlier sessions kept in the record),
+so a new architecture in `Campaign.config` also begins where the old model
+stands. Run it from the repository root: the bank lives in the ignored `.carry/`
+folder there.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from vaezip.errors import InputError, VaezipError
+from vaezip.network.config import ModelConfig
+from vaezip.training import data as datasets
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A named, resumable training run.
+
+    Attributes:
+        name: recorded in every training record it writes ("campaign").
+        base_model: registered model to warm-start from when nothing newer exists.
+        bank: photo bank path, relative to the repository root.
+        recipe: builds the bank's `BankRecipe` (from `data.data_root()`).
+        config: the architecture to train; None: the starting model's own.
+        batch, precision, channels_last: per device type ("cuda", "cpu").
+        lr, warmup_steps, steps: peak learning rate, warm-up (of a fresh start only)
+            and the horizon of the step schedule; each session's `--seconds` also ends
+            a cosine cycle, so every session decays its learning rate by its end.
+    """
+
+    name: str
+    base_model: str
+    bank: str
+    recipe: Callable[[], datasets.BankRecipe]
+    config: Optional[ModelConfig] = None
+    crop: int = 64
+    batch: dict = field(default_factory=lambda: {"cuda": 512, "cpu": 16})
+    precision: dict = field(default_factory=lambda: {"cuda": "bf16", "cpu": "fp32"})
+    channels_last: dict = field(default_factory=lambda: {"cuda": True, "cpu": False})
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    steps: int = 1_000_000
+    eval_every: int = 500
+    eval_crops: int = 256
+    checkpoint_every: int = 2000
+    checkpoint_seconds: float = 120.0
+
+
+CAMPAIGNS = {
+    "gen2": Campaign("gen2", base_model="photo-rgb-1", bank=".carry/photos-gen2.npz", recipe=datasets.gen2_bank_recipe),
+}
+
+
+def get_campaign(name: str) -> Campaign:
+    try:
+        return CAMPAIGNS[name]
+    except KeyError:
+        raise InputError(f"unknown campaign {name!r} (known: {', '.join(CAMPAIGNS)})") from None
+
+
+def starting_model(campaign: Campaign) -> str:
+    """The newest registered model an earlier run of `campaign` produced (and whose
+    config is the campaign's, if it names one), else its base model."""
+    from vaezip.network import registry
+
+    newest = campaign.base_model
+    for spec in registry.specs().values():
+        if spec.training.get("campaign") == campaign.name and campaign.config in (None, spec.config):
+            newest = spec.name
+    return newest
+
+
+def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto", out: Optional[str] = None,
+                     **overrides):
+    """The `TrainOptions` of the next session of campaign `name`.
+
+    Args:
+        seconds: this session's time limit (None: until `steps`).
+        device: "auto", "cpu", "cuda", ...; picks the per-device batch and precision.
+        out: output path (default runs/NAME); OUT.ckpt, if present, is resumed.
+        overrides: TrainOptions fields to set (batch, precision, compile, stop_step, ...).
+    """
+    from vaezip.training.train import TrainOptions, checkpoint_options, output_paths, resolve_device
+
+    campaign = get_campaign(name)
+    out = out or f"runs/{campaign.name}"
+    kind = resolve_device(device).type
+    per_device = {"batch": campaign.batch[kind], "precision": campaign.precision[kind],
+                  "channels_last": campaign.channels_last[kind]}
+    weights, record, checkpoint = output_paths(out)
+    if checkpoint.exists():
+        options = checkpoint_options(checkpoint)
+        if options.campaign != campaign.name:
+            raise VaezipError(f"{checkpoint} is not a checkpoint of campaign {campaign.name}")
+        options = replace(options, resume=str(checkpoint), out=out, device=device, time_limit=seconds,
+                          stop_step=None, checkpoint_seconds=campaign.checkpoint_seconds, **per_device)
+    else:
+        if not Path(campaign.bank).is_file():
+            raise InputError(f"{campaign.bank} is missing: build it with `vaezip train --campaign {name} --prepare` "
+                             "(needs the shared data) or carry it along")
+        from vaezip.network.registry import get_spec, read_record
+
+        if weights.is_file() and record.is_file() and read_record(record).get("training", {}).get("campaign") == name:
+            start = str(weights)  # the weights an earlier session brought back, its checkpoint left behind
+            config = campaign.config or ModelConfig.from_dict(read_record(record)["config"])
+        else:
+            start = starting_model(campaign)
+            config = campaign.config or get_spec(start).config
+        options = TrainOptions(
+            config=config, data=(campaign.bank,), heldout=campaign.bank + ":heldout", crop=campaign.crop,
+            steps=campaign.steps, lr=campaign.lr, warmup_steps=campaign.warmup_steps, kl_warmup_fraction=0.0,
+            eval_every=campaign.eval_every, eval_crops=campaign.eval_crops,
+            checkpoint_every=campaign.checkpoint_every, checkpoint_seconds=campaign.checkpoint_seconds,
+            device=device, out=out, time_limit=seconds, init_from=start, campaign=campaign.name, **per_device,
+        )
+    options = replace(options, **overrides)
+    options.__post_init__()
+    return options
+
+
+def prepare(name: str, *, rebuild: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Build the campaign's bank if it is missing (or `rebuild`), then run two steps of
+    the campaign's own code path on the CPU with a batch of 2 in a temporary folder.
+
+    Returns:
+        The bank's manifest (as in BANK.npz.json).
+    """
+    import json
+
+    from vaezip.training.train import train
+
+    campaign = get_campaign(name)
+    bank = Path(campaign.bank)
+    if rebuild or not bank.is_file():
+        log(f"building {bank} from {datasets.data_root()} ...")
+        manifest = datasets.build_photo_bank(bank, campaign.recipe(), log=log)
+    else:
+        sidecar = bank.with_name(bank.name + ".json")
+        manifest = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        loaded = datasets.read_photo_bank(bank)
+        if manifest.get("sha256") not in (None, loaded.sha256):
+            raise VaezipError(f"{bank} does not match its manifest {sidecar}: rebuild it")
+        log(f"{bank}: {loaded.describe()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        options = campaign_options(name, seconds=None, device="cpu", out=str(Path(tmp) / "smoke"),
+                                   batch=2, stop_step=2, eval_crops=4, eval_every=2)
+        result = train(options, log=lambda line: log("smoke: " + line))
+    log(f"smoke run: 2 steps on the CPU, held-out -ELBO {result.heldout_bpd:.4f} on 4 crops; ready")
+    return manifest
+
+
+def compare_heldout(weights: str | Path, record: dict, baseline: str, batch: int = 32) -> tuple[float, float, int]:
+    """-ELBO of new weights and of registered model `baseline` on the held-out crops the
+    run was selected on (its record's `heldout` spec, e.g. BANK.npz:heldout), float32 on
+    the CPU with the same latent noise.
+
+    Returns:
+        (new bpd, baseline bpd, number of crops), bits per subpixel.
+    """
+    import numpy as np
+    import torch
+
+    from vaezip.network.registry import ModelSpec, load_model, model_from_weights
+    from vaezip.training.train import EVAL_SEED, evaluate_bpd
+
+    options = record.get("training", {}).get("options", {})
+    spec = options.get("heldout")
+    if not spec:
+        raise InputError("the record names no held-out set to compare on")
+    config = ModelConfig.from_dict(record["config"])
+    images = datasets.load_dataset(spec, None, config.channels)
+    count = int(record["training"].get("heldout_crops") or len(images))
+    crops = datasets.evaluation_crops(images, options.get("crop", 64), count, EVAL_SEED)
+    crops = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
+    new = model_from_weights(ModelSpec("candidate", str(weights), "", config), str(weights)).net
+    old = load_model(baseline).net
+    cpu = torch.device("cpu")
+    return evaluate_bpd(new, crops, batch, cpu), evaluate_bpd(old, crops, batch, cpu), len(crops)
