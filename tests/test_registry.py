@@ -138,3 +138,8 @@ def test_stated_bpd_is_reproduced(name):
     for key, stated in sets.items():
         value = stated if isinstance(stated, (int, float)) else stated.get("nelbo_bpd", stated.get("bpd"))
         assert bits / subpixels == pytest.approx(float(value), rel=0.01), key
+
+
+def test_source_models_dir_is_the_checkouts_models_folder():
+    folder = registry.source_models_dir()
+    assert (folder / registry.REGISTRY_FILE).is_file() and (folder / "__init__.py").is_file()

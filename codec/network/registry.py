@@ -145,7 +145,7 @@ def read_record(path: str | Path) -> dict:
 
 def source_models_dir() -> Path:
     """The checkout's models/ folder, where `add_entry` writes (the package data of the next install)."""
-    return Path(__file__).resolve().parent.parent / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
