@@ -191,11 +191,15 @@ def _pop_planes(ans, mode: str, layout: _Layout, pixels: np.ndarray) -> np.ndarr
 
 
 def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel],
-               progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION):
-    """Push one image onto the stack with format `version`; returns (header fields, coder).
+               progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION,
+               effort: int = container.DEFAULT_EFFORT):
+    """Push one image onto the stack with format `version` at encoder `effort` (version 5);
+    returns (header fields, coder).
 
     Stack before: S (may hold earlier images, whose bits the first tiles borrow).
-    After: S + the image. The returned coder replaces `ans` (roll-backs).
+    After: S + the image; in version 5 the model-coded tiles, then on top the
+    adaptation of the pixel decoder they were coded with (`adapt`), which the
+    decoder needs first. The returned coder replaces `ans` (roll-backs).
     """
     layout = _layout(img.mode, name)
     if version < 4 and img.mode not in container.EIGHT_BIT_MODES:
@@ -209,19 +213,49 @@ def push_image(ans, img: Image, name: str, loaded: Optional[registry.LoadedModel
         tile = params.tile
         pixels = _model_planes(high, layout)
         with _network(loaded, version) as net:
-            schedule, ans = encode_tiles(net, ans, pixels, params, progress or (lambda n: None))
+            if version < 5:
+                schedule, ans = encode_tiles(net, ans, pixels, params, progress or (lambda n: None))
+            else:
+                schedule, ans = _push_adapted_tiles(net, ans, pixels, params, loaded.spec.config, effort, progress)
     header = container.Header(
         mode=img.mode, width=img.width, height=img.height,
         model_name=name, model_hash=loaded.spec.hash_prefix if loaded else bytes(8),
         tile_size=tile, schedule=schedule, num_initial_words=0,
         pixel_checksum=container.pixel_checksum(img), palette=img.palette,
         transparency=img.transparency, icc_profile=img.icc_profile, runtime=_runtime(), version=version,
+        effort=effort,
     )
     return header, ans
 
 
+def _push_adapted_tiles(net, ans, pixels: np.ndarray, params, config, effort: int, progress: Optional[Progress]):
+    """Version 5: push the tiles coded with the adaptation `adapt.fit` chooses at `effort`,
+    then the adaptation; returns (schedule, coder).
+
+    The adaptation is fitted first, then the tiles are coded with the rounded values
+    the decoder will pop. Where the effort says so (`FitSettings.verify`), the tiles
+    are also coded without it and the smaller stack is kept: the fit's estimate
+    (latents at the posterior mean) can be wrong on a small image.
+    Stack before: S. After: S + tiles + adaptation (on top: the decoder needs it first).
+    """
+    from . import adapt, coders
+    from .bitsback import encode_tiles
+
+    adaptation = adapt.fit(net, pixels, params.tile, effort)
+    plain = ans.clone() if adaptation is not None and adapt.EFFORT_SETTINGS[effort].verify else None
+    schedule, ans = encode_tiles(net.adapted(adaptation), ans, pixels, params, progress or (lambda n: None))
+    coders.push_steps(ans, adapt.adaptation_steps(config, adaptation or adapt.Adaptation.zeros(config)))
+    if plain is not None:
+        plain_schedule, plain = encode_tiles(net, plain, pixels, params, lambda n: None)
+        coders.push_steps(plain, adapt.adaptation_steps(config, adapt.Adaptation.zeros(config)))
+        if plain.num_bits() <= ans.num_bits():
+            return plain_schedule, plain
+    return schedule, ans
+
+
 def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[registry.LoadedModel] = None,
-             progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION) -> bytes:
+             progress: Optional[Progress] = None, version: int = container.FORMAT_VERSION,
+             effort: int = container.DEFAULT_EFFORT) -> bytes:
     """Compress an image losslessly to the bytes of a .vz file.
 
     Args:
@@ -230,16 +264,27 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: Optional[
         loaded: an already loaded model (overrides `model`; used by tests).
         progress: called with the number of tiles finished.
         version: format version to write (`container.KNOWN_VERSIONS`; older ones for compatibility tests).
+        effort: encoder effort 1..9 (`container.EFFORTS`, like cjxl's -e): a higher one
+            encodes more slowly into a smaller file (`adapt.EFFORT_SETTINGS`); decoding
+            time does not depend on it. Version 5 only.
+
+    Raises:
+        InputError: effort outside 1..9.
     """
     from . import coders
+    from .errors import InputError
 
     if version not in container.KNOWN_VERSIONS:
         raise ValueError(f"unknown format version {version}")
+    if effort not in container.EFFORTS:
+        raise InputError(f"effort must be {container.EFFORTS.start}..{container.EFFORTS.stop - 1}, got {effort}")
+    if version < 5 and effort != container.DEFAULT_EFFORT:
+        raise ValueError(f"format version {version} has no effort levels")
     img = as_image(image)
     name, loaded = _resolve_model(img.mode, model, loaded)
     if not _layout(img.mode, name).model_channels:  # P and 1: the plane coder alone
         name, loaded = "", None
-    header, ans = push_image(coders.new_coder(), img, name, loaded, progress, version)
+    header, ans = push_image(coders.new_coder(), img, name, loaded, progress, version, effort)
     return container.pack(header, ans.get_compressed())
 
 
@@ -276,6 +321,10 @@ def pop_image(ans, header: container.Header, loaded: Optional[registry.LoadedMod
             if params.tile != tile_size(header.height, header.width, model.spec.config.downsampling):
                 raise CorruptFileError("corrupt header: unexpected tile size")
             with _network(model, header.version) as net:
+                if header.version >= 5:
+                    from . import adapt, coders
+
+                    net = net.adapted(coders.pop_steps(ans, adapt.adaptation_steps(model.spec.config)))
                 colour = decode_tiles(net, ans, header.height, header.width, len(layout.model_channels),
                                       params, header.schedule, progress or (lambda n: None))
             if layout.model_channels == tuple(range(channels)):

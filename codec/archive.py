@@ -3,7 +3,7 @@
 Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
 
     magic         8 bytes   b"VZPK\\r\\n\\x1a\\n"  (differs from .vz's b"VZIP\\r\\n\\x1a\\n")
-    version       u16       1, 2 or 3
+    version       u16       1 to 5
     count         u32       number of images, >= 1
     table_size    u32       bytes of the image table, uncompressed
     table_zsize   u32       bytes of the zlib stream that follows
@@ -11,7 +11,7 @@ Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
     payload       u32 count + count x u32   ANS words of all images, chained
     crc32         u32       zlib.crc32 of every byte before it
 
-Version 2 and 3 table (payloads coded as .vz version 2 or 3), column by column, so
+Version 2 to 5 table (payloads coded as .vz version 2 to 5), column by column, so
 that fields repeating from image to image deflate to almost nothing:
 
     runtime       text      library versions that affect the numbers
@@ -25,6 +25,9 @@ that fields repeating from image to image deflate to almost nothing:
       model name text + model hash 8 bytes; tile size u16;
       schedule u16 count + count x u16; palette u16 length + bytes;
       transparency u16 length + bytes; ICC profile u32 length + bytes
+
+Version 5 archives are written at the default encoder effort
+(`container.DEFAULT_EFFORT`), which the table does not store.
 
 Version 1 table: `count` records, each: name text, flags u8, and the header
 fields of a .vz file (`container.header_fields`, with the image's own pixel
@@ -62,15 +65,16 @@ from .container import Header, Reader
 from .errors import CorruptFileError, UnsupportedVersionError
 
 MAGIC = b"VZPK\r\n\x1a\n"
-FORMAT_VERSION = 4
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4, 5)
 
 JOINED = 0x01
 BATCH_SIZE_MASK = container.DETERMINISTIC_FLAG - 1
 """Tile count of a schedule entry; the top bit is `container.DETERMINISTIC_FLAG`."""
 MAX_NAME_BYTES = 4096
 _MIN_COLUMNS_BYTES = 1 + 1 + 8 + 2 + 8 + 2 + 2 + 2 + 2 + 4
-MIN_RECORD_BYTES = {1: 2 + 1 + 1 + 54, 2: _MIN_COLUMNS_BYTES, 3: _MIN_COLUMNS_BYTES, 4: _MIN_COLUMNS_BYTES}
+MIN_RECORD_BYTES = {1: 2 + 1 + 1 + 54, 2: _MIN_COLUMNS_BYTES, 3: _MIN_COLUMNS_BYTES, 4: _MIN_COLUMNS_BYTES,
+                    5: _MIN_COLUMNS_BYTES}
 """Smallest table bytes an image takes: version 1, a 1-byte name, flags and header
 fields with empty strings; versions 2 and 3, its columns (names may be numbered)."""
 NO_CHECKSUM = bytes(container.CHECKSUM_BYTES)
@@ -160,6 +164,8 @@ def entries_problem(entries: Sequence[Entry]) -> str:
         seen.add(entry.name)
         if entry.header.num_initial_words:
             return f"image {i}: initial words are not used in archives"
+        if entry.header.version >= 5 and entry.header.effort != container.DEFAULT_EFFORT:
+            return f"image {i}: archives are written at the default effort {container.DEFAULT_EFFORT}"
         if entry.joined:
             before = entries[i - 1].header if i else None
             h = entry.header

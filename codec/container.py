@@ -1,11 +1,11 @@
 """The .vz file format: header dataclass, `pack`/`unpack`, checksums.
 
-Format versions 1 to 4 share one layout, every integer little-endian, strings
+Format versions 1 to 5 share one layout, every integer little-endian, strings
 UTF-8 with a length prefix; the version says how the payload was coded
 (`inference.NUMERICS`, `quantize` table layout):
 
     magic              8 bytes   b"VZIP\\r\\n\\x1a\\n"
-    version            u16       1, 2, 3 or 4
+    version            u16       1 to 5
     mode               u8 length + ASCII
     width, height      u32, u32  pixels, each 1..65535, width * height <= 2**28
     model_name         u16 length + UTF-8   ("" when no neural model was used)
@@ -18,6 +18,7 @@ UTF-8 with a length prefix; the version says how the payload was coded
     transparency       u16 length + bytes   (`images.encode_transparency`)
     icc_profile        u32 length + bytes
     runtime            u16 length + UTF-8   library versions that affect the numbers
+    effort             u8        version 5 only: the encoder effort, 1..9 (informational)
     payload            u32 count + count x u32   ANS words
     crc32              u32       zlib.crc32 of every byte before it
 
@@ -40,12 +41,18 @@ from .images import SUPPORTED_MODES, Image, decode_transparency
 MAGIC = b"VZIP\r\n\x1a\n"
 """8 bytes; the CR LF, ^Z and LF catch text-mode mangling, as in PNG."""
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """Written by this build. 1: native convolutions, one 256-entry table per subpixel;
 2: single-threaded oneDNN on fixed sub-batches, bin-then-value tables (faster);
 3: as 2, plus per-batch log-scale offsets chosen by the encoder (`calibrate`);
-4: as 3, plus the modes of other sample depths (L;2, L;4 and the 16-bit ones, `depth`)."""
-KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
+4: as 3, plus the modes of other sample depths (L;2, L;4 and the 16-bit ones, `depth`);
+5: as 4, plus the encoder effort in the header and a per-image adaptation of the
+   pixel decoder in the payload (`adapt`)."""
+KNOWN_VERSIONS: tuple[int, ...] = (1, 2, 3, 4, 5)
+EFFORTS = range(1, 10)
+"""Encoder effort levels of version 5 (`adapt.EFFORT_SETTINGS`), like cjxl's -e."""
+DEFAULT_EFFORT = 3
+"""The default effort: the encoder of version 4 (no adaptation), its time and its bits."""
 EIGHT_BIT_MODES: tuple[str, ...] = ("L", "LA", "RGB", "RGBA", "P", "1")
 """The modes of versions 1 to 3; version 4 adds the rest of `images.SUPPORTED_MODES`."""
 
@@ -80,6 +87,8 @@ class Header:
         icc_profile: Raw ICC profile.
         runtime: Library versions that affect the coded numbers.
         version: Format version the payload is coded with.
+        effort: Version 5: the encoder effort it was written with (1..9; the decoder
+            does not need it); always 0 for versions 1 to 4, which do not record it.
     """
 
     mode: str
@@ -96,6 +105,11 @@ class Header:
     icc_profile: bytes = b""
     runtime: str = ""
     version: int = FORMAT_VERSION
+    effort: int = DEFAULT_EFFORT
+
+    def __post_init__(self) -> None:
+        if self.version < 5:  # not recorded: one value, so headers compare equal after a round trip
+            object.__setattr__(self, "effort", 0)
 
 
 def header_problem(header: Header) -> str:
@@ -132,6 +146,8 @@ def header_problem(header: Header) -> str:
         return f"bad transparency: {error}"
     if not 0 <= _utf8_length(header.runtime) <= _U16:
         return "runtime string must be UTF-8 of at most 65535 bytes"
+    if header.version >= 5 and header.effort not in EFFORTS:
+        return f"effort {header.effort} outside {EFFORTS.start}..{EFFORTS.stop - 1}"
     return ""
 
 
@@ -325,7 +341,7 @@ Reader = _Reader
 
 def header_fields(header: Header) -> bytes:
     """The header's fields exactly as `pack` writes them between the version and the
-    payload count (mode through runtime).
+    payload count (mode through runtime, and the effort in version 5).
 
     Raises:
         ValueError: If the header is invalid.
@@ -348,6 +364,7 @@ def header_fields(header: Header) -> bytes:
         struct.pack("<H", len(header.transparency)) + header.transparency,
         struct.pack("<I", len(header.icc_profile)) + header.icc_profile,
         _text(header.runtime),
+        struct.pack("<B", header.effort) if header.version >= 5 else b"",
     ])
 
 
@@ -373,11 +390,12 @@ def read_header_fields(reader: Reader, version: int) -> Header:
     transparency = reader.take(reader.u16("transparency length"), "transparency")
     icc_profile = reader.take(reader.u32("ICC profile length"), "ICC profile")
     runtime = reader.text("runtime", reader.u16("runtime length"))
+    effort = reader.u8("effort") if version >= 5 else 0
     header = Header(
         mode=mode, width=width, height=height, model_name=model_name, model_hash=model_hash,
         tile_size=tile_size, schedule=schedule, num_initial_words=num_initial_words,
         pixel_checksum=checksum, palette=palette, transparency=transparency,
-        icc_profile=icc_profile, runtime=runtime, version=version,
+        icc_profile=icc_profile, runtime=runtime, version=version, effort=effort,
     )
     problem = header_problem(header)
     if problem:

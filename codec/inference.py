@@ -6,7 +6,7 @@ network runs is part of the format:
   numerics 1 (.vz/.vzp version 1): PyTorch's native convolutions on the whole
       tile batch at the process's thread count (native results do not depend on
       it; oneDNN's do, measured on this machine's 2 cores).
-  numerics 2 (versions 2 and 3): oneDNN convolutions (faster), each call on ONE
+  numerics 2 (versions 2 to 5): oneDNN convolutions (faster), each call on ONE
       thread and on a fixed sub-batch of tiles (`SUB_BATCH_PIXELS`); the
       sub-batches run side by side in a thread pool. A single-threaded call on a
       fixed shape computes the same numbers however many workers there are, so
@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import Gaussian, HierarchicalVAE, MixtureParams, TopDownSteps
+from .model import Gaussian, HeadAdaptation, HierarchicalVAE, MixtureParams, TopDownSteps
 
 SUB_BATCH_PIXELS = 4 * 64 * 64
 """Numerics 2: tile pixels per network call (four 64x64 tiles)."""
@@ -46,7 +46,7 @@ class Numerics:
 
 _ONEDNN_SUB_BATCHES = Numerics(onednn=True, sub_batch_pixels=SUB_BATCH_PIXELS)
 NUMERICS = {1: Numerics(onednn=False, sub_batch_pixels=None), 2: _ONEDNN_SUB_BATCHES, 3: _ONEDNN_SUB_BATCHES,
-            4: _ONEDNN_SUB_BATCHES}
+            4: _ONEDNN_SUB_BATCHES, 5: _ONEDNN_SUB_BATCHES}
 
 
 def _parts(count: int, size: int) -> list[slice]:
@@ -66,10 +66,17 @@ class Network:
     `stage_params`; outputs are whole-batch tensors whatever the sub-batching.
     """
 
-    def __init__(self, model: HierarchicalVAE, numerics: Numerics, pool: Optional[ThreadPoolExecutor]):
+    def __init__(self, model: HierarchicalVAE, numerics: Numerics, pool: Optional[ThreadPoolExecutor],
+                 adaptation: Optional[HeadAdaptation] = None):
         self.model = model
         self.numerics = numerics
+        self.adaptation = adaptation
         self._pool = pool
+
+    def adapted(self, adaptation: Optional[HeadAdaptation]) -> "Network":
+        """This network (same numerics and threads) with the stage heads changed by
+        `adaptation` (format version 5, `vaezip.adapt`); None: the model as shipped."""
+        return Network(self.model, self.numerics, self._pool, adaptation)
 
     def _slices(self, batch: int, pixels_per_item: int) -> list[slice]:
         size = self.numerics.sub_batch_pixels
@@ -86,6 +93,18 @@ class Network:
         if self._pool is None or len(iterables[0]) == 1:
             return [call(*args) for args in zip(*iterables)]
         return list(self._pool.map(call, *iterables))
+
+    def map_threads(self, fn: Callable, items: Sequence) -> list:
+        """[fn(item) for item in items], side by side in the pool's threads, with autograd
+        on (the encoder's fits, `adapt.fit`); each call runs on one torch thread, so its
+        result does not depend on the worker count."""
+        def call(item):
+            with torch.inference_mode(False), torch.enable_grad():
+                return fn(item)
+
+        if self._pool is None:
+            return [call(item) for item in items]
+        return list(self._pool.map(call, items))
 
     def row_tables(self, count: int, table: Callable[[slice], np.ndarray],
                    reverse: bool = False) -> Iterator[tuple[slice, np.ndarray]]:
@@ -144,9 +163,14 @@ class Network:
         return [Gaussian(_cat([p[g].mean for p in parts]), _cat([p[g].log_std for p in parts]))
                 for g in range(len(parts[0]))]
 
+    def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> torch.Tensor:
+        """`HierarchicalVAE.stage_raw` on the whole batch (no adaptation): what `adapt.fit` fits."""
+        slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
+        return _cat(self._map(lambda s: self.model.stage_raw(features[s], lattice[s], stage), slices))
+
     def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
-        parts = self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage), slices)
+        parts = self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage, self.adaptation), slices)
         return MixtureParams(
             logits=_cat([p.logits for p in parts]), means=_cat([p.means for p in parts]),
             log_scales=_cat([p.log_scales for p in parts]), coeffs=_cat([p.coeffs for p in parts]),

@@ -41,7 +41,7 @@ COEFF_STEPS = 4096
 LOGIT_STEPS = 8
 MEAN_MIN, MEAN_MAX = -64 * MEAN_STEPS, 319 * MEAN_STEPS
 _WIDE_MEANS = (-1024 * MEAN_STEPS, 1279 * MEAN_STEPS)
-MEAN_RANGES = {1: (MEAN_MIN, MEAN_MAX), 2: _WIDE_MEANS, 3: _WIDE_MEANS, 4: _WIDE_MEANS}
+MEAN_RANGES = {1: (MEAN_MIN, MEAN_MAX), 2: _WIDE_MEANS, 3: _WIDE_MEANS, 4: _WIDE_MEANS, 5: _WIDE_MEANS}
 """Mean clamp by format version, in mean steps."""
 BIN = 16
 """Versions 2 and 3: subpixel values per coarse bin; 256 // BIN bins."""
