@@ -35,7 +35,6 @@ import torch
 
 from . import coders
 from .coders import Steps
-from .container import DEFAULT_EFFORT, EFFORTS  # noqa: F401 - the levels `EFFORT_SETTINGS` covers
 from .config import ModelConfig
 from .model import HierarchicalVAE, mixture_log_prob, params_per_position, split_lattice, split_params
 
@@ -77,7 +76,8 @@ EFFORT_SETTINGS: dict[int, FitSettings] = {
     8: FitSettings(steps=100, tiles=256, positions=16384, verify=True),
     9: FitSettings(steps=150, tiles=1024, positions=32768, verify=True),
 }
-"""Effort 1 to 3 (the default) are the version 4 encoder: no faster lever exists yet."""
+"""By `container.EFFORTS` level. 1 to 3 (the default, `container.DEFAULT_EFFORT`) are the
+version 4 encoder: no faster lever exists yet."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ class _Stage:
     values: torch.Tensor
 
 
-def _stage_data(net, model: HierarchicalVAE, pixels: np.ndarray, tile: int, settings: FitSettings) -> list[_Stage]:
+def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> list[_Stage]:
     """Head outputs and true values of the real positions of evenly spread tiles, latents
     at the posterior mean, computed with the coding network `net` (`inference.Network`)."""
     from .api import _padded_tiles
@@ -199,7 +199,7 @@ def _nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch
     """−log p of the stage's values (of positions `rows`, all when None) in nats, summed."""
     raw, values = (stage.raw, stage.values) if rows is None else (stage.raw[:, rows], stage.values[:, rows])
     adapted = raw * (1.0 + gain[:, None]) + bias[:, None]
-    params = split_params(adapted.T[:, :, None, None].reshape(-1, raw.shape[0], 1, 1), model.config)
+    params = split_params(adapted.T[:, :, None, None], model.config)  # positions as a batch of 1x1 images
     return -mixture_log_prob(params, values.T[:, :, None, None]).sum()
 
 
@@ -216,7 +216,7 @@ def fit(net, pixels: np.ndarray, tile: int, effort: int) -> Optional[Adaptation]
         return None
     model = net.model
     outputs = params_per_position(model.config)
-    data = _stage_data(net, model, pixels, tile, settings)
+    data = _stage_data(net, pixels, tile, settings)
     if not sum(d.values.shape[1] for d in data):
         return None
     rng = np.random.default_rng(0)
