@@ -296,9 +296,8 @@ def test_16_bit_images_in_an_archive(tiny_model, tiny_gray_model):
 
 
 def test_measure_and_info_of_a_16_bit_image(tmp_path, tiny_model):
-    from vaezip.evaluation.rates import measure
-
     from vaezip.entropy import depth
+    from vaezip.evaluation.rates import measure
 
     image = Image("RGB;16", _photo16(24, 32))
     report = measure(image, loaded=tiny_model, samples=2, breakdown=False)
