@@ -33,10 +33,11 @@ class Compressed:
 
 def compress_file(source: Path, target: Path, model: Optional[str], force: bool,
                   progress: Optional[Callable[[int], None]] = None,
-                  on_image: Optional[Callable[["Image"], None]] = None) -> Compressed:
+                  on_image: Optional[Callable[["Image"], None]] = None, effort: Optional[int] = None) -> Compressed:
     """Read `source`, compress it, write `target` atomically (creating its folder).
 
     Args:
+        effort: encoder effort 1..9 (None: the default).
         progress: called with the number of tiles finished.
         on_image: called with the image once it is read (to size a progress bar).
     """
@@ -48,7 +49,7 @@ def compress_file(source: Path, target: Path, model: Optional[str], force: bool,
     image = read_image(source)
     if on_image is not None:
         on_image(image)
-    data = api.compress(image, model, progress=progress)
+    data = api.compress(image, model, progress=progress, **({} if effort is None else {"effort": effort}))
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target, force) as tmp:
         tmp.write_bytes(data)
@@ -63,7 +64,7 @@ def _one_thread() -> None:
 
 
 def compress_parallel(pairs: Sequence[tuple[Path, Path]], model: Optional[str], force: bool, jobs: int,
-                      done: Callable[[Compressed], None]) -> None:
+                      done: Callable[[Compressed], None], effort: Optional[int] = None) -> None:
     """Compress (source, target) pairs in `jobs` processes; `done` is called as each finishes.
 
     Raises:
@@ -71,7 +72,7 @@ def compress_parallel(pairs: Sequence[tuple[Path, Path]], model: Optional[str], 
         images not started by then are not compressed.
     """
     with ProcessPoolExecutor(jobs, initializer=_one_thread) as pool:
-        futures = [pool.submit(compress_file, s, t, model, force) for s, t in pairs]
+        futures = [pool.submit(compress_file, s, t, model, force, None, None, effort) for s, t in pairs]
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)

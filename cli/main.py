@@ -103,9 +103,12 @@ def _inputs_exist(paths) -> None:
 @click.option("--model", help="Registered model name (default: the one for the image mode).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Images compressed at once, one process and core each.")
+@click.option("-e", "--effort", type=int, default=None,
+              help="Encoder effort 1..9, like cjxl -e: higher encodes more slowly into smaller files; "
+                   "decoding time does not depend on it.  [default: 3]")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
 @JSON_OPTION
-def compress(images, output, model, jobs, force, as_json) -> None:
+def compress(images, output, model, jobs, effort, force, as_json) -> None:
     """Compress IMAGES losslessly: IMG -> IMG.vz, DIR -> every image in it (inputs are kept).
 
     A JPEG or lossy WebP input is decoded and its pixels are coded losslessly: the .vz
@@ -113,10 +116,15 @@ def compress(images, output, model, jobs, force, as_json) -> None:
 
     --json: a list with one record per image, in input order: input, output, input_bytes,
     output_bytes, mode, subpixels, bpd (bits per subpixel of the .vz file), ratio, seconds,
-    decoded_from (the lossy format whose pixels were coded, or null).
+    decoded_from (the lossy format whose pixels were coded, or null), effort.
     """
     from vaezip.cli.jobs import compress_file, compress_parallel
+    from vaezip.format.versions import DEFAULT_EFFORT, EFFORTS
 
+    # Checked here, not by click.IntRange: a bad value is one line and exit status 1, as every error.
+    effort = DEFAULT_EFFORT if effort is None else effort
+    if effort not in EFFORTS:
+        raise VaezipError(f"--effort must be {EFFORTS.start}..{EFFORTS.stop - 1}, got {effort}")
     targets = _compress_targets(images, output)
     for source, target in targets:
         check_output(target, force)
@@ -126,7 +134,7 @@ def compress(images, output, model, jobs, force, as_json) -> None:
         record = {"input": str(done.source), "output": str(done.target), "input_bytes": done.source_bytes,
                   "output_bytes": done.output_bytes, "mode": done.mode, "subpixels": done.subpixels,
                   "bpd": 8 * done.output_bytes / done.subpixels, "ratio": done.subpixels / done.output_bytes,
-                  "seconds": done.seconds, "decoded_from": done.source_format or None}
+                  "seconds": done.seconds, "decoded_from": done.source_format or None, "effort": effort}
         if as_json:
             records[done.target] = record
             return
@@ -139,13 +147,14 @@ def compress(images, output, model, jobs, force, as_json) -> None:
     if jobs > 1 and len(targets) > 1:
         bar, task = _progress(len(targets), f"compress {len(targets)} images", unit="images")
         with bar:
-            compress_parallel(targets, model, force, jobs, lambda done: (bar.advance(task, 1), report(done)))
+            compress_parallel(targets, model, force, jobs, lambda done: (bar.advance(task, 1), report(done)), effort)
     else:
         for source, target in targets:
             bar, task = _progress(None, f"compress {source.name}")
             with bar:
                 done = compress_file(source, target, model, force, progress=lambda n: bar.advance(task, n),
-                                     on_image=lambda img: bar.update(task, total=_tile_count(img.height, img.width)))
+                                     on_image=lambda img: bar.update(task, total=_tile_count(img.height, img.width)),
+                                     effort=effort)
             report(done)
     if as_json:
         _print_json([records[target] for _, target in targets])
@@ -252,7 +261,7 @@ def info(file, as_json) -> None:
 
     --json: one object: file, bytes, version, width, height, mode, model, model_hash,
     tile_size, batches, deterministic_batches, payload_words, header_bytes, bpd,
-    icc_profile_bytes, runtime.
+    icc_profile_bytes, runtime, effort (the encoder effort, null before format version 5).
     """
     from vaezip.format.container import DETERMINISTIC_FLAG, unpack
     from vaezip.imaging.images import CHANNELS
@@ -270,10 +279,12 @@ def info(file, as_json) -> None:
             "tile_size": header.tile_size if header.model_name else None, "batches": len(header.schedule),
             "deterministic_batches": det, "payload_words": len(words), "header_bytes": len(data) - 4 * len(words),
             "bpd": bpd, "icc_profile_bytes": len(header.icc_profile), "runtime": header.runtime or None,
+            "effort": header.effort or None,
         })
         return
     rows = [
         ("file", f"{file} ({len(data)} bytes, format version {header.version})"),
+        ("effort", str(header.effort) if header.effort else "- (not recorded before format version 5)"),
         ("image", f"{header.width}x{header.height} {header.mode}"),
         ("model", f"{header.model_name or '(plane coder only)'} {header.model_hash.hex() if header.model_name else ''}"),
         ("tiles", f"{header.tile_size}px, {len(header.schedule)} batches ({det} without bits-back)" if header.model_name else "-"),

@@ -26,7 +26,8 @@ def _candidates(loaded: LoadedModels) -> tuple[registry.LoadedModel, ...]:
 
 
 def compress(image: ImageLike, model: Optional[str] = None, *, loaded: LoadedModels = None,
-             progress: Optional[Progress] = None, version: int = versions.CURRENT.version) -> bytes:
+             progress: Optional[Progress] = None, version: int = versions.CURRENT.version,
+             effort: int = versions.DEFAULT_EFFORT) -> bytes:
     """Compress an image losslessly to the bytes of a .vz file.
 
     Args:
@@ -36,13 +37,21 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: LoadedMod
         progress: called with the number of tiles finished.
         version: format version to write (`versions.KNOWN_VERSIONS`; older ones for
             compatibility tests).
+        effort: encoder effort 1..9 (`versions.EFFORTS`, like cjxl's -e): a higher one
+            encodes more slowly into a smaller file (`coding.adapt.EFFORT_SETTINGS`);
+            decoding time does not depend on it.
+
+    Raises:
+        InputError: effort outside 1..9.
     """
     from vaezip.entropy import coders
 
+    if effort not in versions.EFFORTS:
+        raise InputError(f"effort must be {versions.EFFORTS.start}..{versions.EFFORTS.stop - 1}, got {effort}")
     fmt = versions.get(version)
     img = as_image(image)
     model_used = imagecodec.model_for_mode(img.mode, model, _candidates(loaded))
-    header, ans = imagecodec.push_image(coders.new_coder(), img, model_used, fmt, progress)
+    header, ans = imagecodec.push_image(coders.new_coder(), img, model_used, fmt, progress, effort)
     return container.pack(header, ans.get_compressed())
 
 

@@ -51,7 +51,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x04\x00",  # version
+            b"\x05\x00",  # version
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",
@@ -64,6 +64,7 @@ def test_layout_is_pinned():
             b"\x03\x00I\x01\x00",
             b"\x03\x00\x00\x00icc",
             b"\x0c\x00torch=2.13.0",
+            b"\x03",  # effort (version 5)
             b"\x04\x00\x00\x00",
             b"\x00\x00\x00\x00\x01\x00\x00\x00\xef\xbe\xad\xde\xff\xff\xff\xff",
         ]
@@ -308,9 +309,14 @@ def test_pixel_checksum_covers_lossless_fields():
 
 
 def test_all_versions_share_the_layout():
-    """Versions differ in how the payload is coded, not in the header layout."""
+    """Versions differ in how the payload is coded, not in the header layout, except for
+    version 5's effort byte after the runtime."""
     current = pack(HEADER, WORDS)
+    payload = 4 + 4 * len(WORDS) + 4  # word count, words, CRC
     for version in KNOWN_VERSIONS:
         other = pack(dataclasses.replace(HEADER, version=version), WORDS)
-        assert other[:8] == current[:8] and other[10:-4] == current[10:-4] and other[8] == version
+        effort = bytes([HEADER.effort]) if version < 5 else b""  # what the older header lacks
+        assert other[:8] == current[:8] and other[8] == version
+        assert other[10:-payload] + effort == current[10:-payload]
+        assert other[-payload:-4] == current[-payload:-4]
         assert unpack(other)[0] == dataclasses.replace(HEADER, version=version)

@@ -76,7 +76,17 @@ CASES = {
     "rgb16_kodim23_48x40": (_rgb16_48x40, "photo-rgb-1", 4),
     "la16_ramp_21x13": (_la16_21x13, "photo-gray-1", 4),
     "gray2_trns_19x7": (_gray2_19x7, "", 4),
+    # Coded at effort 9 (`EFFORT`): large enough for the adaptation of the pixel decoder to pay.
+    "rgb_kodim23_96x96": (lambda: Image("RGB", kodak_crop("kodim23.png", 150, 280, 96, 96)), "photo-rgb-1", 5),
 }
+EFFORT = {"rgb_kodim23_96x96": 9}
+"""Cases coded at an effort other than the default (format version 5 on)."""
+
+
+def compress_case(name: str, version: int = versions.CURRENT.version) -> bytes:
+    """The case's PNG as `api.compress` codes it with `version` (at the case's effort)."""
+    effort = {"effort": EFFORT[name]} if name in EFFORT and versions.get(version).adaptation else {}
+    return api.compress(read_image(GOLDEN / f"{name}.png"), version=version, **effort)
 
 
 def cases(version: int) -> list[str]:
@@ -109,7 +119,7 @@ def regenerate() -> None:
         if not (GOLDEN / f"{name}.png").exists():
             write_png(build(), GOLDEN / f"{name}.png")
         # Encode what the PNG reads back as, exactly as the re-encoding test does.
-        (folder / f"{name}.vz").write_bytes(api.compress(read_image(GOLDEN / f"{name}.png")))
+        (folder / f"{name}.vz").write_bytes(compress_case(name))
     (folder / "set.vzp").write_bytes(api.pack(set_items()))
 
 
@@ -137,6 +147,19 @@ def test_golden_file_decodes_to_its_png(name, version):
     if name.startswith("rgb_strip"):
         assert len(header.schedule) > 1 and not all(e & container.DETERMINISTIC_FLAG for e in header.schedule), header.schedule
     assert back.icc_profile == expected.icc_profile
+    assert header.effort == (EFFORT.get(name, versions.DEFAULT_EFFORT) if header.fmt.adaptation else 0)
+
+
+def test_high_effort_golden_file_codes_an_adaptation():
+    from vaezip.coding import adapt
+    from vaezip.entropy import coders
+    from vaezip.network import registry
+
+    version = max(VERSIONS)
+    _, words = container.unpack((GOLDEN / f"v{version}" / "rgb_kodim23_96x96.vz").read_bytes())
+    config = registry.get_spec("photo-rgb-1").config
+    adaptation = coders.pop_steps(coders.new_coder(words), adapt.adaptation_steps(config))
+    assert adaptation is not None and adaptation.active
 
 
 def _assert_same_code(golden: bytes, fresh: bytes) -> None:
@@ -160,7 +183,7 @@ def _assert_same_code(golden: bytes, fresh: bytes) -> None:
 @pytest.mark.parametrize("name,version", VERSIONED)
 def test_reencoding_gives_identical_bytes(name, version):
     golden = (GOLDEN / f"v{version}" / f"{name}.vz").read_bytes()
-    _assert_same_code(golden, api.compress(read_image(GOLDEN / f"{name}.png"), version=version))
+    _assert_same_code(golden, compress_case(name, version))
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -222,13 +222,13 @@ def _network(model: registry.LoadedModel, fmt: versions.Format):
 
 
 def _header(img: Image, model: Optional[registry.LoadedModel], tile: int, schedule: tuple[int, ...],
-            fmt: versions.Format) -> container.Header:
+            fmt: versions.Format, effort: int = versions.DEFAULT_EFFORT) -> container.Header:
     return container.Header(
         mode=img.mode, width=img.width, height=img.height,
         model_name=model.spec.name if model else "", model_hash=model.spec.hash_prefix if model else bytes(8),
         tile_size=tile, schedule=schedule, num_initial_words=0, pixel_checksum=container.pixel_checksum(img),
         palette=img.palette, transparency=img.transparency, icc_profile=img.icc_profile, runtime=runtime(),
-        version=fmt.version,
+        version=fmt.version, effort=effort,
     )
 
 
@@ -241,14 +241,18 @@ def _check_mode(mode: str, fmt: versions.Format) -> None:
 
 
 def push_image(ans, img: Image, model: Optional[registry.LoadedModel], fmt: versions.Format = versions.CURRENT,
-               progress: Optional[Progress] = None):
+               progress: Optional[Progress] = None, effort: int = versions.DEFAULT_EFFORT):
     """Push one image with format `fmt`, its colour planes through `model` (None: the plane
-    coder alone); returns (header, coder).
+    coder alone), at encoder `effort` (formats with `adaptation`); returns (header, coder).
 
     Stack before: S (may hold earlier images, whose bits the first tiles borrow).
-    After: S + the image. The returned coder replaces `ans` (roll-backs).
+    After: S + the image: planes, tiles and, with `fmt.adaptation`, on top the adaptation
+    of the pixel heads the tiles were coded with (the decoder needs it first). The
+    returned coder replaces `ans` (roll-backs).
     """
     _check_mode(img.mode, fmt)
+    if effort != versions.DEFAULT_EFFORT and not fmt.adaptation:
+        raise ValueError(f"format version {fmt.version} has no effort levels")
     plan = layout(img.mode, model is not None)
     high = _push_planes(ans, img, plan)
     schedule, tile = (), 0
@@ -256,10 +260,42 @@ def push_image(ans, img: Image, model: Optional[registry.LoadedModel], fmt: vers
         from vaezip.coding.bitsback import encode_tiles
 
         tile = tile_size(img.height, img.width, model.spec.config.downsampling)
+        params = _coding_params(model, tile, fmt)
         with _network(model, fmt) as net:
-            schedule, ans = encode_tiles(net, ans, _model_planes(high, plan), _coding_params(model, tile, fmt),
-                                         progress or (lambda n: None))
-    return _header(img, model if plan.model_channels else None, tile, schedule, fmt), ans
+            if fmt.adaptation:
+                schedule, ans = _push_adapted_tiles(net, ans, _model_planes(high, plan), params, model, effort,
+                                                    progress)
+            else:
+                schedule, ans = encode_tiles(net, ans, _model_planes(high, plan), params, progress or (lambda n: None))
+    return _header(img, model if plan.model_channels else None, tile, schedule, fmt, effort), ans
+
+
+def _push_adapted_tiles(net, ans, pixels: np.ndarray, params, model: registry.LoadedModel, effort: int,
+                        progress: Optional[Progress]):
+    """Push the tiles coded with the adaptation `adapt.fit` chooses at `effort`, then the
+    adaptation; returns (schedule, coder).
+
+    The adaptation is fitted first, then the tiles are coded with the rounded values the
+    decoder will pop. Where the effort says so (`FitSettings.verify`), the tiles are also
+    coded without it and the smaller stack is kept: the fit's estimate (latents at the
+    posterior mean) can be wrong on a small image.
+    Stack before: S. After: S + tiles + adaptation (on top: the decoder needs it first).
+    """
+    from vaezip.coding import adapt
+    from vaezip.coding.bitsback import encode_tiles
+    from vaezip.entropy import coders
+
+    config = model.spec.config
+    adaptation = adapt.fit(net, pixels, params.tile, effort)
+    plain = ans.clone() if adaptation is not None and adapt.EFFORT_SETTINGS[effort].verify else None
+    schedule, ans = encode_tiles(net.adapted(adaptation), ans, pixels, params, progress or (lambda n: None))
+    coders.push_steps(ans, adapt.adaptation_steps(config, adaptation or adapt.Adaptation.zeros(config)))
+    if plain is not None:
+        plain_schedule, plain = encode_tiles(net, plain, pixels, params, lambda n: None)
+        coders.push_steps(plain, adapt.adaptation_steps(config, adapt.Adaptation.zeros(config)))
+        if plain.num_bits() <= ans.num_bits():
+            return plain_schedule, plain
+    return schedule, ans
 
 
 def pop_image(ans, header: container.Header, loaded: LoadedModels = (), progress: Optional[Progress] = None,
@@ -281,6 +317,11 @@ def pop_image(ans, header: container.Header, loaded: LoadedModels = (), progress
             if header.tile_size != tile_size(header.height, header.width, model.spec.config.downsampling):
                 raise CorruptFileError("corrupt header: unexpected tile size")
             with _network(model, header.fmt) as net:
+                if header.fmt.adaptation:
+                    from vaezip.coding import adapt
+                    from vaezip.entropy import coders
+
+                    net = net.adapted(coders.pop_steps(ans, adapt.adaptation_steps(model.spec.config)))
                 colour = decode_tiles(net, ans, header.height, header.width, len(plan.model_channels),
                                       _coding_params(model, header.tile_size, header.fmt), header.schedule,
                                       progress or (lambda n: None))

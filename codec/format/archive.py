@@ -26,6 +26,9 @@ that fields repeating from image to image deflate to almost nothing:
       schedule u16 count + count x u16; palette u16 length + bytes;
       transparency u16 length + bytes; ICC profile u32 length + bytes
 
+Archives of versions with `adaptation` (5) are written at the default encoder effort
+(`versions.DEFAULT_EFFORT`), which the table does not store.
+
 Version 1 table: `count` records, each: name text, flags u8, and the header
 fields of a .vz file (`container.header_fields`, with the image's own pixel
 checksum and runtime; num_initial_words 0). 21 bytes an image after deflate,
@@ -161,6 +164,8 @@ def entries_problem(entries: Sequence[Entry]) -> str:
         seen.add(entry.name)
         if entry.header.num_initial_words:
             return f"image {i}: initial words are not used in archives"
+        if entry.header.effort not in (0, versions.DEFAULT_EFFORT):
+            return f"image {i}: archives are written at the default effort {versions.DEFAULT_EFFORT}"
         if entry.joined:
             before = entries[i - 1].header if i else None
             h = entry.header

@@ -1,11 +1,11 @@
 """The .vz file format: header dataclass, `pack`/`unpack`, checksums.
 
-Format versions 1 to 4 share one layout, every integer little-endian, strings
+Format versions 1 to 5 share one layout, every integer little-endian, strings
 UTF-8 with a length prefix; the version says how the payload was coded
 (`inference.NUMERICS`, `quantize` table layout):
 
     magic              8 bytes   b"VZIP\\r\\n\\x1a\\n"
-    version            u16       1, 2, 3 or 4
+    version            u16       1 to 5
     mode               u8 length + ASCII
     width, height      u32, u32  pixels, each 1..65535, width * height <= 2**28
     model_name         u16 length + UTF-8   ("" when no neural model was used)
@@ -18,6 +18,7 @@ UTF-8 with a length prefix; the version says how the payload was coded
     transparency       u16 length + bytes   (`images.encode_transparency`)
     icc_profile        u32 length + bytes
     runtime            u16 length + UTF-8   library versions that affect the numbers
+    effort             u8        versions with `adaptation` (5): the encoder effort, 1..9 (informational)
     payload            u32 count + count x u32   ANS words
     crc32              u32       zlib.crc32 of every byte before it
 
@@ -74,6 +75,8 @@ class Header:
         icc_profile: Raw ICC profile.
         runtime: Library versions that affect the coded numbers.
         version: Format version the payload is coded with.
+        effort: The encoder effort it was written with (1..9; the decoder does not need
+            it), in versions with `adaptation`; always 0 in the others, which do not record it.
     """
 
     mode: str
@@ -90,6 +93,12 @@ class Header:
     icc_profile: bytes = b""
     runtime: str = ""
     version: int = versions.CURRENT.version
+    effort: int = versions.DEFAULT_EFFORT
+
+    def __post_init__(self) -> None:
+        known = versions.FORMATS.get(self.version)
+        if known is None or not known.adaptation:  # not recorded: 0, so headers compare equal after a round trip
+            object.__setattr__(self, "effort", 0)
 
     @property
     def fmt(self) -> versions.Format:
@@ -131,6 +140,9 @@ def header_problem(header: Header) -> str:
         return f"bad transparency: {error}"
     if not 0 <= _utf8_length(header.runtime) <= _U16:
         return "runtime string must be UTF-8 of at most 65535 bytes"
+    if header.fmt.adaptation and header.effort not in versions.EFFORTS:
+        efforts = versions.EFFORTS
+        return f"effort {header.effort} outside {efforts.start}..{efforts.stop - 1}"
     return ""
 
 
@@ -324,7 +336,7 @@ Reader = _Reader
 
 def header_fields(header: Header) -> bytes:
     """The header's fields exactly as `pack` writes them between the version and the
-    payload count (mode through runtime).
+    payload count (mode through runtime, and the effort in version 5).
 
     Raises:
         ValueError: If the header is invalid.
@@ -347,6 +359,7 @@ def header_fields(header: Header) -> bytes:
         struct.pack("<H", len(header.transparency)) + header.transparency,
         struct.pack("<I", len(header.icc_profile)) + header.icc_profile,
         _text(header.runtime),
+        struct.pack("<B", header.effort) if header.fmt.adaptation else b"",
     ])
 
 
@@ -372,11 +385,12 @@ def read_header_fields(reader: Reader, version: int) -> Header:
     transparency = reader.take(reader.u16("transparency length"), "transparency")
     icc_profile = reader.take(reader.u32("ICC profile length"), "ICC profile")
     runtime = reader.text("runtime", reader.u16("runtime length"))
+    effort = reader.u8("effort") if versions.get(version).adaptation else 0
     header = Header(
         mode=mode, width=width, height=height, model_name=model_name, model_hash=model_hash,
         tile_size=tile_size, schedule=schedule, num_initial_words=num_initial_words,
         pixel_checksum=checksum, palette=palette, transparency=transparency,
-        icc_profile=icc_profile, runtime=runtime, version=version,
+        icc_profile=icc_profile, runtime=runtime, version=version, effort=effort,
     )
     problem = header_problem(header)
     if problem:

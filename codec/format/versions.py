@@ -10,6 +10,8 @@ Torch-free: the byte-level format (`container`, `archive`) reads it too.
     2        oneDNN, 4-tile sub-batches    bin, then rest no             8-bit         columns, set checksum
     3        as 2                          as 2           yes            8-bit         as 2
     4        as 2                          as 2           yes            + other depths as 2
+    5        as 2                          as 2           yes            as 4          as 2
+             + the encoder effort in the header, a per-image adaptation of the pixel heads
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Format:
         modes: the image modes it holds.
         archive_columns: a .vzp table is stored column by column, deflated, with one
             checksum over the set (else a record per image, each with its own checksum).
+        adaptation: the header records the encoder effort (`EFFORTS`) and the payload, above
+            the tiles, a per-image adaptation of the pixel heads (`coding.adapt`).
     """
 
     version: int
@@ -62,6 +66,7 @@ class Format:
     scale_offsets: bool
     modes: tuple[str, ...]
     archive_columns: bool
+    adaptation: bool = False
 
 
 _NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
@@ -75,12 +80,19 @@ _V3 = Format(3, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_of
              modes=EIGHT_BIT_MODES, archive_columns=True)
 _V4 = Format(4, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_offsets=True,
              modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True)
+_V5 = Format(5, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_offsets=True,
+             modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True)
 
-FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4)}
+FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5)}
 """Every version this build reads, by number."""
 KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
-CURRENT: Format = _V4
+CURRENT: Format = _V5
 """The version this build writes."""
+EFFORTS = range(1, 10)
+"""Encoder effort levels of the versions with `adaptation` (`coding.adapt.EFFORT_SETTINGS`),
+like cjxl's -e."""
+DEFAULT_EFFORT = 3
+"""The default effort: version 4's encoder (no adaptation), its time and its bits."""
 
 
 def get(version: int) -> Format:

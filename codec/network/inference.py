@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vaezip.format.versions import Format, Numerics
-from vaezip.network.model import Gaussian, HierarchicalVAE, MixtureParams, TopDownSteps
+from vaezip.network.model import Gaussian, HeadAdaptation, HierarchicalVAE, MixtureParams, TopDownSteps
 
 ROW_CHUNK = 4096
 """Positions per probability-table chunk (`Network.row_tables`)."""
@@ -52,10 +52,17 @@ class Network:
     `stage_params`; outputs are whole-batch tensors whatever the sub-batching.
     """
 
-    def __init__(self, model: HierarchicalVAE, numerics: Numerics, pool: Optional[ThreadPoolExecutor]):
+    def __init__(self, model: HierarchicalVAE, numerics: Numerics, pool: Optional[ThreadPoolExecutor],
+                 adaptation: Optional[HeadAdaptation] = None):
         self.model = model
         self.numerics = numerics
+        self.adaptation = adaptation
         self._pool = pool
+
+    def adapted(self, adaptation: Optional[HeadAdaptation]) -> "Network":
+        """This network (same numerics and threads) with the stage heads changed by
+        `adaptation` (format version 5, `vaezip.coding.adapt`); None: the model as shipped."""
+        return Network(self.model, self.numerics, self._pool, adaptation)
 
     def _slices(self, batch: int, pixels_per_item: int) -> list[slice]:
         size = self.numerics.sub_batch_pixels
@@ -72,6 +79,18 @@ class Network:
         if self._pool is None or len(iterables[0]) == 1:
             return [call(*args) for args in zip(*iterables)]
         return list(self._pool.map(call, *iterables))
+
+    def map_threads(self, fn: Callable, items: Sequence) -> list:
+        """[fn(item) for item in items], side by side in the pool's threads, with autograd
+        on (the encoder's fits, `adapt.fit`); each call runs on one torch thread, so its
+        result does not depend on the worker count."""
+        def call(item):
+            with torch.inference_mode(False), torch.enable_grad():
+                return fn(item)
+
+        if self._pool is None:
+            return [call(item) for item in items]
+        return list(self._pool.map(call, items))
 
     def row_tables(self, count: int, table: Callable[[slice], np.ndarray],
                    reverse: bool = False) -> Iterator[tuple[slice, np.ndarray]]:
@@ -130,9 +149,14 @@ class Network:
         return [Gaussian(_cat([p[g].mean for p in parts]), _cat([p[g].log_std for p in parts]))
                 for g in range(len(parts[0]))]
 
+    def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> torch.Tensor:
+        """`HierarchicalVAE.stage_raw` on the whole batch (no adaptation): what `adapt.fit` fits."""
+        slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
+        return _cat(self._map(lambda s: self.model.stage_raw(features[s], lattice[s], stage), slices))
+
     def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
-        parts = self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage), slices)
+        parts = self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage, self.adaptation), slices)
         return MixtureParams(
             logits=_cat([p.logits for p in parts]), means=_cat([p.means for p in parts]),
             log_scales=_cat([p.log_scales for p in parts]), coeffs=_cat([p.coeffs for p in parts]),

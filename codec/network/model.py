@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Generator, Optional
+from typing import Callable, Generator, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,12 @@ class Gaussian:
         if keep is None:
             return self
         return Gaussian(self.mean[:, keep], self.log_std[:, keep])
+
+
+class HeadAdaptation(Protocol):
+    """What `stage_params` applies to a stage head's raw output (`vaezip.coding.adapt.Adaptation`)."""
+
+    def apply(self, raw: torch.Tensor, stage: int) -> torch.Tensor: ...
 
 
 # choose(group index, prior, posterior or None) -> latent tensor fed to the decoder.
@@ -358,20 +364,30 @@ class HierarchicalVAE(nn.Module):
         ]
 
     # ---- pixels ----------------------------------------------------------
-    def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
+    def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int,
+                     adaptation: Optional["HeadAdaptation"] = None) -> MixtureParams:
         """Mixture parameters of sub-lattice `stage` given the stages before it.
 
         Args:
             features: (N, pixel_width, H/2, W/2) from `top_down`.
             lattice: (N, 4, C, H/2, W/2) uint8 pixels split by 2x2 position in
                 STAGE_OFFSETS order; only stages < `stage` are read.
+            adaptation: per-image changes of the stage heads' outputs (format
+                version 5, `vaezip.coding.adapt`), or None.
         """
+        raw = self.stage_raw(features, lattice, stage)
+        if adaptation is not None:
+            raw = adaptation.apply(raw, stage)
+        return split_params(raw, self.config)
+
+    def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> torch.Tensor:
+        """The head output (N, `params_per_position`, H/2, W/2) of `stage_params`, before
+        any adaptation and before `split_params` bounds it."""
         n, _, c, h, w = lattice.shape
         context = torch.zeros(n, 4, c, h, w, dtype=torch.float32, device=features.device)
         if stage > 0:
             context[:, :stage] = lattice[:, :stage].float() / 127.5 - 1.0
-        raw = self.stages[stage](features, context.reshape(n, 4 * c, h, w))
-        return split_params(raw, self.config)
+        return self.stages[stage](features, context.reshape(n, 4 * c, h, w))
 
     # ---- objectives ------------------------------------------------------
     def sample_posterior(self, x: torch.Tensor, *, latents: str = "sample", generator: Optional[torch.Generator] = None,

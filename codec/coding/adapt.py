@@ -1,0 +1,255 @@
+"""Format version 5 (`Format.adaptation`): per-image gains and biases of the pixel heads.
+
+The photo model is fitted to many photos; on one photo its pixel heads are a
+little off (too narrow, too wide, means biased, mixture weights). At a high
+effort the encoder fits, for each of the four sub-lattice stages, a gain and a
+bias for every output of the stage head's last layer (`HierarchicalVAE.stage_raw`,
+`params_per_position` outputs: 30 for the RGB model, 240 numbers in all):
+
+    raw' = raw * (1 + gain / GRID) + bias / GRID
+
+by a few Adam steps on the image's own subpixels (latents at the posterior mean,
+teacher-forced context: the outputs of the head are computed once, only the
+affine map on them is fitted, so a step costs no network call). The fitted
+values are rounded to the integer grid, coded in the payload
+(`adaptation_steps`: a flag, then the integers) and counted in the file; the
+encoder then codes the tiles with exactly the rounded values, which the decoder
+pops before its first tile and applies (`Adaptation.apply`, float32, elementwise:
+the same numbers on both sides whatever the threads). Decoding costs one
+multiply-add per head output more, whatever the effort.
+
+The fit is the encoder's alone (the decoder only reads its result), so it may use
+any estimate; it is still made deterministic (fixed samples, one torch thread per
+worker, gradients summed in a fixed order) so that a file is the same whatever
+the thread count, as the golden tests demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vaezip.entropy import coders
+from vaezip.entropy.coders import Steps
+from vaezip.network.config import ModelConfig
+from vaezip.network.model import HierarchicalVAE, mixture_log_prob, params_per_position, split_lattice, split_params
+
+GRID = 256
+"""Gains and biases are integers k meaning k / GRID (exact in float32)."""
+LIMIT = 512
+"""|k| <= LIMIT: gains and biases in [-2, 2]."""
+SPREAD = 16
+"""The integers' code: P(k) proportional to 2^(-|k| / SPREAD): 0 costs 5.5 bits, |k| = 16 costs 6.5."""
+STAGES = 4
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What the encoder spends at one effort level.
+
+    Attributes:
+        steps: Adam steps (0: no adaptation, the file codes the model as shipped).
+        tiles: at most this many tiles (evenly spread) give the fit its subpixels.
+        positions: positions of each stage per step (a fixed random sample).
+        lr: Adam learning rate, in units of the fitted values (a gain of 1 doubles an output).
+        verify: also code the tiles without the adaptation and keep the smaller
+            (`imagecodec`; one more encode of the tiles).
+    """
+
+    steps: int = 0
+    tiles: int = 0
+    positions: int = 0
+    lr: float = 0.004
+    verify: bool = False
+
+
+EFFORT_SETTINGS: dict[int, FitSettings] = {
+    1: FitSettings(), 2: FitSettings(), 3: FitSettings(),
+    4: FitSettings(steps=20, tiles=16, positions=4096),
+    5: FitSettings(steps=40, tiles=32, positions=8192),
+    6: FitSettings(steps=60, tiles=64, positions=8192),
+    7: FitSettings(steps=80, tiles=128, positions=16384),
+    8: FitSettings(steps=100, tiles=256, positions=16384, verify=True),
+    9: FitSettings(steps=150, tiles=1024, positions=32768, verify=True),
+}
+"""By `versions.EFFORTS` level. 1 to 3 (the default, `versions.DEFAULT_EFFORT`) are the
+version 4 encoder: no faster lever exists yet."""
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """Integer gains and biases (STAGES, P) int64 of the stage heads' P outputs."""
+
+    gains: np.ndarray
+    biases: np.ndarray
+    _tensors: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def apply(self, raw: torch.Tensor, stage: int) -> torch.Tensor:
+        """raw (N, P, h, w) float32 -> raw * (1 + gain / GRID) + bias / GRID of `stage`."""
+        if stage not in self._tensors:  # one tensor pair per stage, shared by the pool's threads
+            factor = (1.0 + self.gains[stage] / GRID).astype(np.float32)
+            shift = (self.biases[stage] / GRID).astype(np.float32)
+            self._tensors[stage] = (torch.from_numpy(factor).view(1, -1, 1, 1),
+                                    torch.from_numpy(shift).view(1, -1, 1, 1))
+        factor, shift = self._tensors[stage]
+        return raw * factor + shift
+
+    @staticmethod
+    def zeros(config: ModelConfig) -> "Adaptation":
+        """No change: what the encoder codes when it adapts nothing (the flag alone)."""
+        zeros = np.zeros((STAGES, params_per_position(config)), dtype=np.int64)
+        return Adaptation(zeros, zeros)
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything (else only the flag is coded)."""
+        return bool(self.gains.any() or self.biases.any())
+
+    def bits(self) -> float:
+        """What `adaptation_steps` codes this in, bits (flag included)."""
+        if not self.active:
+            return 1.0
+        values = np.concatenate([self.gains.reshape(-1), self.biases.reshape(-1)])
+        return 1.0 + float(-np.log2(_probabilities()[values + LIMIT]).sum())
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Adaptation) and np.array_equal(self.gains, other.gains)
+                and np.array_equal(self.biases, other.biases))
+
+
+@lru_cache(maxsize=1)
+def _probabilities() -> np.ndarray:
+    """(2 * LIMIT + 1,) float64, integer k at index k + LIMIT."""
+    p = 2.0 ** (-np.abs(np.arange(-LIMIT, LIMIT + 1)) / SPREAD)
+    return p / p.sum()
+
+
+def adaptation_steps(config: ModelConfig, truth: Optional[Adaptation] = None) -> Steps:
+    """The per-image adaptation of a model with `config`, as steps in pop order
+    (`coders.Steps`); returns it, or None (the model as shipped).
+
+    A flag (uniform, 1 bit), then, if set, the gains and the biases, stage by stage,
+    each integer coded with `SPREAD`'s two-sided geometric code. The encoder passes its
+    `truth` (all zeros, `Adaptation.zeros`, codes the flag clear), the decoder nothing.
+    """
+    outputs = params_per_position(config)
+    encoding = truth is not None
+    if encoding and truth.gains.shape != (STAGES, outputs):
+        raise ValueError(f"adaptation of shape {truth.gains.shape} for a model with {outputs} head outputs")
+    flag = yield coders.uniform(2, 1), np.array([int(truth.active)]) if encoding else None
+    if not int(np.asarray(flag)[0]):
+        return None
+    values = coders.iid_categorical(_probabilities(), 2 * STAGES * outputs)
+    coded = yield values, (np.concatenate([truth.gains.reshape(-1), truth.biases.reshape(-1)]) + LIMIT
+                           if encoding else None)
+    coded = np.asarray(coded, dtype=np.int64).reshape(2, STAGES, outputs) - LIMIT
+    return Adaptation(coded[0], coded[1])
+
+
+# ---- the encoder's fit ------------------------------------------------------------
+
+
+@dataclass
+class _Stage:
+    """One stage's fitting data: head outputs (P, M) float32 and true values (C, M) float32."""
+
+    raw: torch.Tensor
+    values: torch.Tensor
+
+
+def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> list[_Stage]:
+    """Head outputs and true values of the real positions of evenly spread tiles, latents
+    at the posterior mean, computed with the coding network `net` (`inference.Network`)."""
+    from vaezip.coding.tiles import TileGrid, lattice_to_pixels, split_tiles
+
+    grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
+    count = min(grid.count, settings.tiles)
+    chosen = np.unique(np.linspace(0, grid.count - 1, count).round().astype(np.int64))
+    raws: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
+    values: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
+    for start in range(0, len(chosen), 16):
+        indices = chosen[start : start + 16]
+        x = torch.from_numpy(np.concatenate([lattice_to_pixels(split_tiles(pixels, grid, range(i, i + 1))) for i in indices]))
+        masks = torch.from_numpy(np.concatenate([grid.pixel_masks(range(i, i + 1)) for i in indices]))
+        acts = net.bottom_up(x)
+        walk = net.top_down_steps(len(x), tile, tile, acts)
+        try:
+            _, _, posterior = next(walk)
+            while True:
+                _, _, posterior = walk.send(posterior.mean)
+        except StopIteration as done:
+            features = done.value
+        lattice, real = split_lattice(x), split_lattice(masks)[:, :, 0]  # (n, 4, C, h, w), (n, 4, h, w)
+        for s in range(STAGES):
+            raw = net.stage_raw(features, lattice, s)  # (n, P, h, w)
+            keep = real[:, s]
+            raws[s].append(raw.permute(1, 0, 2, 3)[:, keep])
+            values[s].append(lattice[:, s].permute(1, 0, 2, 3)[:, keep].float())
+    with torch.inference_mode(False):  # normal tensors: autograd may save them
+        return [_Stage(torch.cat(r, dim=1).clone(), torch.cat(v, dim=1).clone()) for r, v in zip(raws, values)]
+
+
+def _nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch.Tensor,
+          rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """−log p of the stage's values (of positions `rows`, all when None) in nats, summed."""
+    raw, values = (stage.raw, stage.values) if rows is None else (stage.raw[:, rows], stage.values[:, rows])
+    adapted = raw * (1.0 + gain[:, None]) + bias[:, None]
+    params = split_params(adapted.T[:, :, None, None], model.config)  # positions as a batch of 1x1 images
+    return -mixture_log_prob(params, values.T[:, :, None, None]).sum()
+
+
+def fit(net, pixels: np.ndarray, tile: int, effort: int) -> Optional[Adaptation]:
+    """The encoder's adaptation for an (H, W, C) uint8 image at `effort`, or None (none
+    fitted, or the rounded fit would not pay for its own bits on the fitted subpixels).
+
+    Args:
+        net: the coding network (`inference.coding_network` of the format version).
+        tile: the tile side the image is coded with.
+    """
+    settings = EFFORT_SETTINGS[effort]
+    if settings.steps == 0:
+        return None
+    model = net.model
+    outputs = params_per_position(model.config)
+    data = _stage_data(net, pixels, tile, settings)
+    if not sum(d.values.shape[1] for d in data):
+        return None
+    rng = np.random.default_rng(0)
+    with torch.inference_mode(False), torch.enable_grad():
+        gains = torch.zeros(STAGES, outputs, requires_grad=True)
+        biases = torch.zeros(STAGES, outputs, requires_grad=True)
+        optimizer = torch.optim.Adam([gains, biases], lr=settings.lr)
+        for _ in range(settings.steps):
+            samples = [torch.from_numpy(rng.choice(d.values.shape[1], min(settings.positions, d.values.shape[1]),
+                                                   replace=False)) for d in data]
+
+            def stage_grads(s: int):
+                loss = _nats(model, data[s], gains[s], biases[s], samples[s]) / max(1, len(samples[s]))
+                return torch.autograd.grad(loss, [gains, biases])
+
+            grads = net.map_threads(stage_grads, list(range(STAGES)))
+            optimizer.zero_grad(set_to_none=False)
+            gains.grad = sum(g[0] for g in grads)  # summed in stage order: the same on any thread count
+            biases.grad = sum(g[1] for g in grads)
+            optimizer.step()
+        adaptation = Adaptation(_rounded(gains), _rounded(biases))
+        zero = torch.zeros(outputs)
+        saved_nats = 0.0
+        with torch.no_grad():
+            for s, d in enumerate(data):
+                g = torch.from_numpy(adaptation.gains[s] / GRID).float()
+                b = torch.from_numpy(adaptation.biases[s] / GRID).float()
+                saved_nats += float(_nats(model, d, zero, zero) - _nats(model, d, g, b))
+    pixels_fitted = sum(d.values.shape[1] for d in data)
+    scale = pixels.shape[0] * pixels.shape[1] / 4 / max(1, pixels_fitted / STAGES)  # fitted tiles -> image
+    if not adaptation.active or saved_nats * scale / np.log(2) <= adaptation.bits():
+        return None
+    return adaptation
+
+
+def _rounded(values: torch.Tensor) -> np.ndarray:
+    return np.clip(np.rint(values.detach().double().numpy() * GRID), -LIMIT, LIMIT).astype(np.int64)

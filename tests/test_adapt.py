@@ -1,0 +1,153 @@
+"""Encoder effort and the per-image adaptation of format version 5 (`vaezip.coding.adapt`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+from vaezip import api
+from vaezip.coding import adapt
+from vaezip.entropy import coders
+from vaezip.errors import InputError
+from vaezip.format import container, versions
+from vaezip.imaging.images import pixels_equal
+from vaezip.network.inference import coding_network
+from vaezip.network.model import params_per_position
+
+
+def _adaptation(config, seed: int = 0) -> adapt.Adaptation:
+    rng = np.random.default_rng(seed)
+    shape = (adapt.STAGES, params_per_position(config))
+    return adapt.Adaptation(rng.integers(-40, 41, shape), rng.integers(-90, 91, shape))
+
+
+def _coded_adaptation(data: bytes, config):
+    """The adaptation a version 5 file of one model-coded image pops first (None: none)."""
+    _, words = container.unpack(data)
+    return coders.pop_steps(coders.new_coder(words), adapt.adaptation_steps(config))
+
+
+@pytest.mark.parametrize("effort", versions.EFFORTS)
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_every_effort_round_trips(tiny_model, tiny_gray_model, mode, effort):
+    loaded = tiny_gray_model if mode == "L" else tiny_model
+    image = random_image(mode, 37, 45, seed=effort, smooth=True)
+    data = api.compress(image, loaded=loaded, effort=effort)
+    header, _ = container.unpack(data)
+    assert (header.version, header.effort) == (5, effort)
+    assert pixels_equal(api.decompress_image(data, loaded=loaded), image)
+
+
+def test_high_effort_adapts_and_pays_for_it(tiny_model):
+    image = random_image("RGB", 64, 96, seed=3, smooth=True)
+    sizes = {e: len(api.compress(image, loaded=tiny_model, effort=e)) for e in (3, 9)}
+    data = api.compress(image, loaded=tiny_model, effort=9)
+    adaptation = _coded_adaptation(data, tiny_model.spec.config)
+    assert adaptation is not None and adaptation.active
+    # Effort 9 checks its adaptation against the plain code and keeps the smaller.
+    assert sizes[9] < sizes[3]
+    assert _coded_adaptation(api.compress(image, loaded=tiny_model), tiny_model.spec.config) is None
+
+
+def test_default_effort_codes_the_version_4_tiles(tiny_model):
+    """Default effort: the version 4 payload with a 1-bit flag on top."""
+    image = random_image("RGB", 37, 45, seed=1, smooth=True)
+    v4 = container.unpack(api.compress(image, loaded=tiny_model, version=4))[1]
+    ans = coders.new_coder(container.unpack(api.compress(image, loaded=tiny_model))[1])
+    assert coders.pop_steps(ans, adapt.adaptation_steps(tiny_model.spec.config)) is None
+    np.testing.assert_array_equal(ans.get_compressed(), v4)
+
+
+def test_adaptation_steps_round_trip_and_cost(tiny_model):
+    config = tiny_model.spec.config
+    for truth in (_adaptation(config), adapt.Adaptation.zeros(config)):
+        ans = coders.new_coder()
+        coders.push_steps(ans, adapt.adaptation_steps(config, truth))
+        bits = ans.num_bits()
+        assert truth.bits() - 2 <= bits <= truth.bits() + 64  # the last word's slack
+        back = coders.pop_steps(ans, adapt.adaptation_steps(config))
+        assert ans.is_empty()
+        assert (back is None) if not truth.active else back == truth
+
+
+def test_adaptation_of_the_wrong_shape_is_refused(tiny_model, tiny_gray_model):
+    with pytest.raises(ValueError, match="head outputs"):
+        coders.push_steps(coders.new_coder(),
+                          adapt.adaptation_steps(tiny_gray_model.spec.config, _adaptation(tiny_model.spec.config)))
+
+
+def test_zero_adaptation_is_the_identity_and_applies_per_stage(tiny_model):
+    config = tiny_model.spec.config
+    raw = torch.randn(2, params_per_position(config), 3, 5)
+    assert torch.equal(adapt.Adaptation.zeros(config).apply(raw, 2), raw)
+    a = _adaptation(config)
+    expected = raw * torch.from_numpy((1 + a.gains[1] / adapt.GRID).astype(np.float32)).view(1, -1, 1, 1)
+    expected = expected + torch.from_numpy((a.biases[1] / adapt.GRID).astype(np.float32)).view(1, -1, 1, 1)
+    assert torch.equal(a.apply(raw, 1), expected)
+
+
+def test_fit_does_not_depend_on_the_worker_count(tiny_model):
+    pixels = random_image("RGB", 64, 96, seed=3, smooth=True).pixels
+    fits = []
+    for workers in (1, 2):
+        with coding_network(tiny_model.net, versions.get(5), workers=workers) as net:
+            fits.append(adapt.fit(net, pixels, 32, 7))
+    assert fits[0] is not None and fits[0] == fits[1]
+    with coding_network(tiny_model.net, versions.get(5)) as net:
+        assert all(adapt.fit(net, pixels, 32, e) is None for e in (1, 2, 3))
+
+
+@pytest.mark.parametrize("effort", [0, 10, -1])
+def test_bad_effort_is_an_input_error(tiny_model, effort):
+    with pytest.raises(InputError, match="effort"):
+        api.compress(random_image("RGB", 8, 8), loaded=tiny_model, effort=effort)
+
+
+def test_older_versions_have_no_effort(tiny_model):
+    image = random_image("RGB", 8, 8)
+    with pytest.raises(ValueError, match="effort"):
+        api.compress(image, loaded=tiny_model, version=4, effort=9)
+    header, _ = container.unpack(api.compress(image, loaded=tiny_model, version=4))
+    assert header.effort == 0
+
+
+def test_header_effort_round_trips_and_is_validated():
+    header = container.Header(mode="L", width=3, height=2, model_name="", model_hash=bytes(8), tile_size=0,
+                              schedule=(), num_initial_words=0, pixel_checksum=bytes(16), effort=7)
+    data = container.pack(header, np.zeros(2, np.uint32))
+    assert container.unpack(data)[0] == header
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match="effort"):
+            container.pack(dataclasses.replace(header, effort=bad), np.zeros(2, np.uint32))
+    assert dataclasses.replace(header, version=4).effort == 0  # not recorded before version 5
+
+
+def test_cli_effort_is_recorded_and_shown(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from vaezip.cli.main import main
+    from vaezip.imaging.images import write_png
+
+    source = tmp_path / "img.png"
+    image = random_image("RGB", 20, 27, seed=1, smooth=True)
+    write_png(image, source)
+    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
+    result = run("compress", "--effort", "9", "--json", source)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["effort"] == 9
+    vz = source.with_name("img.png.vz")
+    assert pixels_equal(api.decompress_image(vz.read_bytes()), image)
+    result = run("info", vz)
+    assert result.exit_code == 0 and "effort: 9" in result.output
+    assert json.loads(run("info", "--json", vz).stdout)["effort"] == 9
+    for bad in ("0", "10"):
+        result = run("compress", "--effort", bad, "-f", source)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--effort must be 1..9" in lines[0], result.stderr
