@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from vaezip.errors import InputError, OutputExistsError, VaezipError
+from vaezip.files import atomic_write
 from vaezip.network.config import ModelConfig, unknown_keys
 from vaezip.network.model import HierarchicalVAE
 from vaezip.training import data as datasets
@@ -259,10 +260,10 @@ def _log_stdout(line: str) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
+    """torch.save `obj` to `path` whole or not at all (`files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _describe_data(specs: tuple[str, ...]) -> list[str]:
@@ -693,9 +694,8 @@ def _write_outputs(run: _RunState, data: _Data, options: TrainOptions, device: t
         record["training"]["warm_start"] = run.warm_start
     if ranks.distributed:
         record["training"]["rank_weights_sha256"] = rank_weights
-    tmp = record_path.with_name(record_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, record_path)
+    with atomic_write(record_path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
 
 
 def train(
