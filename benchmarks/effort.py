@@ -1,12 +1,13 @@
 """Encoder effort against file size and encode / decode time, with PNG, WebP and JPEG-XL e9.
 
 For each image: the baselines once (`vaezip.evaluation.baselines`, each checked lossless), then for
-each effort level `api.compress(image, effort=e)` and `api.decompress_image` in this
-process (model loaded once, so the times are the codec's own, without start-up), the
+each effort level `api.compress(image, effort=e)`, then `api.decompress_image` of every
+file (`--decode-repeats` times, efforts interleaved, the median kept) in this process (model loaded once, so the times are the codec's own, without start-up), the
 decoded pixels compared with the input (the run aborts on any difference). Rates are
 bits per subpixel of the whole .vz file; totals are total bits / total subpixels.
 
-    .venv/bin/python benchmarks/effort.py IMAGE... [--efforts 3,6,9] [--json-out FILE]
+    .venv/bin/python benchmarks/effort.py IMAGE... [--efforts 3,6,9] [--decode-repeats 1] [--json-out FILE]
+    .venv/bin/python benchmarks/effort.py --render FILE    # the tables again, from the JSON
 
 Prints a markdown table per run (one row per effort, then the baselines) and writes
 every per-image number to the JSON file.
@@ -23,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from vaezip import api
 from vaezip.coding import imagecodec
 from vaezip.evaluation import baselines
@@ -37,7 +40,9 @@ def _uptime() -> str:
         return "?"
 
 
-def run(paths: list[Path], efforts: list[int]) -> dict:
+def run(paths: list[Path], efforts: list[int], decode_repeats: int = 1) -> dict:
+    """Baselines and every effort of every image; decode times are the median of
+    `decode_repeats` decodes."""
     images, loaded = [], {}
     for path in paths:
         image = as_image(path)
@@ -50,18 +55,24 @@ def run(paths: list[Path], efforts: list[int]) -> dict:
         for name, result in baselines.baseline_results(image).items():
             row["baselines"][name] = {"bytes": result.size_bytes, "encode_s": result.encode_seconds,
                                       "decode_s": result.decode_seconds}
+        files, decodes = {}, {effort: [] for effort in efforts}
         for effort in efforts:
             start = time.perf_counter()
-            data = api.compress(image, loaded=lm, effort=effort)
-            encode = time.perf_counter() - start
-            start = time.perf_counter()
-            back = api.decompress_image(data, loaded=lm)
-            decode = time.perf_counter() - start
-            if not pixels_equal(back, image):
-                raise SystemExit(f"{path}: effort {effort} did not round-trip")
-            row["efforts"][str(effort)] = {"bytes": len(data), "encode_s": encode, "decode_s": decode}
-            print(f"{path.name} effort {effort}: {8 * len(data) / image.num_subpixels:.4f} bpd, "
-                  f"encode {encode:.1f} s, decode {decode:.1f} s", flush=True)
+            files[effort] = api.compress(image, loaded=lm, effort=effort)
+            row["efforts"][str(effort)] = {"bytes": len(files[effort]), "encode_s": time.perf_counter() - start}
+        for _ in range(decode_repeats):  # efforts interleaved: a load spike hits them alike
+            for effort in efforts:
+                start = time.perf_counter()
+                back = api.decompress_image(files[effort], loaded=lm)
+                decodes[effort].append(time.perf_counter() - start)
+                if not pixels_equal(back, image):
+                    raise SystemExit(f"{path}: effort {effort} did not round-trip")
+        for effort in efforts:
+            record = row["efforts"][str(effort)]
+            record["decode_s"] = float(np.median(decodes[effort]))
+            record["decode_all_s"] = decodes[effort]
+            print(f"{path.name} effort {effort}: {8 * record['bytes'] / image.num_subpixels:.4f} bpd, "
+                  f"encode {record['encode_s']:.1f} s, decode {record['decode_s']:.1f} s", flush=True)
         rows.append(row)
     return {"rows": rows, "efforts": efforts}
 
@@ -96,16 +107,44 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def per_image(result: dict) -> str:
+    """One row per image: bpd at each effort, the change at the highest, JPEG-XL e9, times."""
+    efforts = [str(e) for e in result["efforts"]]
+    low, high = efforts[0], efforts[-1]
+    head = " | ".join(f"e{e} bpd" for e in efforts)
+    lines = [f"| image | {head} | e{high} vs e{low} | JPEG-XL e9 bpd | encode s e{low} / e{high} | "
+             f"decode s e{low} / e{high} |", "|---" * (len(efforts) + 5) + "|"]
+    for r in result["rows"]:
+        bpd = {e: 8 * r["efforts"][e]["bytes"] / r["subpixels"] for e in efforts}
+        jxl = r["baselines"]["jpegxl"]["bytes"]
+        lines.append(
+            f"| {r['image']} | " + " | ".join(f"{bpd[e]:.4f}" for e in efforts)
+            + f" | {100 * (bpd[high] / bpd[low] - 1):+.2f} % | "
+            + (f"{8 * jxl / r['subpixels']:.4f}" if jxl else "missing")
+            + f" | {r['efforts'][low]['encode_s']:.1f} / {r['efforts'][high]['encode_s']:.1f}"
+            + f" | {r['efforts'][low]['decode_s']:.1f} / {r['efforts'][high]['decode_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("images", nargs="*", type=Path)
     parser.add_argument("--efforts", default="3,6,9", help="comma-separated effort levels")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--decode-repeats", type=int, default=1,
+                        help="decode each file this many times, efforts interleaved; the median counts")
+    parser.add_argument("--render", type=Path, help="print the tables of an earlier --json-out file and stop")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(args.render.read_text())
+        print(table(result) + "\n\n" + per_image(result))
+        return
+    if not args.images:
+        parser.error("no images")
     efforts = [int(e) for e in args.efforts.split(",")]
     before = _uptime()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result = run(args.images, efforts)
+    result = run(args.images, efforts, args.decode_repeats)
     result.update({"date_utc": started, "uptime_before": before, "uptime_after": _uptime(),
                    "machine": f"{os.cpu_count()} cores, {platform.platform()}", "versions": baselines.versions()})
     print(table(result))

@@ -27,7 +27,9 @@ that fields repeating from image to image deflate to almost nothing:
       transparency u16 length + bytes; ICC profile u32 length + bytes
 
 Archives of versions with `adaptation` (5) are written at the default encoder effort
-(`versions.DEFAULT_EFFORT`), which the table does not store.
+(`versions.DEFAULT_EFFORT`), which the table does not store: a run of one image carries
+the 1-bit adaptation flag that `imagecodec.push_image` codes (clear), a joined tile set
+carries none.
 
 Version 1 table: `count` records, each: name text, flags u8, and the header
 fields of a .vz file (`container.header_fields`, with the image's own pixel
