@@ -102,8 +102,7 @@ def train_command(ctx: click.Context, **kw) -> None:
                 **{n: kw[n] for n in CAMPAIGN_OPTIONS if n in given and n not in ("time_limit", "device", "out")})
             # continuing from the weights OUT.pt of an earlier session replaces them
             result = _run_with_progress(options, train, overwrite=options.init_from == str(output_paths(options.out)[0]))
-            click.echo(f"held-out -ELBO {result.heldout_bpd:.4f} bits/subpixel after {result.steps} steps; "
-                       f"weights {result.weights}, record {result.record}")
+            _summary(result)
             return
         if kw["prepare"]:
             raise click.UsageError("--prepare needs --campaign")
@@ -136,8 +135,16 @@ def train_command(ctx: click.Context, **kw) -> None:
         result = _run_with_progress(options, train, overwrite=kw["force"])
     except VaezipError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"held-out -ELBO {result.heldout_bpd:.4f} bits/subpixel after {result.steps} steps; "
-               f"weights {result.weights}, record {result.record}")
+    _summary(result)
+
+
+def _summary(result) -> None:
+    """The closing line (rank 0 only under torchrun)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"held-out -ELBO {result.heldout_bpd:.4f} bits/subpixel after {result.steps} steps; "
+                   f"weights {result.weights}, record {result.record}")
 
 
 def _run_with_progress(options, train, overwrite: bool):

@@ -53,7 +53,7 @@ class Campaign:
     crop: int = 64
     batch: dict = field(default_factory=lambda: {"cuda": 512, "cpu": 16})
     precision: dict = field(default_factory=lambda: {"cuda": "bf16", "cpu": "fp32"})
-    channels_last: dict = field(default_factory=lambda: {"cuda": True, "cpu": False})
+    channels_last: dict = field(default_factory=lambda: {"cuda": True, "cpu": True})
     lr: float = 5e-4
     warmup_steps: int = 200
     steps: int = 1_000_000
@@ -65,6 +65,9 @@ class Campaign:
 
 CAMPAIGNS = {
     "gen2": Campaign("gen2", base_model="photo-rgb-1", bank=".carry/photos-gen2.npz", recipe=datasets.gen2_bank_recipe),
+    # the gray model on the same bank, converted to gray (Pillow's luma) as it is read
+    "gen2-gray": Campaign("gen2-gray", base_model="photo-gray-1", bank=".carry/photos-gen2.npz",
+                          recipe=datasets.gen2_bank_recipe),
 }
 
 
