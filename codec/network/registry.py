@@ -144,8 +144,10 @@ def read_record(path: str | Path) -> dict:
 
 
 def source_models_dir() -> Path:
-    """The checkout's models/ folder, where `add_entry` writes (the package data of the next install)."""
-    return Path(__file__).resolve().parents[2] / "models"
+    """Where `add_entry` writes: in a source checkout its models/ folder (the package data of
+    the next install), in an installed package the installed models (`vaezip.models`)."""
+    checkout = Path(__file__).resolve().parents[2] / "models"
+    return checkout if (checkout / REGISTRY_FILE).is_file() else Path(str(_models_dir()))
 
 
 def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
