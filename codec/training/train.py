@@ -734,7 +734,12 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     started_group = _start_distributed(ranks, device)
     try:
-        return _train(options, progress, log, ranks, device, weights_path, record_path, ckpt_path)
+        result = _train(options, progress, log, ranks, device, weights_path, record_path, ckpt_path)
+        if started_group:  # every rank done before the group goes: gloo aborts a rank whose peer left first
+            import torch.distributed as dist
+
+            dist.barrier()
+        return result
     finally:
         if started_group:
             import torch.distributed as dist
