@@ -33,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 
+from vaezip.format import versions
 from vaezip.format.versions import Format
 from vaezip.network.model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
 
@@ -40,7 +41,7 @@ MEAN_STEPS = 32
 LOG_SCALE_STEPS = 16
 COEFF_STEPS = 4096
 LOGIT_STEPS = 8
-MEAN_MIN, MEAN_MAX = -64 * MEAN_STEPS, 319 * MEAN_STEPS
+MEAN_MIN, MEAN_MAX = (limit * MEAN_STEPS for limit in versions.get(1).mean_range)
 """Version 1's mean clamp in mean steps: its 256-entry tables cover these means."""
 BIN = 16
 """Versions 2 and 3: subpixel values per coarse bin; 256 // BIN bins."""
