@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os as _os
 
-# Format versions 2 to 4 sum convolutions with the oneDNN kernels its JIT picks for the
+# Format versions 2 to 5 sum convolutions with the oneDNN kernels its JIT picks for the
 # CPU. Capped at AVX2 (read once, at torch's first convolution), every x86-64 CPU with
 # AVX2 runs the same kernels, so files move between them (docs/PORTABILITY.md).
 _os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")

@@ -3,7 +3,7 @@
 Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
 
     magic         8 bytes   b"VZPK\\r\\n\\x1a\\n"  (differs from .vz's b"VZIP\\r\\n\\x1a\\n")
-    version       u16       1 to 4 (`versions`)
+    version       u16       1 to 5 (`versions`)
     count         u32       number of images, >= 1
     table_size    u32       bytes of the image table, uncompressed
     table_zsize   u32       bytes of the zlib stream that follows
@@ -11,7 +11,7 @@ Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
     payload       u32 count + count x u32   ANS words of all images, chained
     crc32         u32       zlib.crc32 of every byte before it
 
-Versions with `archive_columns` (2 to 4) store the table column by column, so
+Versions with `archive_columns` (2 to 5) store the table column by column, so
 that fields repeating from image to image deflate to almost nothing:
 
     runtime       text      library versions that affect the numbers

@@ -6,7 +6,7 @@ network runs is part of the format (`versions.Numerics` of each version):
   native (version 1): PyTorch's native convolutions on the whole tile batch at the
       process's thread count (native results do not depend on it; oneDNN's do,
       measured on this machine's 2 cores).
-  oneDNN sub-batches (versions 2 to 4): oneDNN convolutions (faster), each call on
+  oneDNN sub-batches (versions 2 to 5): oneDNN convolutions (faster), each call on
       ONE thread and on a fixed sub-batch of tiles (`sub_batch_pixels`); the
       sub-batches run side by side in a thread pool. A single-threaded call on a
       fixed shape computes the same numbers however many workers there are, so
