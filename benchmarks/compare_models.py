@@ -1,0 +1,70 @@
+"""−ELBO of two models on Kodak and the held-out wikiphotos: does a new model beat the old?
+
+Each model is a registered name or a training run's weights and record (`OUT.pt`, read with
+`OUT.json`). Every image is measured whole, tiled as the coder tiles it, latents sampled with
+a fixed seed (`rates.model_bits`), so both models see the same tiles and the same noise.
+Totals are total bits over total subpixels.
+
+    python benchmarks/compare_models.py photo-rgb-1 runs/gen2.pt [--json-out /tmp/vaezip-compare.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+
+from vaezip.coding.imagecodec import tile_size
+from vaezip.evaluation.rates import model_bits
+from vaezip.network import registry
+from vaezip.network.config import ModelConfig
+
+DATA = Path(os.environ.get("VAEZIP_DATA", "/work/shared/data"))
+SETS = {
+    "kodak": [DATA / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)],
+    "wikiphotos 041-049": [DATA / "wikiphotos" / f"{i:03d}.png" for i in range(41, 50)],
+}
+
+
+def load(model: str) -> registry.LoadedModel:
+    """A registered model, or the weights OUT.pt of a run with its record OUT.json."""
+    if not model.endswith(".pt"):
+        return registry.load_model(model)
+    record = registry.read_record(Path(model).with_suffix(".json"))
+    spec = registry.ModelSpec(name=Path(model).stem, file=model, sha256=registry.sha256_file(model),
+                              config=ModelConfig.from_dict(record["config"]), modes=("RGB",))
+    return registry.model_from_weights(spec, model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs=2, help="old and new: registered names or OUT.pt files")
+    parser.add_argument("--json-out", default="/tmp/vaezip-compare.json")
+    args = parser.parse_args()
+    models = [load(m) for m in args.models]
+    out = {"models": args.models, "sets": {}, "load": os.getloadavg()}
+    for set_name, paths in SETS.items():
+        bits = np.zeros(len(models))
+        subpixels = 0
+        start = time.perf_counter()
+        for path in paths:
+            pixels = np.asarray(PILImage.open(path).convert("RGB"))
+            for k, lm in enumerate(models):
+                tile = tile_size(pixels.shape[0], pixels.shape[1], lm.spec.config.downsampling)
+                bits[k] += model_bits(lm, pixels, tile)[0]
+            subpixels += pixels.size
+        bpd = bits / subpixels
+        out["sets"][set_name] = {"images": len(paths), "nelbo_bpd": bpd.tolist()}
+        print(f"{set_name:<20} {len(paths):>3} images  " + "  ".join(
+            f"{m} {b:.4f}" for m, b in zip(args.models, bpd)) + f"  change {100 * (bpd[1] / bpd[0] - 1):+.2f} %"
+              f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    Path(args.json_out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
