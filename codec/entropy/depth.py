@@ -42,6 +42,14 @@ class LowBits:
         """Alphabet of the coded plane: 2 ** (bits - 8)."""
         return 1 << (self.bits - 8)
 
+    def base(self, high: np.ndarray) -> np.ndarray:
+        """The plane coder's base for a channel's high bytes: high << (bits - 8), int32."""
+        return high.astype(np.int32) << (self.bits - 8)
+
+    def coded(self, samples: np.ndarray) -> np.ndarray:
+        """The coded plane of int64 16-bit `samples`: their bits below the high byte."""
+        return (samples >> (16 - self.bits)) & (self.levels - 1)
+
     def fill(self, data: np.ndarray) -> np.ndarray:
         """The 16-bit samples whose top `bits` bits are `data` (int64 array)."""
         shift = 16 - self.bits
@@ -93,10 +101,9 @@ def _low_steps(high: np.ndarray, pixels: Optional[np.ndarray]) -> Steps:
         bits = 8 + int((yield uniform(9, 1), None if truth is None else np.array([truth.bits - 8]))[0])
         replicate = (yield uniform(2, 1), None if truth is None else np.array([int(truth.replicate)]))[0]
         low = LowBits(bits, bool(replicate))
-        base = high[:, :, c].astype(np.int64) << (bits - 8)
-        coded_truth = None if samples is None else (samples >> (16 - bits)) & (low.levels - 1)
-        coded = yield plane_codec(height, width, low.levels, base.astype(np.int32)), coded_truth
-        out[:, :, c] = low.fill(base | np.asarray(coded, np.int64))
+        base = low.base(high[:, :, c])
+        coded = yield plane_codec(height, width, low.levels, base), None if samples is None else low.coded(samples)
+        out[:, :, c] = low.fill(base.astype(np.int64) | np.asarray(coded, np.int64))
     return out
 
 
@@ -109,6 +116,5 @@ def estimate_low_bits(pixels: np.ndarray) -> float:
     for c in range(pixels.shape[2]):
         samples = pixels[:, :, c].astype(np.int64)
         low = significant_bits(samples)
-        base = high[:, :, c].astype(np.int32) << (low.bits - 8)
-        total += np.log2(18) + estimate_bits((samples >> (16 - low.bits)) & (low.levels - 1), low.levels, base)
+        total += np.log2(18) + estimate_bits(low.coded(samples), low.levels, low.base(high[:, :, c]))
     return float(total)
