@@ -12,6 +12,9 @@ Torch-free: the byte-level format (`container`, `archive`) reads it too.
     4        as 2                          as 2           yes            + other depths as 2
     5        as 2                          as 2           yes            as 4          as 2
              + the encoder effort in the header, a per-image adaptation of the pixel heads
+    6        fixed-point network, exact   as 2, integer  yes            as 4          as 2
+             in any kernel order; tables
+             by integer arithmetic
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ class Numerics:
         sub_batch_pixels: tile pixels per network call, each call on one thread, the calls
             side by side (so any thread count gives the same numbers); None: the whole
             batch in one call.
+        exact: the network is fixed-point (`network.fixedpoint`): every activation is an
+            integer, every convolution exact in float32, so any kernel, thread count and
+            instruction set gives the same numbers; the probability tables are built by
+            integer arithmetic (`entropy.exact`).
     """
 
     onednn: bool
     sub_batch_pixels: Optional[int]
+    exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Format:
 
 _NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
 _ONEDNN_SUB_BATCHES = Numerics(onednn=True, sub_batch_pixels=4 * 64 * 64)
+_EXACT = Numerics(onednn=True, sub_batch_pixels=None, exact=True)
 
 _V1 = Format(1, _NATIVE, (-64, 319), binned_tables=False, scale_offsets=False, modes=EIGHT_BIT_MODES,
              archive_columns=False)
@@ -83,7 +92,10 @@ _V4 = Format(4, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_of
 _V5 = Format(5, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_offsets=True,
              modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True)
 
-FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5)}
+_V6 = Format(6, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
+             modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True)
+
+FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6)}
 """Every version this build reads, by number."""
 KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
 CURRENT: Format = _V5
