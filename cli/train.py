@@ -20,6 +20,24 @@ RESUME_OVERRIDES = ("time_limit", "stop_step", "out", "device", "steps", "eval_e
 CAMPAIGN_OPTIONS = ("time_limit", "stop_step", "out", "device", "batch", "precision", "channels_last", "compile")
 
 
+class _FixedBits(click.ParamType):
+    name = "A,H,F,S"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            bits = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not four comma-separated integers", param, ctx)
+        if len(bits) != 4:
+            self.fail(f"{value!r} is not four comma-separated integers", param, ctx)
+        return bits
+
+
+FIXED_BITS = _FixedBits()
+
+
 def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
     """"16:2:16,8:2:16,4:1:8" -> ((16, 2, 16), (8, 2, 16), (4, 1, 8))."""
     try:
@@ -43,6 +61,11 @@ def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
 @click.option("--width", type=click.IntRange(min=1), default=96, show_default=True, help="Trunk channels.")
 @click.option("--bottleneck", type=click.IntRange(min=1), default=32, show_default=True, help="Residual block inner channels.")
 @click.option("--mixtures", type=click.IntRange(min=1), default=3, show_default=True, help="Logistic mixture components.")
+@click.option("--kl-warmup", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Fraction of the steps over which the KL weight rises from 0.2 to 1 (0 for a fine-tune).")
+@click.option("--fixed-bits", type=FIXED_BITS, default=None, metavar="A,H,F,S",
+              help="Train a fixed-point model (format version 6): bits of ReLU activations, pixel-head "
+                   "inputs, pixel features, residual streams, e.g. 8,10,10,16.")
 @click.option("--pixel-width", type=click.IntRange(min=1), default=48, show_default=True, help="Pixel decoder channels.")
 @click.option("--latent-scales", default="16:2:16,8:2:16,4:1:8", show_default=True, metavar="F:G:C,...",
               help="Latent groups, coarsest first: downsampling factor : groups : channels per group.")
@@ -80,6 +103,9 @@ def parse_latent_scales(text: str) -> tuple[tuple[int, int, int], ...]:
 @click.pass_context
 def train_command(ctx: click.Context, **kw) -> None:
     """Train a vaezip model on image crops (negative ELBO, bits per subpixel)."""
+    from dataclasses import replace
+
+    from vaezip.network import registry
     from vaezip.network.config import ModelConfig
     from vaezip.training.train import TrainOptions, checkpoint_options, output_paths, train
 
@@ -122,8 +148,11 @@ def train_command(ctx: click.Context, **kw) -> None:
             config = ModelConfig(
                 channels=int(kw["channels"]), width=kw["width"], bottleneck=kw["bottleneck"],
                 latent_scales=parse_latent_scales(kw["latent_scales"]), pixel_width=kw["pixel_width"],
-                mixtures=kw["mixtures"],
+                mixtures=kw["mixtures"], fixed_bits=kw["fixed_bits"],
             )
+            if kw["fixed_bits"] is not None and kw["init_from"] in registry.specs():
+                # a fixed-point version of a registered model: its architecture, its coded latents
+                config = replace(registry.get_spec(kw["init_from"]).config, fixed_bits=kw["fixed_bits"])
             options = TrainOptions(
                 config=config, data=kw["data"] or ("photos",), heldout=kw["heldout"], data_limit=kw["data_limit"],
                 crop=kw["crop"], batch=kw["batch"], steps=kw["steps"], lr=kw["lr"], warmup_steps=kw["warmup_steps"],
@@ -131,6 +160,7 @@ def train_command(ctx: click.Context, **kw) -> None:
                 seed=kw["seed"], device=kw["device"], out=kw["out"], time_limit=kw["time_limit"],
                 stop_step=kw["stop_step"], checkpoint_seconds=kw["checkpoint_seconds"], precision=kw["precision"],
                 channels_last=kw["channels_last"], compile=kw["compile"], init_from=kw["init_from"],
+                kl_warmup_fraction=kw["kl_warmup"],
             )
         result = _run_with_progress(options, train, overwrite=kw["force"])
     except VaezipError as exc:

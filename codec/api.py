@@ -26,7 +26,7 @@ def _candidates(loaded: LoadedModels) -> tuple[registry.LoadedModel, ...]:
 
 
 def compress(image: ImageLike, model: Optional[str] = None, *, loaded: LoadedModels = None,
-             progress: Optional[Progress] = None, version: int = versions.CURRENT.version,
+             progress: Optional[Progress] = None, version: Optional[int] = None,
              effort: int = versions.DEFAULT_EFFORT) -> bytes:
     """Compress an image losslessly to the bytes of a .vz file.
 
@@ -36,7 +36,8 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: LoadedMod
         loaded: already loaded model(s): the first that fits the mode is used (tests).
         progress: called with the number of tiles finished.
         version: format version to write (`versions.KNOWN_VERSIONS`; older ones for
-            compatibility tests).
+            compatibility tests); None: the newest the model codes (`versions.newest`:
+            6 for a fixed-point model, 5 for a float one).
         effort: encoder effort 1..9 (`versions.EFFORTS`, like cjxl's -e): a higher one
             encodes more slowly into a smaller file (`coding.adapt.EFFORT_SETTINGS`);
             decoding time does not depend on it.
@@ -48,9 +49,9 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: LoadedMod
 
     if effort not in versions.EFFORTS:
         raise InputError(f"effort must be {versions.EFFORTS.start}..{versions.EFFORTS.stop - 1}, got {effort}")
-    fmt = versions.get(version)
     img = as_image(image)
     model_used = imagecodec.model_for_mode(img.mode, model, _candidates(loaded))
+    fmt = imagecodec.format_for([model_used], version)
     header, ans = imagecodec.push_image(coders.new_coder(), img, model_used, fmt, progress, effort)
     return container.pack(header, ans.get_compressed())
 
@@ -107,7 +108,7 @@ ArchiveItem = tuple[str, ImageLike]
 
 
 def pack(items: Sequence[ArchiveItem], model: Optional[str] = None, *, loaded: LoadedModels = None,
-         join: bool = True, progress: Optional[Progress] = None, version: int = versions.CURRENT.version) -> bytes:
+         join: bool = True, progress: Optional[Progress] = None, version: Optional[int] = None) -> bytes:
     """Compress named images into the bytes of one .vzp archive.
 
     The images are pushed in order onto ONE ANS stack, so only the first pays
@@ -126,7 +127,8 @@ def pack(items: Sequence[ArchiveItem], model: Optional[str] = None, *, loaded: L
             whose channel count fits its mode, else falls back to `model`.
         join: code runs of images as shared tile sequences (see above).
         progress: called with the number of tiles finished.
-        version: format version to write (`versions.KNOWN_VERSIONS`).
+        version: format version to write (`versions.KNOWN_VERSIONS`); None: the newest
+            every model used codes (`imagecodec.format_for`).
 
     Raises:
         InputError: no items, a bad or duplicate name. VaezipError: as `compress`.
@@ -134,7 +136,6 @@ def pack(items: Sequence[ArchiveItem], model: Optional[str] = None, *, loaded: L
     from vaezip.entropy import coders
     from vaezip.format import archive
 
-    fmt = versions.get(version)
     items = list(items)
     if not items:
         raise InputError("nothing to pack")
@@ -148,6 +149,7 @@ def pack(items: Sequence[ArchiveItem], model: Optional[str] = None, *, loaded: L
         raise InputError(f"duplicate name {duplicate!r}")
     images = [as_image(image) for _, image in items]
     models = [imagecodec.model_for_mode(img.mode, model, _candidates(loaded)) for img in images]
+    fmt = imagecodec.format_for(models, version)
     ans = coders.new_coder()
     entries: list = [None] * len(images)
     for run in imagecodec.tile_runs(images, models, join):

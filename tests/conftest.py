@@ -64,6 +64,39 @@ def make_tiny_model(channels: int, name: str):
     return registry.model_from_weights(spec, state)
 
 
+def make_tiny_fixed_model(channels: int, name: str):
+    """A fixed-point (format version 6) `LoadedModel`: seeded random weights, activation
+    scales set to powers of two without data (`set_uniform_scales`), so the model is the
+    same on every machine."""
+    import torch
+
+    from vaezip.network import registry
+    from vaezip.network.config import ModelConfig
+    from vaezip.network.model import HierarchicalVAE
+
+    cfg = ModelConfig(channels=channels, width=16, bottleneck=8, pixel_width=8, mixtures=2, latent_scales=TINY_SCALES,
+                      fixed_bits=(8, 10, 10, 16))
+    torch.manual_seed(0)
+    net = HierarchicalVAE(cfg)
+    net.set_uniform_scales()
+    state = net.state_dict()
+    mode = "RGB" if channels == 3 else "L"
+    spec = registry.ModelSpec(name, f"{name}.pt", _state_sha256(state), cfg, (mode,))
+    return registry.model_from_weights(spec, state)
+
+
+@pytest.fixture(scope="session")
+def tiny_fixed_model():
+    """Tiny fixed-point RGB model (format version 6)."""
+    return make_tiny_fixed_model(3, "tiny-fixed-test")
+
+
+@pytest.fixture(scope="session")
+def tiny_fixed_gray_model():
+    """Tiny fixed-point gray model (format version 6)."""
+    return make_tiny_fixed_model(1, "tiny-fixed-gray-test")
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """Tiny 3-channel (RGB) model, seeded random weights."""

@@ -26,7 +26,7 @@ the thread count, as the golden tests demand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Optional
 
@@ -97,6 +97,18 @@ class Adaptation:
                                     torch.from_numpy(shift).view(1, -1, 1, 1))
         factor, shift = self._tensors[stage]
         return raw * factor + shift
+
+    def apply_integers(self, out: torch.Tensor, stage: int, grid) -> torch.Tensor:
+        """A fixed-point model's head integers (N, P, h, w) (`model.head_grid`: out = raw *
+        scale + offset, rounded, in [lo, hi]) under the same map, in integers: with
+        d = out - offset, out' = clamp(floor((d * (GRID + gain) + bias * scale) / GRID
+        + offset + 1/2), lo, hi), each step exact in float64 (|numerator| < 2^40)."""
+        scale, offset, lo, hi = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in grid)
+        gain = torch.from_numpy(self.gains[stage].astype(np.float64)).view(1, -1, 1, 1)
+        bias = torch.from_numpy(self.biases[stage].astype(np.float64)).view(1, -1, 1, 1)
+        numerator = (out.double() - offset) * (GRID + gain) + bias * scale + GRID * offset + GRID // 2
+        adapted = torch.floor(numerator / GRID)
+        return torch.maximum(torch.minimum(adapted, hi), lo).to(out.dtype)
 
     @staticmethod
     def zeros(config: ModelConfig) -> "Adaptation":
@@ -186,6 +198,8 @@ def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> li
         lattice, real = split_lattice(x), split_lattice(masks)[:, :, 0]  # (n, 4, C, h, w), (n, 4, h, w)
         for s in range(STAGES):
             raw = net.stage_raw(features, lattice, s)  # (n, P, h, w)
+            if getattr(net.model, "fixed", False):  # integers -> the float head's outputs
+                raw = net.model.head_raw(raw)
             keep = real[:, s]
             raws[s].append(raw.permute(1, 0, 2, 3)[:, keep])
             values[s].append(lattice[:, s].permute(1, 0, 2, 3)[:, keep].float())
@@ -198,7 +212,8 @@ def _nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch
     """−log p of the stage's values (of positions `rows`, all when None) in nats, summed."""
     raw, values = (stage.raw, stage.values) if rows is None else (stage.raw[:, rows], stage.values[:, rows])
     adapted = raw * (1.0 + gain[:, None]) + bias[:, None]
-    params = split_params(adapted.T[:, :, None, None], model.config)  # positions as a batch of 1x1 images
+    float_config = replace(model.config, fixed_bits=None)  # the fit is float (the file holds integers)
+    params = split_params(adapted.T[:, :, None, None], float_config)  # positions as a batch of 1x1 images
     return -mixture_log_prob(params, values.T[:, :, None, None]).sum()
 
 

@@ -77,6 +77,15 @@ def layout(mode: str, model_coded: bool) -> Layout:
 LoadedModels = Sequence[registry.LoadedModel]
 
 
+def format_for(models: Sequence[Optional[registry.LoadedModel]], version: Optional[int] = None) -> versions.Format:
+    """The format to write with `models` (None entries: images coded without a model):
+    `version` if given, else the newest that every model codes (`versions.newest`: 6 only
+    when all of them are fixed-point)."""
+    if version is not None:
+        return versions.get(version)
+    return versions.newest(all(getattr(m.net, "fixed", False) for m in models if m is not None))
+
+
 def model_for_mode(mode: str, model: Optional[str] = None, loaded: LoadedModels = ()) -> Optional[registry.LoadedModel]:
     """The model that codes `mode` images; None for the plane coder alone.
 

@@ -98,13 +98,21 @@ _V6 = Format(6, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
 FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6)}
 """Every version this build reads, by number."""
 KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
-CURRENT: Format = _V5
-"""The version this build writes."""
+CURRENT: Format = _V6
+"""The version this build writes with a fixed-point model (`ModelConfig.fixed_bits`)."""
+NEWEST_FLOAT: Format = _V5
+"""The version this build writes with a float model (versions 1-5 run float networks)."""
 EFFORTS = range(1, 10)
 """Encoder effort levels of the versions with `adaptation` (`coding.adapt.EFFORT_SETTINGS`),
 like cjxl's -e."""
 DEFAULT_EFFORT = 3
 """The default effort: version 4's encoder (no adaptation), its time and its bits."""
+
+
+def newest(exact: bool) -> Format:
+    """What this build writes by default: `CURRENT` for a fixed-point model, `NEWEST_FLOAT`
+    for a float one."""
+    return CURRENT if exact else NEWEST_FLOAT
 
 
 def get(version: int) -> Format:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -30,6 +31,9 @@ class ModelConfig:
         active_latents: per latent group, the channels that are coded; the others
             collapsed in training (KL ~ 0) and are fixed to the prior mean. None
             keeps every channel (before pruning).
+        fixed_bits: a fixed-point network (`network.fixedpoint`, format version 6):
+            (ReLU activations, pixel-head inputs, pixel features, residual streams), the
+            bits of each kind of integer activation; None: a float network (versions 1-5).
     """
 
     channels: int = 3
@@ -40,6 +44,7 @@ class ModelConfig:
     mixtures: int = 3
     latent_grid: float = 1.0 / 64
     active_latents: Optional[tuple[tuple[int, ...], ...]] = None
+    fixed_bits: Optional[tuple[int, int, int, int]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_scales", tuple(tuple(s) for s in self.latent_scales))
@@ -50,6 +55,12 @@ class ModelConfig:
                 sorted(set(a)) != list(a) or (a and (a[0] < 0 or a[-1] >= z)) for a, z in zip(self.active_latents, groups)
             ):
                 raise ModelError("active_latents must list sorted channel indices for every latent group")
+        if self.fixed_bits is not None:
+            object.__setattr__(self, "fixed_bits", tuple(self.fixed_bits))
+            grid_exponent = math.log2(self.latent_grid)
+            if len(self.fixed_bits) != 4 or not all(2 <= b <= 16 for b in self.fixed_bits) \
+                    or grid_exponent != round(grid_exponent):
+                raise ModelError("fixed_bits needs four bit widths in 2..16 and a power-of-two latent grid")
         if self.channels not in (1, 3):
             raise ModelError(f"channels must be 1 or 3, got {self.channels}")
         factors = [s[0] for s in self.latent_scales]
@@ -62,7 +73,12 @@ class ModelConfig:
         return max(self.latent_scales[0][0], 4)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; `fixed_bits` only when set, so a float model's dict (and
+        the model identity in its files, `registry.ModelSpec.hash_prefix`) is as before."""
+        data = asdict(self)
+        if data["fixed_bits"] is None:
+            del data["fixed_bits"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":

@@ -12,7 +12,12 @@ network runs is part of the format (`versions.Numerics` of each version):
       fixed shape computes the same numbers however many workers there are, so
       files decode identically with any thread count.
 
-Either way the results still depend on the CPU's instruction set (docs/PORTABILITY.md).
+  exact (version 6): a fixed-point model (`network.fixedpoint`) whose every sum is exact in
+      float32, so any kernel, thread count, instruction set and batch split computes the
+      same integers: torch runs at its full thread count on the whole batch (or, for the
+      portability checks, on `VAEZIP_EXACT_SPLIT` tiles per call).
+
+Versions 1 to 5 still depend on the CPU's instruction set (docs/PORTABILITY.md).
 `coding_network` sets torch up for one version and hands out a `Network` with the
 calls bits-back coding makes: `bottom_up`, `top_down_steps`, `posteriors`, `stage_params`.
 """
@@ -28,7 +33,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from vaezip.errors import ModelError
 from vaezip.format.versions import Format, Numerics
+from vaezip.network.fixedpoint import exact_torch_settings
 from vaezip.network.model import Gaussian, HeadAdaptation, HierarchicalVAE, MixtureParams, TopDownSteps
 
 ROW_CHUNK = 4096
@@ -65,6 +72,8 @@ class Network:
         return Network(self.model, self.numerics, self._pool, adaptation)
 
     def _slices(self, batch: int, pixels_per_item: int) -> list[slice]:
+        if self.numerics.exact:
+            return _parts(batch, exact_split() or batch)
         size = self.numerics.sub_batch_pixels
         if size is None:
             return [slice(0, batch)]
@@ -176,6 +185,13 @@ def _step(walk, z: Optional[torch.Tensor]):
         return _Done(done.value)
 
 
+def exact_split() -> Optional[int]:
+    """Tiles per network call under exact numerics, from VAEZIP_EXACT_SPLIT (None: the whole
+    batch). Any value gives the same numbers; the portability checks vary it to show that."""
+    value = os.environ.get("VAEZIP_EXACT_SPLIT")
+    return int(value) if value and value.isdigit() and int(value) > 0 else None
+
+
 def default_workers() -> int:
     """Threads for sub-batched numerics: torch's intra-op thread count (OMP_NUM_THREADS or the cores)."""
     return max(1, torch.get_num_threads() or os.cpu_count() or 1)
@@ -190,6 +206,11 @@ def coding_network(model: HierarchicalVAE, fmt: Format, workers: Optional[int] =
     threads meanwhile.
     """
     numerics = fmt.numerics
+    if numerics.exact != bool(getattr(model, "fixed", False)):
+        kind = "a fixed-point" if numerics.exact else "a float"
+        raise ModelError(f"format version {fmt.version} codes with {kind} model; this one is not")
+    if numerics.exact:
+        exact_torch_settings()
     previous = torch.backends.mkldnn.enabled, torch.get_num_threads()
     workers = workers or default_workers()
     torch.backends.mkldnn.enabled = numerics.onednn

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaezip.format import versions
 from vaezip.network.config import ModelConfig
+from vaezip.network.fixedpoint import FixedConv2d, Requant, Stream, calibrating, is_calibrating, power_of_two_scale
 
 LN2 = math.log(2.0)
 # Pixel-likelihood parameter ranges, in pixel units; quantize.py uses the same.
@@ -37,6 +39,17 @@ COEFF_RANGE = 1.0
 LOGIT_RANGE = 16.0
 LATENT_LOG_STD_MIN = -6.0
 LATENT_LOG_STD_MAX = 2.0
+LATENT_RANGE = 8.0
+"""Latents are coded in [-LATENT_RANGE, LATENT_RANGE] (`bitsback.CodingParams.radius`)."""
+# Integer grids of the pixel-likelihood parameters (steps per unit), used by coding
+# (`coding.quantize`) and produced directly by a fixed-point model's heads.
+MEAN_STEPS = 32
+LOG_SCALE_STEPS = 16
+COEFF_STEPS = 4096
+LOGIT_STEPS = 8
+# A fixed-point model's latent Gaussians: means in quarter grid steps, log-stds in 1/16.
+LATENT_MEAN_STEPS_PER_GRID = 4
+LATENT_LOG_STD_STEPS = 16
 
 # Order of the 2x2 sub-lattice positions (row, col): diagonals first, so the
 # later stages see neighbours on all four sides.
@@ -70,6 +83,8 @@ class HeadAdaptation(Protocol):
 
     def apply(self, raw: torch.Tensor, stage: int) -> torch.Tensor: ...
 
+    def apply_integers(self, out: torch.Tensor, stage: int, grid) -> torch.Tensor: ...
+
 
 # choose(group index, prior, posterior or None) -> latent tensor fed to the decoder.
 LatentChooser = Callable[[int, Gaussian, Optional[Gaussian]], torch.Tensor]
@@ -92,50 +107,87 @@ def _act(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x)
 
 
-def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2)
+def _conv(cin: int, cout: int, k: int, fixed: bool = False) -> nn.Conv2d:
+    return FixedConv2d(cin, cout, k) if fixed else nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) (half to even), with the identity's gradient when training."""
+    return torch.round(x) if not x.requires_grad else x + (torch.round(x) - x).detach()
 
 
 class Block(nn.Module):
-    """Residual bottleneck block: 1x1 -> 3x3 -> 3x3 -> 1x1 with ReLUs."""
+    """Residual bottleneck block: 1x1 -> 3x3 -> 3x3 -> 1x1 with ReLUs.
 
-    def __init__(self, cin: int, mid: int, cout: int, residual: bool = True, zero_last: bool = False):
+    Fixed-point (`act_bits` set): `entry` brings the input (a wide stream) to ReLU
+    integers of `act_bits`; c1-c3 output such integers (the ReLU is their clamp); c4
+    outputs integers on the grid its caller sets (a stream's, or a Gaussian's)."""
+
+    def __init__(self, cin: int, mid: int, cout: int, residual: bool = True, zero_last: bool = False,
+                 act_bits: Optional[int] = None):
         super().__init__()
         self.residual = residual
-        self.c1, self.c2, self.c3, self.c4 = _conv(cin, mid, 1), _conv(mid, mid, 3), _conv(mid, mid, 3), _conv(mid, cout, 1)
+        fixed = act_bits is not None
+        self.c1, self.c2, self.c3 = _conv(cin, mid, 1, fixed), _conv(mid, mid, 3, fixed), _conv(mid, mid, 3, fixed)
+        self.c4 = _conv(mid, cout, 1, fixed)
+        self.entry = Requant(cin, act_bits, relu=True) if fixed else None
+        if fixed:
+            for conv in (self.c1, self.c2, self.c3):
+                conv.relu = True
         if zero_last:
             nn.init.zeros_(self.c4.weight)
             nn.init.zeros_(self.c4.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.c4(_act(self.c3(_act(self.c2(_act(self.c1(_act(x))))))))
+        if self.entry is not None:
+            y = self.c4(self.c3(self.c2(self.c1(self.entry(x)))))
+        else:
+            y = self.c4(_act(self.c3(_act(self.c2(_act(self.c1(_act(x))))))))
         return x + y if self.residual else y
 
 
 class TopDownGroup(nn.Module):
     """Prior p(z_g | z_<g), posterior q(z_g | z_<g, x) and the update of the decoder state."""
 
-    def __init__(self, width: int, mid: int, zdim: int):
+    def __init__(self, width: int, mid: int, zdim: int, act_bits: Optional[int] = None):
         super().__init__()
         self.zdim = zdim
-        self.prior = Block(width, mid, 2 * zdim + width, residual=False, zero_last=True)
-        self.posterior = Block(2 * width, mid, 2 * zdim, residual=False, zero_last=True)
-        self.z_proj = _conv(zdim, width, 1)
+        self.fixed = act_bits is not None
+        self.prior = Block(width, mid, 2 * zdim + width, residual=False, zero_last=True, act_bits=act_bits)
+        self.posterior = Block(2 * width, mid, 2 * zdim, residual=False, zero_last=True, act_bits=act_bits)
+        self.z_proj = _conv(zdim, width, 1, self.fixed)
         self.z_proj.weight.data.mul_(0.1)
-        self.out = Block(width, mid, width)
+        self.out = Block(width, mid, width, act_bits=act_bits)
+        self.latent_grid = 1.0  # set by the model: z arrives on this grid (fixed-point only)
+
+    def _gaussian_units(self) -> tuple[float, float]:
+        """Fixed-point: integers per unit of a latent mean and of a log-std."""
+        return LATENT_MEAN_STEPS_PER_GRID / self.latent_grid, float(LATENT_LOG_STD_STEPS)
 
     def prior_params(self, h: torch.Tensor) -> tuple[Gaussian, torch.Tensor]:
         out = self.prior(h)
         mean, log_std, feat = out[:, : self.zdim], out[:, self.zdim : 2 * self.zdim], out[:, 2 * self.zdim :]
+        if self.fixed and not is_calibrating():  # integers on the Gaussians' grids, clamped by the layer
+            mean_unit, log_std_unit = self._gaussian_units()
+            return Gaussian(mean / mean_unit, log_std / log_std_unit), feat
         return Gaussian(mean, log_std.clamp(LATENT_LOG_STD_MIN, LATENT_LOG_STD_MAX)), feat
 
     def posterior_params(self, h: torch.Tensor, act: torch.Tensor, prior: Gaussian) -> Gaussian:
         delta = self.posterior(torch.cat([h, act], dim=1))
-        mean = prior.mean + delta[:, : self.zdim]
-        log_std = (prior.log_std + delta[:, self.zdim :]).clamp(LATENT_LOG_STD_MIN, LATENT_LOG_STD_MAX)
+        d_mean, d_log_std = delta[:, : self.zdim], delta[:, self.zdim :]
+        if self.fixed and not is_calibrating():  # sums of numbers on the same grids: exact
+            mean_unit, log_std_unit = self._gaussian_units()
+            d_mean, d_log_std = d_mean / mean_unit, d_log_std / log_std_unit
+        mean = prior.mean + d_mean
+        if self.fixed:
+            mean = mean.clamp(-LATENT_RANGE, LATENT_RANGE)
+        log_std = (prior.log_std + d_log_std).clamp(LATENT_LOG_STD_MIN, LATENT_LOG_STD_MAX)
         return Gaussian(mean, log_std)
 
     def update(self, h: torch.Tensor, feat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.fixed and not is_calibrating():  # the latent integers k of z = k * grid
+            limit = LATENT_RANGE / self.latent_grid
+            z = _round_ste(z / self.latent_grid).clamp(-limit, limit)
         return self.out(h + feat + self.z_proj(z))
 
 
@@ -145,13 +197,28 @@ class PixelStage(nn.Module):
     def __init__(self, cfg: ModelConfig, stage: int):
         super().__init__()
         c, p = cfg.channels, cfg.pixel_width
+        fixed = cfg.fixed_bits is not None
         self.stage = stage
-        self.feat = _conv(p, p, 1)
-        self.context = _conv(4 * c, p, 3) if stage > 0 else None
-        self.mid1, self.mid2 = _conv(p, p, 3), _conv(p, p, 1)
-        self.head = _conv(p, params_per_position(cfg), 1)
+        self.feat = _conv(p, p, 1, fixed)
+        self.context = _conv(4 * c, p, 3, fixed) if stage > 0 else None
+        self.mid1, self.mid2 = _conv(p, p, 3, fixed), _conv(p, p, 1, fixed)
+        self.head = _conv(p, params_per_position(cfg), 1, fixed)
+        self.trunk = self.mid_entry = self.head_entry = None
+        if fixed:
+            act_bits, head_bits, _, stream_bits = cfg.fixed_bits
+            self.trunk = Stream(p, stream_bits)
+            self.mid_entry = Requant(p, act_bits, relu=True)
+            self.mid1.relu = True
+            self.head_entry = Requant(p, head_bits, relu=True)
 
     def forward(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.trunk is not None:
+            h = self.feat(features)
+            if self.context is not None:
+                h = h + self.context(context)
+            h = self.trunk.observe(h)
+            h = self.trunk.observe(h + self.mid2(self.mid1(self.mid_entry(h))))
+            return self.head(self.head_entry(h))
         h = self.feat(features)
         if self.context is not None:
             h = h + self.context(context)
@@ -180,10 +247,34 @@ class MixtureParams:
     coeffs: Optional[torch.Tensor]
 
 
+def head_grid(cfg: ModelConfig) -> tuple[list[float], list[float], list[float], list[float]]:
+    """A fixed-point model's head outputs, per output channel: (scale, offset, lo, hi) with
+    output integer = clamp(floor(raw * scale + offset + 1/2), lo, hi) on the coding grids:
+    logits in 1/LOGIT_STEPS, means in 1/MEAN_STEPS pixel (clamped as version 6 clamps
+    them), log-scales in 1/LOG_SCALE_STEPS, coefficients in 1/COEFF_STEPS."""
+    k, c = cfg.mixtures, cfg.channels
+    mean_lo, mean_hi = (MEAN_STEPS * m for m in versions.get(6).mean_range)
+    half = 127.5 * MEAN_STEPS
+    kinds = [(LOGIT_STEPS, 0.0, -LOGIT_RANGE * LOGIT_STEPS, LOGIT_RANGE * LOGIT_STEPS)] * k
+    kinds += [(half, half, mean_lo, mean_hi)] * (c * k)
+    kinds += [(LOG_SCALE_STEPS, 2.0 * LOG_SCALE_STEPS, LOG_SCALE_MIN * LOG_SCALE_STEPS,
+               LOG_SCALE_MAX * LOG_SCALE_STEPS)] * (c * k)
+    if c == 3:
+        kinds += [(COEFF_STEPS, 0.0, -COEFF_RANGE * COEFF_STEPS, COEFF_RANGE * COEFF_STEPS)] * (3 * k)
+    return tuple(list(column) for column in zip(*kinds))
+
+
 def split_params(raw: torch.Tensor, cfg: ModelConfig) -> MixtureParams:
-    """Map raw head output (N, P, h, w) to bounded mixture parameters."""
+    """Map raw head output (N, P, h, w) to bounded mixture parameters (a fixed-point
+    model's head integers, `head_grid`, to the same parameters, exactly)."""
     n, _, h, w = raw.shape
     k, c = cfg.mixtures, cfg.channels
+    if cfg.fixed_bits is not None and not is_calibrating():
+        steps = [LOGIT_STEPS] * k + [MEAN_STEPS] * (c * k) + [LOG_SCALE_STEPS] * (c * k) + [COEFF_STEPS] * (3 * k if c == 3 else 0)
+        value = raw / torch.tensor(steps, dtype=raw.dtype, device=raw.device).view(1, -1, 1, 1)
+        return MixtureParams(value[:, :k], value[:, k : k + c * k].reshape(n, c, k, h, w),
+                             value[:, k + c * k : k + 2 * c * k].reshape(n, c, k, h, w),
+                             value[:, k + 2 * c * k :].reshape(n, 3, k, h, w) if c == 3 else None)
     logits = raw[:, :k].clamp(-LOGIT_RANGE, LOGIT_RANGE)
     means = 127.5 + 127.5 * raw[:, k : k + c * k].reshape(n, c, k, h, w)
     log_scales = raw[:, k + c * k : k + 2 * c * k].reshape(n, c, k, h, w) + 2.0
@@ -278,28 +369,47 @@ class HierarchicalVAE(nn.Module):
         super().__init__()
         self.config = config
         c, w, mid = config.channels, config.width, config.bottleneck
-        self.stem = _conv(16 * c, w, 1)
+        self.fixed = config.fixed_bits is not None
+        act_bits, _, feature_bits, stream_bits = config.fixed_bits or (None,) * 4
+        self.stem = _conv(16 * c, w, 1, self.fixed)
         self.factors = sorted({f for f, _, _ in config.latent_scales} | {4})
-        self.encoder = nn.ModuleList([Block(w, mid, w) for _ in self.factors])
+        self.encoder = nn.ModuleList([Block(w, mid, w, act_bits=act_bits) for _ in self.factors])
         self.groups = [GroupSpec(f, zdim) for f, n, zdim in config.latent_scales for _ in range(n)]
         active = config.active_latents or (None,) * len(self.groups)
         self.active = [None if a is None else list(a) for a in active]
-        self.decoder = nn.ModuleList([TopDownGroup(w, mid, g.channels) for g in self.groups])
+        self.decoder = nn.ModuleList([TopDownGroup(w, mid, g.channels, act_bits) for g in self.groups])
+        for group in self.decoder:
+            group.latent_grid = config.latent_grid
         self.top_bias = nn.Parameter(torch.zeros(1, w, 1, 1))
-        self.to_pixels = _conv(w, 4 * config.pixel_width, 1)
+        self.to_pixels = _conv(w, 4 * config.pixel_width, 1, self.fixed)
         self.stages = nn.ModuleList([PixelStage(config, s) for s in range(4)])
+        if self.fixed:  # the integer grids (`network.fixedpoint`): two residual streams
+            self.encoder_stream, self.decoder_stream = Stream(w, stream_bits), Stream(w, stream_bits)
+            self.pixel_entry = Requant(w, feature_bits, relu=False)
+            self.feature_grid = Stream(config.pixel_width, feature_bits)
 
     # ---- bottom-up -------------------------------------------------------
     def bottom_up(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Encoder activations keyed by downsampling factor, for uint8 x (N, C, H, W)."""
-        h = self.stem(F.pixel_unshuffle(x.float() / 127.5 - 1.0, 4))
+        h = self.stem(F.pixel_unshuffle(self._pixel_input(x), 4))
         acts = {}
         for factor, block in zip(self.factors, self.encoder):
             while h.shape[-1] > x.shape[-1] // factor:
                 h = F.avg_pool2d(h, 2)
+                if self.fixed and not is_calibrating():  # back onto the stream's integers
+                    h = torch.floor(h + 0.5)
             h = block(h)
+            if self.fixed:
+                h = self.encoder_stream.observe(h)
             acts[factor] = h
         return acts
+
+    def _pixel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel values 0..255 as the network reads them: x / 127.5 - 1 (a fixed-point
+        model reads the integers 2x - 255, 255 per unit: the same numbers)."""
+        if self.fixed and not is_calibrating():
+            return 2.0 * x.float() - 255.0
+        return x.float() / 127.5 - 1.0
 
     # ---- top-down --------------------------------------------------------
     def top_down(
@@ -334,7 +444,10 @@ class HierarchicalVAE(nn.Module):
                 from which `posteriors` rebuilds the posteriors without walking again.
         """
         first = self.groups[0].factor
-        h = self.top_bias.expand(batch, -1, height // first, width // first)
+        bias = self.top_bias
+        if self.fixed and not is_calibrating():
+            bias = self.decoder_stream.observe(_round_ste(bias * self.decoder_stream.scale.float().view(1, -1, 1, 1)))
+        h = bias.expand(batch, -1, height // first, width // first)
         for g, (spec, group) in enumerate(zip(self.groups, self.decoder)):
             size = (height // spec.factor, width // spec.factor)
             if h.shape[-2:] != size:
@@ -350,8 +463,12 @@ class HierarchicalVAE(nn.Module):
                 z_all[:, keep] = z
                 z = z_all
             h = group.update(h, feat, z)
+            if self.fixed:
+                h = self.decoder_stream.observe(h)
         if h.shape[-2:] != (height // 4, width // 4):
             h = F.interpolate(h, size=(height // 4, width // 4), mode="nearest")
+        if self.fixed:
+            h = self.pixel_entry(h)
         return F.pixel_shuffle(self.to_pixels(h), 2)
 
     def posteriors(self, states: list, acts: dict[int, torch.Tensor]) -> list[Gaussian]:
@@ -377,8 +494,18 @@ class HierarchicalVAE(nn.Module):
         """
         raw = self.stage_raw(features, lattice, stage)
         if adaptation is not None:
-            raw = adaptation.apply(raw, stage)
+            if self.fixed and not is_calibrating():
+                raw = adaptation.apply_integers(raw, stage, head_grid(self.config))
+            else:
+                raw = adaptation.apply(raw, stage)
         return split_params(raw, self.config)
+
+    def head_raw(self, out: torch.Tensor) -> torch.Tensor:
+        """A fixed-point model's head integers (`stage_raw`) as the float head's outputs
+        (`split_params` of a float model maps them to the same parameters)."""
+        scale, offset, _, _ = (torch.tensor(v, dtype=out.dtype, device=out.device).view(1, -1, 1, 1)
+                               for v in head_grid(self.config))
+        return (out - offset) / scale
 
     def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> torch.Tensor:
         """The head output (N, `params_per_position`, H/2, W/2) of `stage_params`, before
@@ -386,8 +513,95 @@ class HierarchicalVAE(nn.Module):
         n, _, c, h, w = lattice.shape
         context = torch.zeros(n, 4, c, h, w, dtype=torch.float32, device=features.device)
         if stage > 0:
-            context[:, :stage] = lattice[:, :stage].float() / 127.5 - 1.0
+            context[:, :stage] = self._pixel_input(lattice[:, :stage])
         return self.stages[stage](features, context.reshape(n, 4 * c, h, w))
+
+    # ---- fixed point -----------------------------------------------------
+    def calibrate_fixed(self, batches, headroom: float = 2.0) -> None:
+        """Choose a fixed-point model's power-of-two activation scales from the ranges its
+        float layers reach on `batches` (iterable of uint8 (N, C, H, W)), then `wire_fixed`.
+        The weights are the float ones (e.g. a float model's, loaded with strict=False).
+        `headroom`: activation ranges are this many times the largest value seen (photos
+        beyond the calibration set reach further; clipping costs more than a coarser grid)."""
+        with calibrating(), torch.no_grad():
+            for x in batches:
+                sample = self.sample_posterior(x, latents="mean")
+                self.pixel_log_prob(sample.features, x)
+        act_hi = (1 << self.config.fixed_bits[0]) - 1
+        for module in self.modules():
+            if isinstance(module, Stream) and module is not self.feature_grid:
+                module.scale.copy_(power_of_two_scale(module.observed, module.limit, 2 * headroom))
+            elif isinstance(module, Requant):
+                module.out_scale.copy_(power_of_two_scale(module.observed, module.hi, headroom))
+            elif isinstance(module, FixedConv2d) and module.relu:
+                module.out_scale.copy_(power_of_two_scale(module.observed, act_hi, headroom))
+        peak = self.to_pixels.observed.view(-1, 4).amax(dim=1)  # pixel_shuffle: channel c from 4c..4c+3
+        self.feature_grid.scale.copy_(power_of_two_scale(peak, self.feature_grid.limit, headroom))
+        for module in self.modules():
+            if hasattr(module, "observed"):
+                module.observed = None
+        self.wire_fixed()
+
+    def set_uniform_scales(self, stream: float = 2.0**9, activation: float = 2.0**5) -> None:
+        """Fixed-point scales without data: every stream `stream` integers per unit, every
+        activation and pixel feature `activation` (powers of two; for seeded test models,
+        which must be the same on every machine), then `wire_fixed`."""
+        for module in self.modules():
+            if isinstance(module, Stream):
+                module.scale.fill_(activation if module is self.feature_grid else stream)
+            elif isinstance(module, Requant):
+                module.out_scale.fill_(activation)
+            elif isinstance(module, FixedConv2d) and module.relu:
+                module.out_scale.fill_(activation)
+        self.wire_fixed()
+
+    def wire_fixed(self) -> None:
+        """Give every fixed-point layer its input grid (its producer's output) and the output
+        grid it writes (a stream's, an activation's, a Gaussian's or the coding grids)."""
+        cfg = self.config
+        act_bits = cfg.fixed_bits[0]
+        enc, dec, features = self.encoder_stream, self.decoder_stream, self.feature_grid
+        stream, feature = enc.limit, features.limit
+        self.stem.set_input(255.0, 255.0)
+        self.stem.set_output(enc.scale, -stream, stream)
+        for block in self.encoder:
+            _wire_block(block, enc.scale, enc.scale, -stream, stream, act_bits)
+        mean_unit, log_std_unit = LATENT_MEAN_STEPS_PER_GRID / cfg.latent_grid, float(LATENT_LOG_STD_STEPS)
+        mean_limit = LATENT_RANGE * mean_unit
+        std_lo, std_hi = LATENT_LOG_STD_MIN * log_std_unit, LATENT_LOG_STD_MAX * log_std_unit
+        for group in self.decoder:
+            z = torch.ones(group.zdim, dtype=torch.float64)
+            _wire_block(group.prior, dec.scale, torch.cat([z * mean_unit, z * log_std_unit, dec.scale]),
+                        torch.cat([-z * mean_limit, z * std_lo, torch.full_like(dec.scale, -stream)]),
+                        torch.cat([z * mean_limit, z * std_hi, torch.full_like(dec.scale, stream)]), act_bits)
+            spread = std_hi - std_lo
+            _wire_block(group.posterior, torch.cat([dec.scale, enc.scale]),
+                        torch.cat([z * mean_unit, z * log_std_unit]),
+                        torch.cat([-2 * z * mean_limit, -z * spread]), torch.cat([2 * z * mean_limit, z * spread]),
+                        act_bits)
+            group.z_proj.set_input(1.0 / cfg.latent_grid, LATENT_RANGE / cfg.latent_grid)
+            group.z_proj.set_output(dec.scale, -stream, stream)
+            _wire_block(group.out, dec.scale, dec.scale, -stream, stream, act_bits)
+        self.pixel_entry.in_scale.copy_(dec.scale)
+        self.to_pixels.set_input(self.pixel_entry.out_scale, self.pixel_entry.largest)
+        self.to_pixels.set_output(features.scale.repeat_interleave(4), -feature, feature)
+        head = head_grid(cfg)
+        for stage in self.stages:
+            trunk, limit = stage.trunk.scale, stage.trunk.limit
+            stage.feat.set_input(features.scale, feature)
+            stage.feat.set_output(trunk, -limit, limit)
+            if stage.context is not None:
+                stage.context.set_input(255.0, 255.0)
+                stage.context.set_output(trunk, -limit, limit)
+            stage.mid_entry.in_scale.copy_(trunk)
+            stage.mid1.set_input(stage.mid_entry.out_scale, stage.mid_entry.largest)
+            stage.mid1.set_output(stage.mid1.out_scale.clone(), 0, (1 << act_bits) - 1)
+            stage.mid2.set_input(stage.mid1.out_scale, (1 << act_bits) - 1)
+            stage.mid2.set_output(trunk, -limit, limit)
+            stage.head_entry.in_scale.copy_(trunk)
+            stage.head.set_input(stage.head_entry.out_scale, stage.head_entry.largest)
+            scale, offset, lo, hi = (torch.tensor(v, dtype=torch.float64) for v in head)
+            stage.head.set_output(scale, lo, hi, offset)
 
     # ---- objectives ------------------------------------------------------
     def sample_posterior(self, x: torch.Tensor, *, latents: str = "sample", generator: Optional[torch.Generator] = None,
@@ -462,6 +676,19 @@ class HierarchicalVAE(nn.Module):
             log_w.append(self.pixel_log_prob(sample.features, x, mask).sum(dim=(1, 2, 3, 4)) + log_ratio)
         log_w = torch.stack(log_w, dim=1)
         return -(torch.logsumexp(log_w, dim=1) - math.log(samples)) / LN2
+
+
+def _wire_block(block: Block, in_scale: torch.Tensor, out_scale: torch.Tensor, lo, hi, act_bits: int) -> None:
+    """A fixed-point `Block`'s grids: input `in_scale` (a stream's), output `out_scale` in [lo, hi]."""
+    act_hi = (1 << act_bits) - 1
+    block.entry.in_scale.copy_(in_scale)
+    source, largest = block.entry.out_scale, block.entry.largest
+    for conv in (block.c1, block.c2, block.c3):
+        conv.set_input(source, largest)
+        conv.set_output(conv.out_scale.clone(), 0, act_hi)
+        source, largest = conv.out_scale, act_hi
+    block.c4.set_input(source, largest)
+    block.c4.set_output(out_scale, lo, hi)
 
 
 def split_lattice(x: torch.Tensor) -> torch.Tensor:

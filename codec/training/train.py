@@ -480,6 +480,25 @@ def _new_run(options: TrainOptions, device: torch.device, log: Callable[[str], N
     return _RunState(model, ema, optimizer, sessions=sessions, warm_start=warm)
 
 
+CALIBRATION_CROPS = 256
+"""Training crops whose ranges set a new fixed-point model's activation scales."""
+
+
+def _calibrate_fixed(run: _RunState, data: _Data, options: TrainOptions, log: Callable[[str], None]) -> None:
+    """A new fixed-point run: activation scales from the (warm-started) float layers' ranges on
+    training crops (`HierarchicalVAE.calibrate_fixed`), the same in the EMA copy; a run
+    warm-started from a fixed-point model keeps that model's scales."""
+    if run.warm_start is not None and not any(name.endswith(".in_scale") for name in run.warm_start.get("new", [])):
+        log("fixed point: activation scales kept from the warm-start model")
+        return
+    t = time.monotonic()
+    batches = [data.sampler.sample(options.batch) for _ in range(max(1, CALIBRATION_CROPS // options.batch))]
+    run.model.calibrate_fixed(batches)
+    run.ema.load_state_dict(run.model.state_dict())
+    log(f"fixed point: activation scales from {len(batches) * options.batch} training crops "
+        f"in {time.monotonic() - t:.0f} s")
+
+
 def _earlier_sessions(source: str) -> list[dict]:
     """The `sessions` of the run whose weights `source` (OUT.pt beside OUT.json) are,
     each marked as before this warm start; [] for a registered model or no record."""
@@ -751,6 +770,8 @@ def _train(options: TrainOptions, progress, log, ranks: _Ranks, device: torch.de
            weights_path: Path, record_path: Path, ckpt_path: Path) -> TrainResult:
     data = _setup_data(options, device, ranks, log)
     run = _new_run(options, device, log)
+    if options.config.fixed_bits is not None and options.resume is None:
+        _calibrate_fixed(run, data, options, log)
     if options.resume is not None:
         _resume(run, data.sampler, options, device, ranks, log)
         log(f"resumed from {options.resume} at step {run.step}")

@@ -1,0 +1,272 @@
+"""Fixed-point layers: a network whose every activation is an integer and whose every
+convolution is exact, so its outputs are the same bits on any CPU, kernel and thread count.
+
+The arithmetic (format version 6, `versions.Numerics.exact`):
+
+  tensors  every activation between layers is an integer-valued float32 tensor, with a
+      scale per channel (integers per unit of the float model's value) and a range:
+      ReLU outputs [0, 2^bits - 1], signed ones [-(2^(bits-1) - 1), 2^(bits-1) - 1].
+  convolutions  `FixedConv2d` folds the input scales, the output scale and offset into
+      its weights and bias and rounds them to a grid of 2^-k per output channel
+      (`integer_weights`): every product and every partial sum is then an integer
+      multiple of 2^-k below 2^24 * 2^-k (the bound is checked per output channel, in
+      integers, from the weights and the inputs' range), so float32 sums them exactly in
+      any order, with or without FMA. The output is floor(sum) (the bias holds the +1/2
+      of rounding), clamped to the output range: the next layer's integers, no separate
+      rescaling pass.
+  requantisation  where a wide tensor (a residual stream) feeds a convolution, `Requant`
+      shifts it to fewer bits: floor(x * 2^s + 1/2), exact because every activation scale
+      is a power of two.
+
+The same modules run in training (quantisation-aware: rounding and floors pass
+gradients straight through), so a model is trained in the arithmetic it is coded
+with; `calibrating` mode runs them as plain float layers that record each tensor's
+range, from which `calibrate` picks the power-of-two scales of a new fixed-point model.
+
+Kernels that never compute a float32 sum exactly (Winograd, FFT, TF32, bf16) must stay
+off: `exact_torch_settings`. The weight grid needs only IEEE basic operations and
+`frexp` (float64, exact), so every machine derives the same integers from the weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACCUMULATOR_BITS = 24
+"""float32 holds every integer below 2^24 exactly."""
+MAX_WEIGHT_SHIFT = 60
+"""The finest weight grid, 2^-60 of an output integer (far above float32's smallest normal)."""
+
+_calibrating = False
+
+
+@contextmanager
+def calibrating() -> Iterator[None]:
+    """Run fixed-point modules as float layers that record their tensors' ranges."""
+    global _calibrating
+    previous, _calibrating = _calibrating, True
+    try:
+        yield
+    finally:
+        _calibrating = previous
+
+
+def is_calibrating() -> bool:
+    return _calibrating
+
+
+def signed_limit(bits: int) -> int:
+    """The largest magnitude of a signed `bits`-bit activation (symmetric range)."""
+    return (1 << (bits - 1)) - 1
+
+
+def exact_torch_settings() -> None:
+    """Keep torch off the kernels that do not sum float32 exactly: NNPACK's Winograd
+    (CPU, batches of 16 and more), TF32 and reduced-precision float32 matmuls, cuDNN's
+    non-deterministic algorithm choice."""
+    torch.backends.nnpack.set_flags(False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def _floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """floor(x), with the identity's gradient when training."""
+    if not x.requires_grad:
+        return torch.floor(x)
+    return x + (torch.floor(x) - x).detach()
+
+
+def _clamp_rows(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x clamped per channel (dim 1) to [lo, hi]."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.maximum(torch.minimum(x, hi.view(shape)), lo.view(shape))
+
+
+def integer_weights(weight: torch.Tensor, bias: torch.Tensor, in_scale: torch.Tensor, in_max: torch.Tensor,
+                    out_scale: torch.Tensor, out_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The integer weights, bias and grid exponent of a fixed-point convolution.
+
+    Output channel c computes floor(sum_i W[c, i] * x_i + B[c]) * 2^-k[c] ... precisely:
+    W = rint(w * out_scale / in_scale * 2^k), B = rint((b * out_scale + out_offset) * 2^k),
+    both integers, with the largest k <= `MAX_WEIGHT_SHIFT` for which
+    sum |W[c]| * in_max + |B[c]| < 2^24, checked in int64.
+
+    Args:
+        weight: (cout, cin, kh, kw) float weights; bias: (cout,).
+        in_scale: (cin,) float64, input integers per unit; in_max: (cin,) float64, the
+            inputs' largest magnitude in integers.
+        out_scale, out_offset: (cout,) float64: output integer = value * out_scale + offset.
+    Returns:
+        W (cout, cin, kh, kw) and B (cout,) as float64 integers, k (cout,) int64.
+    """
+    with torch.no_grad():
+        ratio = out_scale.double()[:, None] / in_scale.double()[None, :]
+        real_w = weight.detach().double() * ratio[:, :, None, None]
+        real_b = bias.detach().double() * out_scale.double() + out_offset.double()
+        load = (real_w.abs() * in_max.double()[None, :, None, None]).flatten(1).sum(1) + real_b.abs()
+        _, exponent = torch.frexp(load)  # load < 2^exponent
+        k = (ACCUMULATOR_BITS - 1 - exponent.long()).clamp(max=MAX_WEIGHT_SHIFT)
+        limit = 1 << ACCUMULATOR_BITS
+        while True:
+            step = torch.pow(torch.tensor(2.0, dtype=torch.float64), k.double())
+            w_int = torch.round(real_w * step[:, None, None, None])
+            b_int = torch.round(real_b * step)
+            bound = (w_int.abs().long() * in_max.long()[None, :, None, None]).flatten(1).sum(1) + b_int.abs().long()
+            over = bound >= limit
+            if not bool(over.any()):
+                return w_int, b_int, k
+            k = torch.where(over, k - 1, k)
+
+
+class FixedConv2d(nn.Conv2d):
+    """A convolution from integer activations to integer activations (module docstring).
+
+    Buffers (float64, set by `calibrate` and the model's wiring, saved with the weights):
+    in_scale, in_max (cin,): the input's integers per unit and largest magnitude;
+    out_scale, out_offset, out_lo, out_hi (cout,): output integer =
+    clamp(floor(value * out_scale + out_offset), out_lo, out_hi). The float weights stay
+    the trained parameters; the integer ones are derived from them (`integer_weights`),
+    once per change of the weights.
+    """
+
+    def __init__(self, cin: int, cout: int, k: int):
+        super().__init__(cin, cout, k, padding=k // 2)
+        for name, size in (("in_scale", cin), ("in_max", cin), ("out_scale", cout)):
+            self.register_buffer(name, torch.ones(size, dtype=torch.float64))
+        for name in ("out_offset", "out_lo", "out_hi"):
+            self.register_buffer(name, torch.zeros(cout, dtype=torch.float64))
+        self.relu = False
+        """Calibration only: the output feeds a ReLU (its range starts at 0)."""
+        self.observed: Optional[torch.Tensor] = None
+        self._cache: Optional[tuple] = None
+
+    def set_output(self, scale, lo, hi, offset=0.0) -> None:
+        """Output integer = clamp(floor(value * scale + offset + 1/2), lo, hi) (broadcast per channel)."""
+        n = self.out_channels
+        self.out_scale.copy_(torch.as_tensor(scale, dtype=torch.float64).expand(n))
+        self.out_offset.copy_(torch.as_tensor(offset, dtype=torch.float64).expand(n) + 0.5)
+        self.out_lo.copy_(torch.as_tensor(lo, dtype=torch.float64).expand(n))
+        self.out_hi.copy_(torch.as_tensor(hi, dtype=torch.float64).expand(n))
+
+    def set_input(self, scale: torch.Tensor, largest: torch.Tensor) -> None:
+        """The input's integers per unit and largest magnitude, per input channel."""
+        self.in_scale.copy_(torch.as_tensor(scale, dtype=torch.float64).expand(self.in_channels))
+        self.in_max.copy_(torch.as_tensor(largest, dtype=torch.float64).expand(self.in_channels))
+
+    def _key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias, self.in_scale, self.in_max,
+                                                          self.out_scale, self.out_offset))
+
+    def exact_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W * 2^-k, B * 2^-k, k) as float32, float32, int64 (`integer_weights`), cached."""
+        key = self._key()
+        if self._cache is None or self._cache[0] != key:
+            w_int, b_int, k = integer_weights(self.weight, self.bias, self.in_scale, self.in_max,
+                                              self.out_scale, self.out_offset)
+            unit = torch.pow(torch.tensor(2.0, dtype=torch.float64), -k.double())
+            w = (w_int * unit[:, None, None, None]).float()
+            b = (b_int * unit).float()
+            self._cache = (key, w, b, k)
+        return self._cache[1], self._cache[2], self._cache[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _calibrating:
+            y = super().forward(x)
+            y = F.relu(y) if self.relu else y
+            peak = y.detach().abs().amax(dim=(0, 2, 3))
+            self.observed = peak if self.observed is None else torch.maximum(self.observed, peak)
+            return y
+        if self.training and self.weight.requires_grad:
+            w, b = self._trained_parameters()
+        else:
+            w, b, _ = self.exact_parameters()
+        y = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), self.stride, self.padding)
+        return _clamp_rows(_floor_ste(y), self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
+
+    def _trained_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact parameters with gradients to the float ones (straight through the rounding)."""
+        _, _, k = integer_weights(self.weight, self.bias, self.in_scale, self.in_max, self.out_scale, self.out_offset)
+        step = torch.pow(torch.tensor(2.0, dtype=torch.float64, device=k.device), k.double())
+        ratio = (self.out_scale[:, None] / self.in_scale[None, :]).float()[:, :, None, None]
+        real_w = self.weight * ratio
+        real_b = self.bias * self.out_scale.float() + self.out_offset.float()
+        w = real_w + ((torch.round(real_w.detach().double() * step[:, None, None, None]) / step[:, None, None, None])
+                      .float() - real_w).detach()
+        b = real_b + ((torch.round(real_b.detach().double() * step) / step).float() - real_b).detach()
+        return w, b
+
+
+class Requant(nn.Module):
+    """Re-scales integer activations by a power of two per channel: clamp(floor(x * 2^s + 1/2),
+    lo, hi), with ReLU's range [0, 2^bits - 1] or a signed one; where a wide stream feeds a layer.
+
+    Buffers: in_scale, out_scale (channels,) float64, their ratio a power of two.
+    """
+
+    def __init__(self, channels: int, bits: int, relu: bool):
+        super().__init__()
+        self.bits, self.relu = bits, relu
+        self.register_buffer("in_scale", torch.ones(channels, dtype=torch.float64))
+        self.register_buffer("out_scale", torch.ones(channels, dtype=torch.float64))
+        self.observed: Optional[torch.Tensor] = None
+
+    @property
+    def lo(self) -> int:
+        return 0 if self.relu else -signed_limit(self.bits)
+
+    @property
+    def hi(self) -> int:
+        return (1 << self.bits) - 1 if self.relu else signed_limit(self.bits)
+
+    @property
+    def largest(self) -> int:
+        return max(-self.lo, self.hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _calibrating:
+            y = F.relu(x) if self.relu else x
+            peak = y.detach().abs().amax(dim=(0, 2, 3))
+            self.observed = peak if self.observed is None else torch.maximum(self.observed, peak)
+            return y
+        ratio = (self.out_scale / self.in_scale).to(x.dtype).view(1, -1, 1, 1)
+        return torch.clamp(_floor_ste(x * ratio + 0.5), self.lo, self.hi)
+
+
+class Stream(nn.Module):
+    """A residual stream's integer grid: scale per channel (a power of two) and signed range.
+
+    In calibration it records the stream's largest magnitude per channel (`observe`)."""
+
+    def __init__(self, channels: int, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("scale", torch.ones(channels, dtype=torch.float64))
+        self.observed: Optional[torch.Tensor] = None
+
+    @property
+    def limit(self) -> int:
+        return signed_limit(self.bits)
+
+    def observe(self, x: torch.Tensor) -> torch.Tensor:
+        """x, recorded when calibrating, else clamped to the stream's range."""
+        if _calibrating:
+            peak = x.detach().abs().amax(dim=(0, 2, 3))
+            self.observed = peak if self.observed is None else torch.maximum(self.observed, peak)
+            return x
+        return torch.clamp(x, -self.limit, self.limit)
+
+
+def power_of_two_scale(observed: torch.Tensor, largest: int, headroom: float = 1.0) -> torch.Tensor:
+    """Per channel, the largest power-of-two scale s with observed * headroom * s <= largest
+    (channels never seen non-zero get the scale of the largest channel's)."""
+    peak = observed.double().clamp(min=float(observed.max()) * 2.0**-12 + 1e-12) * headroom
+    _, exponent = torch.frexp(torch.as_tensor(float(largest), dtype=torch.float64) / peak)
+    return torch.pow(torch.tensor(2.0, dtype=torch.float64), (exponent - 1).double())
