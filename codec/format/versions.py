@@ -79,7 +79,7 @@ class Format:
 
 _NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
 _ONEDNN_SUB_BATCHES = Numerics(onednn=True, sub_batch_pixels=4 * 64 * 64)
-_EXACT = Numerics(onednn=True, sub_batch_pixels=None, exact=True)
+_EXACT = Numerics(onednn=True, sub_batch_pixels=4 * 64 * 64, exact=True)  # the split is for speed only
 
 _V1 = Format(1, _NATIVE, (-64, 319), binned_tables=False, scale_offsets=False, modes=EIGHT_BIT_MODES,
              archive_columns=False)

@@ -174,7 +174,10 @@ class FixedConv2d(nn.Conv2d):
             unit = torch.pow(torch.tensor(2.0, dtype=torch.float64), -k.double())
             w = (w_int * unit[:, None, None, None]).float()
             b = (b_int * unit).float()
-            self._cache = (key, w, b, k)
+            uniform = bool((self.out_lo == self.out_lo[0]).all() and (self.out_hi == self.out_hi[0]).all())
+            bounds = (float(self.out_lo[0]), float(self.out_hi[0])) if uniform else \
+                (self.out_lo.float().view(1, -1, 1, 1), self.out_hi.float().view(1, -1, 1, 1))
+            self._cache = (key, w, b, k, bounds)
         return self._cache[1], self._cache[2], self._cache[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,10 +189,14 @@ class FixedConv2d(nn.Conv2d):
             return y
         if self.training and self.weight.requires_grad:
             w, b = self._trained_parameters()
-        else:
-            w, b, _ = self.exact_parameters()
-        y = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), self.stride, self.padding)
-        return _clamp_rows(_floor_ste(y), self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
+            y = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), self.stride, self.padding)
+            return _clamp_rows(_floor_ste(y), self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
+        w, b, _ = self.exact_parameters()
+        y = F.conv2d(x, w, b, self.stride, self.padding)
+        if y.requires_grad:  # frozen weights, gradients to the input (e.g. a fit of latents)
+            return _clamp_rows(_floor_ste(y), self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
+        lo, hi = self._cache[4]
+        return y.floor_().clamp_(lo, hi)  # in place: two passes over the output
 
     def _trained_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact parameters with gradients to the float ones (straight through the rounding)."""
@@ -237,7 +244,9 @@ class Requant(nn.Module):
             self.observed = peak if self.observed is None else torch.maximum(self.observed, peak)
             return y
         ratio = (self.out_scale / self.in_scale).to(x.dtype).view(1, -1, 1, 1)
-        return torch.clamp(_floor_ste(x * ratio + 0.5), self.lo, self.hi)
+        if x.requires_grad:
+            return torch.clamp(_floor_ste(x * ratio + 0.5), self.lo, self.hi)
+        return (x * ratio).add_(0.5).floor_().clamp_(self.lo, self.hi)
 
 
 class Stream(nn.Module):

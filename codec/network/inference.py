@@ -72,8 +72,8 @@ class Network:
         return Network(self.model, self.numerics, self._pool, adaptation)
 
     def _slices(self, batch: int, pixels_per_item: int) -> list[slice]:
-        if self.numerics.exact:
-            return _parts(batch, exact_split() or batch)
+        if self.numerics.exact and exact_split():
+            return _parts(batch, exact_split())
         size = self.numerics.sub_batch_pixels
         if size is None:
             return [slice(0, batch)]

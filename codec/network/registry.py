@@ -85,8 +85,19 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelError(f"unknown model {name!r} (registered: {known})") from None
 
 
+@lru_cache(maxsize=1)
+def defaults() -> dict[str, str]:
+    """The registry's "defaults": mode -> model name (may be empty)."""
+    path = _models_dir() / REGISTRY_FILE
+    return dict(json.loads(path.read_text()).get("defaults", {})) if path.is_file() else {}
+
+
 def default_model(mode: str) -> Optional[str]:
-    """The first registered model that lists `mode` ("RGB", "L"), or None."""
+    """The model the registry names as the default for `mode` ("RGB", "L"), else the first
+    registered model that lists it, or None."""
+    chosen = defaults().get(mode)
+    if chosen in specs() and mode in specs()[chosen].modes:
+        return chosen
     for spec in specs().values():
         if mode in spec.modes:
             return spec.name

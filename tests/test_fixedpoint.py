@@ -1,0 +1,174 @@
+"""The fixed-point network (format version 6): integers everywhere, the same integers
+whatever the kernel, thread count, memory layout or batch split, and training computes
+exactly what coding computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_pixels
+from vaezip.network.fixedpoint import (
+    ACCUMULATOR_BITS,
+    FixedConv2d,
+    Requant,
+    Stream,
+    exact_torch_settings,
+    integer_weights,
+    power_of_two_scale,
+)
+
+
+def _pixels(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    tiles = [random_pixels("RGB", size, size, seed + i, smooth=True) for i in range(n)]
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+
+
+def _outputs(net, x: torch.Tensor) -> list[torch.Tensor]:
+    """Encoder activations, pixel features and every stage's head integers, latents at the
+    posterior means rounded to the latent grid (as coding chooses them)."""
+    with torch.inference_mode():
+        acts = net.bottom_up(x)
+        grid = net.config.latent_grid
+        features = net.top_down(len(x), x.shape[-2], x.shape[-1],
+                                lambda g, prior, post: torch.round(post.mean / grid) * grid, acts)
+        from vaezip.network.model import split_lattice
+
+        lattice = split_lattice(x)
+        heads = [net.stage_raw(features, lattice, s) for s in range(4)]
+    return [*acts.values(), features, *heads]
+
+
+def test_integer_weights_respect_the_accumulator_bound():
+    torch.manual_seed(1)
+    w, b = torch.randn(8, 5, 3, 3) * 3, torch.randn(8)
+    in_scale = torch.full((5,), 32.0, dtype=torch.float64)
+    in_max = torch.full((5,), 1023.0, dtype=torch.float64)
+    out_scale = torch.tensor([1.0, 2.0, 4.0, 8.0, 4080.0, 16.0, 1.0, 2.0**-3], dtype=torch.float64)
+    w_int, b_int, k = integer_weights(w, b, in_scale, in_max, out_scale, torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(w_int, torch.round(w_int)) and torch.equal(b_int, torch.round(b_int))
+    bound = (w_int.abs() * in_max[None, :, None, None]).flatten(1).sum(1) + b_int.abs()
+    assert bool((bound < 2**ACCUMULATOR_BITS).all())
+    assert bool((bound >= 2 ** (ACCUMULATOR_BITS - 2)).all()), "the grid is as fine as the bound allows"
+    real = w.double() * (out_scale[:, None] / in_scale[None, :])[:, :, None, None]
+    approx = w_int * torch.pow(2.0, -k.double())[:, None, None, None]
+    relative = (approx - real).flatten(1).norm(dim=1) / real.flatten(1).norm(dim=1)
+    assert float(relative.max()) < 5e-3  # about 9 bits per weight with 10-bit inputs and 45 taps
+
+
+def test_power_of_two_scales():
+    scale = power_of_two_scale(torch.tensor([1.0, 3.0, 200.0]), 255)
+    assert torch.equal(scale, torch.tensor([128.0, 64.0, 1.0], dtype=torch.float64))
+    assert torch.equal(power_of_two_scale(torch.tensor([1.0, 3.0]), 255, headroom=2.0),
+                       torch.tensor([64.0, 32.0], dtype=torch.float64))
+
+
+def test_every_activation_is_an_integer_in_range(tiny_fixed_model):
+    net = tiny_fixed_model.net
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, out)))
+             for m in net.modules() if isinstance(m, (FixedConv2d, Requant))]
+    try:
+        outputs = _outputs(net, _pixels(3))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen
+    for module, out in seen:
+        assert torch.equal(out, torch.floor(out)), module
+        if isinstance(module, FixedConv2d):
+            lo, hi = module.out_lo.float().view(1, -1, 1, 1), module.out_hi.float().view(1, -1, 1, 1)
+            assert bool(((out >= lo) & (out <= hi)).all())
+    for out in outputs:
+        assert torch.equal(out, torch.floor(out))
+
+
+def test_same_integers_under_every_kernel_thread_count_and_split(tiny_fixed_model):
+    """Thread counts, oneDNN on and off, channels-last strides and batch splits take torch
+    through different kernels and summation orders; the integers may not move."""
+    exact_torch_settings()
+    net = tiny_fixed_model.net
+    x = _pixels(6, seed=3)
+    reference = _outputs(net, x)
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    try:
+        for n_threads, use_onednn in ((1, True), (2, False), (2, True)):
+            torch.set_num_threads(n_threads)
+            torch.backends.mkldnn.enabled = use_onednn
+            for got, want in zip(_outputs(net, x), reference):
+                assert torch.equal(got, want)
+            parts = [_outputs(net, x[i : i + 1]) for i in range(len(x))]
+            for j, want in enumerate(reference):
+                assert torch.equal(torch.cat([p[j] for p in parts]), want)
+        torch.set_num_threads(threads)
+        for got, want in zip(_outputs(net, x.contiguous(memory_format=torch.channels_last)), reference):
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
+
+
+def test_training_computes_what_coding_computes(tiny_fixed_model):
+    """Quantisation-aware training runs the coded arithmetic: the training forward of a
+    fixed-point layer gives the integers its coding forward gives."""
+    import copy
+
+    net = copy.deepcopy(tiny_fixed_model.net)
+    x = _pixels(2, seed=5)
+    coded = _outputs(net, x)
+    net.train()
+    acts = net.bottom_up(x)
+    grid = net.config.latent_grid
+    features = net.top_down(len(x), 32, 32, lambda g, prior, post: torch.round(post.mean / grid) * grid, acts)
+    from vaezip.network.model import split_lattice
+
+    trained = [*acts.values(), features, *[net.stage_raw(features, split_lattice(x), s) for s in range(4)]]
+    assert any(t.requires_grad for t in trained)
+    for got, want in zip(trained, coded):
+        assert torch.equal(got.detach(), want)
+    loss = net.nelbo(x).nelbo_bits.mean()
+    loss.backward()
+    assert all(p.grad is not None for p in net.stages[1].parameters())
+
+
+def test_calibration_picks_power_of_two_scales_and_wires_them():
+    from vaezip.network.config import ModelConfig
+    from vaezip.network.model import HierarchicalVAE
+
+    cfg = ModelConfig(width=16, bottleneck=8, pixel_width=8, mixtures=2, latent_scales=((8, 1, 4), (4, 1, 4)),
+                      fixed_bits=(8, 10, 10, 16))
+    torch.manual_seed(0)
+    net = HierarchicalVAE(cfg).eval()
+    net.calibrate_fixed([_pixels(4, seed=9)])
+    for module in net.modules():
+        scales = [module.scale] if isinstance(module, Stream) else \
+            [module.out_scale] if isinstance(module, Requant) or (isinstance(module, FixedConv2d) and module.relu) else []
+        for s in scales:
+            assert bool((torch.log2(s) == torch.round(torch.log2(s))).all())
+    block = net.encoder[0]
+    assert torch.equal(block.c2.in_scale, block.c1.out_scale)
+    assert torch.equal(block.entry.in_scale, net.encoder_stream.scale)
+    assert torch.equal(net.stages[2].head.in_scale, net.stages[2].head_entry.out_scale)
+    assert all(torch.equal(out, torch.floor(out)) for out in _outputs(net, _pixels(2, seed=1)))
+
+
+def test_a_float_model_cannot_code_version_6(tiny_model):
+    import vaezip
+    from vaezip.errors import ModelError
+
+    with pytest.raises(ModelError, match="fixed-point"):
+        vaezip.compress(random_pixels("RGB", 32, 32), loaded=tiny_model, version=6)
+
+
+@pytest.mark.parametrize("effort", [3, 5])
+def test_version_6_round_trips(tiny_fixed_model, tiny_fixed_gray_model, effort):
+    import vaezip
+    from vaezip.format import container
+
+    for model, mode in ((tiny_fixed_model, "RGB"), (tiny_fixed_gray_model, "L")):
+        pixels = random_pixels(mode, 80, 48, seed=effort, smooth=True)
+        data = vaezip.compress(pixels, loaded=model, effort=effort)
+        header, _ = container.unpack(data)
+        assert header.version == 6 and header.effort == effort
+        assert np.array_equal(vaezip.decompress(data, loaded=model), pixels.reshape(80, 48, -1).squeeze())
