@@ -81,12 +81,22 @@ CASES = {
 }
 EFFORT = {"rgb_kodim23_96x96": 9}
 """Cases coded at an effort other than the default (format version 5 on)."""
+EXACT_MODELS = {"photo-rgb-1": "photo-rgb-exact-1", "photo-gray-1": "photo-gray-exact-1"}
+"""Format version 6 codes with fixed-point models: the case's model there."""
+
+
+def case_model(name: str, version: int) -> str:
+    """The model a case's file of `version` names ("" for images coded without one)."""
+    model = CASES[name][1]
+    return EXACT_MODELS.get(model, model) if versions.get(version).numerics.exact else model
 
 
 def compress_case(name: str, version: int = versions.CURRENT.version) -> bytes:
-    """The case's PNG as `api.compress` codes it with `version` (at the case's effort)."""
+    """The case's PNG as `api.compress` codes it with `version` (at the case's effort) and
+    the model that version's file names."""
     effort = {"effort": EFFORT[name]} if name in EFFORT and versions.get(version).adaptation else {}
-    return api.compress(read_image(GOLDEN / f"{name}.png"), version=version, **effort)
+    model = case_model(name, version) or None
+    return api.compress(read_image(GOLDEN / f"{name}.png"), model, version=version, **effort)
 
 
 def cases(version: int) -> list[str]:
@@ -110,6 +120,12 @@ def set_items() -> list[tuple[str, Image]]:
     return items
 
 
+def set_models(version: int) -> list:
+    """The RGB and gray models the archive's images are coded with under `version`."""
+    names = [case_model(name, version) for name in ("rgb_kodim23_48x40", "gray_kodim23_48x40")]
+    return [api.load_model(name) for name in names]
+
+
 def regenerate() -> None:
     """Writes the PNGs if missing and the current version's folder."""
     folder = GOLDEN / f"v{versions.CURRENT.version}"
@@ -120,7 +136,7 @@ def regenerate() -> None:
             write_png(build(), GOLDEN / f"{name}.png")
         # Encode what the PNG reads back as, exactly as the re-encoding test does.
         (folder / f"{name}.vz").write_bytes(compress_case(name))
-    (folder / "set.vzp").write_bytes(api.pack(set_items()))
+    (folder / "set.vzp").write_bytes(api.pack(set_items(), loaded=set_models(versions.CURRENT.version)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -141,7 +157,7 @@ def test_golden_file_decodes_to_its_png(name, version):
     expected = read_image(GOLDEN / f"{name}.png")
     data = (GOLDEN / f"v{version}" / f"{name}.vz").read_bytes()
     header, _ = container.unpack(data)
-    assert header.model_name == CASES[name][1] and header.version == version
+    assert header.model_name == case_model(name, version) and header.version == version
     back = api.decompress_image(data)
     assert pixels_equal(back, expected)
     if name.startswith("rgb_strip"):
@@ -157,7 +173,7 @@ def test_high_effort_golden_file_codes_an_adaptation():
 
     version = max(VERSIONS)
     _, words = container.unpack((GOLDEN / f"v{version}" / "rgb_kodim23_96x96.vz").read_bytes())
-    config = registry.get_spec("photo-rgb-1").config
+    config = registry.get_spec(case_model("rgb_kodim23_96x96", version)).config
     adaptation = coders.pop_steps(coders.new_coder(words), adapt.adaptation_steps(config))
     assert adaptation is not None and adaptation.active
 
@@ -197,7 +213,7 @@ def test_golden_archive_unpacks_and_repacks_identically(version):
     assert [name for name, _ in back] == [name for name, _ in items]
     for (_, image), (_, expected) in zip(back, items):
         assert pixels_equal(image, expected)
-    fresh = archive.read(api.pack(items, version=version))
+    fresh = archive.read(api.pack(items, loaded=set_models(version), version=version))
     # As for .vz files, only the runtime may differ.
     assert fresh.checksum == contents.checksum
     np.testing.assert_array_equal(fresh.words, contents.words, err_msg="archive payload changed")
