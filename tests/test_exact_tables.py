@@ -91,7 +91,10 @@ def test_pixel_tables_are_close_to_the_float_ones():
     values = rng.integers(0, 256, (2000, 3))
     exact_rows = coders.normalized_rows(quantize.ExactChannelTables(q6, 0, values).coarse())
     float_rows = coders.normalized_rows(quantize.ChannelTables(q5, 0, values).coarse())
-    assert np.abs(exact_rows - float_rows).max() < 1e-4
+    assert np.abs(exact_rows - float_rows).max() < 3e-4  # t on a grid of 2**-11 scales
+    # What the difference costs: the float rows' bits coded with the exact ones, per bin.
+    kl = (float_rows * np.log2(np.maximum(float_rows, 1e-300) / exact_rows)).sum(axis=1)
+    assert kl.mean() < 2e-5  # measured 5e-6
 
 
 def test_mixture_weights_are_integer_exponentials():

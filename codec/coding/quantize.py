@@ -351,6 +351,9 @@ class ExactChannelTables:
     def __init__(self, q: QuantizedMixture, channel: int, previous: np.ndarray):
         if not (q.fmt.binned_tables and q.fmt.numerics.exact):
             raise ValueError(f"ExactChannelTables are integer tables, not version {q.fmt.version}'s")
+        lo, hi = q.mean_range
+        if max(255 * MEAN_STEPS + MEAN_STEPS // 2 - lo, hi + MEAN_STEPS // 2) >= exact.MAX_OFFSET:
+            raise ValueError(f"version {q.fmt.version}'s mean clamp puts bin edges too far from the means")
         self._q, self._channel, self._previous = q, channel, previous
         self._inputs: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -368,31 +371,32 @@ class ExactChannelTables:
         return self._inputs[key]
 
     def _cdf(self, rows: slice, first: "int | np.ndarray", stride: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Integer mixture CDF (m, count) int64 of positions `rows` at the bin edges
-        first + stride * i, i < count (`first`: one edge index or one per position), and the
-        CDF above every edge, (m,) int64 (the weights' sum << CDF_BITS)."""
+        """Integer mixture CDF (count, m) int64 (edge-major) of positions `rows` at the bin
+        edges first + stride * i, i < count (`first`: one edge index or one per position),
+        and the CDF above every edge, (m,) int64 (the weights' sum << CDF_BITS)."""
         means, scales, weights = self._inputs_of(rows)
         offsets = (MEAN_STEPS * np.asarray(first, dtype=np.int32) + MEAN_STEPS // 2) - means  # |.| < 2**16
         cdf = exact.logistic_mixture_cdf(offsets, MEAN_STEPS * stride, count, scales, weights)
         return cdf, weights.sum(axis=0) << exact.CDF_BITS
 
     def coarse(self, rows: slice = slice(None)) -> np.ndarray:
-        """(m, 256 // BIN) int64: mass of each bin (value // BIN), + 1."""
+        """(m, 256 // BIN) int64 (a transposed view): mass of each bin (value // BIN), + 1."""
         cdf, total = self._cdf(rows, BIN - 1, BIN, 256 // BIN - 1)
-        out = np.empty((len(cdf), 256 // BIN), dtype=np.int64)
-        out[:, 0] = cdf[:, 0]
-        np.subtract(cdf[:, 1:], cdf[:, :-1], out=out[:, 1:-1])
-        np.subtract(total, cdf[:, -1], out=out[:, -1])
+        out = np.empty((256 // BIN, cdf.shape[1]), dtype=np.int64)
+        out[0] = cdf[0]
+        np.subtract(cdf[1:], cdf[:-1], out=out[1:-1])
+        np.subtract(total, cdf[-1], out=out[-1])
         out += 1
-        return out
+        return out.T
 
     def fine(self, bins: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
-        """(m, BIN) int64: masses of the values of bin `bins[rows]` (value % BIN), + 1."""
+        """(m, BIN) int64 (a transposed view): masses of the values of bin `bins[rows]`
+        (value % BIN), + 1."""
         bins = bins[rows]
-        cdf, total = self._cdf(rows, BIN * bins.astype(np.int64) - 1, 1, BIN + 1)  # (m, BIN + 1)
-        cdf[bins == 0, 0] = 0  # the edges below 0 and above 255 (edge indices -1 and 255)
+        cdf, total = self._cdf(rows, BIN * bins.astype(np.int32) - 1, 1, BIN + 1)  # (BIN + 1, m)
+        cdf[0, bins == 0] = 0  # the edges below 0 and above 255 (edge indices -1 and 255)
         last = bins == 256 // BIN - 1
-        cdf[last, -1] = total[last]
-        out = np.subtract(cdf[:, 1:], cdf[:, :-1])
+        cdf[-1, last] = total[last]
+        out = np.subtract(cdf[1:], cdf[:-1])
         out += 1
-        return out
+        return out.T
