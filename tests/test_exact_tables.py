@@ -221,3 +221,26 @@ def test_version_6_codes_with_the_exact_tables():
     ans = coders.new_coder()
     coders.push_steps(ans, bitsback._subpixel_steps(Net, q, 3, values))
     np.testing.assert_array_equal(coders.pop_steps(ans, bitsback._subpixel_steps(Net, q, 3)), values)
+
+
+def test_latent_codec_takes_the_integers_of_an_on_grid_gaussian():
+    import torch
+
+    from vaezip.coding import bitsback
+    from vaezip.network.model import Gaussian
+
+    params = bitsback.CodingParams(tile=64, latent_grid=1 / 64, fmt=V6)
+    rng = np.random.default_rng(10)
+    mean_q = rng.integers(-4 * RADIUS, 4 * RADIUS + 1, (2, 3, 4, 4))
+    log_std_q = rng.integers(exact.LATENT_LOG_STD_LO, exact.LATENT_LOG_STD_HI + 1, (2, 3, 4, 4))
+    g = Gaussian(torch.from_numpy(mean_q / 4 / 64).float(), torch.from_numpy(log_std_q / 16).float())
+    got_mean, got_log_std, grid_bits = bitsback.exact_latent_params(g, params)
+    np.testing.assert_array_equal(got_mean, mean_q.reshape(-1))
+    np.testing.assert_array_equal(got_log_std, log_std_q.reshape(-1))
+    assert grid_bits == GRID_BITS
+    _round_trip(bitsback.latent_codec(g, params), rng.integers(-RADIUS, RADIUS + 1, mean_q.size))
+    off_grid = Gaussian(g.mean + 1e-4, g.log_std)
+    with pytest.raises(ValueError, match="not on the exact grid"):
+        bitsback.latent_codec(off_grid, params)
+    with pytest.raises(ValueError, match="grid 2"):
+        bitsback.latent_codec(g, bitsback.CodingParams(tile=64, latent_grid=0.02, fmt=V6))
