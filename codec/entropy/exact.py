@@ -89,6 +89,8 @@ GAUSSIAN_T_MAX = 8
 """The Gaussian CDF table covers |t| <= 8."""
 COARSE_BINS = 32
 """Bins of a latent's coarse table, between the two tails."""
+_LATENT_CHUNK = 2048
+"""Latents whose tables are built at once (bounds the temporaries, not the result)."""
 _LOG2_E_16 = 5909
 """round(2**16 / (16 ln 2)): log-std index -> log2 std, as (index * this) >> 16."""
 
@@ -322,33 +324,35 @@ class LatentTables:
     def __len__(self) -> int:
         return len(self.mean)
 
-    def _cdf(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """Gaussian CDF (int32, 2**-CDF_BITS) of latents `rows` at the edges values - 1/2
-        (values (len(rows), j) int64 grid steps)."""
-        t = LATENT_MEAN_STEPS * values - LATENT_MEAN_STEPS // 2 - self.mean[rows, None]
-        t *= self._inverse[rows, None]  # |t| < 2**(grid_bits + 6), inverse < 2**43
-        np.right_shift(t, INVERSE_SHIFT + self.grid_bits, out=t)
-        return constants().gaussian(t)
+    def _masses(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """(len(rows), j - 1) int64: Gaussian masses of latents `rows` between the edges
+        values - 1/2 (values (len(rows), j) int64 grid steps, increasing), + 1. In chunks of
+        _LATENT_CHUNK rows: the int64 temporaries stay in cache."""
+        out = np.empty((len(rows), values.shape[1] - 1), dtype=np.int64)
+        for a in range(0, len(rows), _LATENT_CHUNK):
+            part = slice(a, a + _LATENT_CHUNK)
+            t = LATENT_MEAN_STEPS * values[part] - (LATENT_MEAN_STEPS // 2) - self.mean[rows[part], None]
+            t *= self._inverse[rows[part], None]  # |t| < 2**(grid_bits + 6), inverse < 2**43
+            np.right_shift(t, INVERSE_SHIFT + self.grid_bits, out=t)
+            cdf = constants().gaussian(t)
+            np.subtract(cdf[:, 1:], cdf[:, :-1], out=out[part])
+        out += 1
+        return out
 
     def coarse(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), COARSE_BINS + 2) int64 masses: left tail, the bins, right tail."""
-        width = (1 << self.bits[rows])[:, None]
-        inner = self.lo[rows, None] + width * np.arange(COARSE_BINS + 1)
-        r = self.radius
-        edges = np.concatenate([np.full((len(rows), 1), -r), inner, np.full((len(rows), 1), r + 1)], axis=1)
-        cdf = self._cdf(rows, edges).astype(np.int64)
-        out = np.diff(cdf, axis=1)
-        out += 1
-        return out
+        edges = np.empty((len(rows), COARSE_BINS + 3), dtype=np.int64)
+        edges[:, 0] = -self.radius
+        np.add(self.lo[rows, None], (1 << self.bits[rows])[:, None] * np.arange(COARSE_BINS + 1),
+               out=edges[:, 1:-1])
+        edges[:, -1] = self.radius + 1
+        return self._masses(rows, edges)
 
     def fine(self, rows: np.ndarray, bins: np.ndarray, bits: int) -> np.ndarray:
         """(len(rows), 2**bits) int64 masses of the values in bin `bins` (1..COARSE_BINS) of
         latents `rows`, all with width 2**bits."""
         first = self.lo[rows] + ((bins - 1) << bits)
-        cdf = self._cdf(rows, first[:, None] + np.arange((1 << bits) + 1)).astype(np.int64)
-        out = np.diff(cdf, axis=1)
-        out += 1
-        return out
+        return self._masses(rows, first[:, None] + np.arange((1 << bits) + 1))
 
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, stop) (n,) each: the coarse symbols a latent can take (an empty tail cannot)."""
