@@ -244,3 +244,20 @@ def test_latent_codec_takes_the_integers_of_an_on_grid_gaussian():
         bitsback.latent_codec(off_grid, params)
     with pytest.raises(ValueError, match="grid 2"):
         bitsback.latent_codec(g, bitsback.CodingParams(tile=64, latent_grid=0.02, fmt=V6))
+
+
+def test_latent_coarse_masses_are_the_gaussian_masses_of_tails_and_bins():
+    rng = np.random.default_rng(11)
+    n = 300
+    mean_q = rng.integers(-4 * RADIUS, 4 * RADIUS + 1, n)
+    log_std = rng.integers(exact.LATENT_LOG_STD_LO, exact.LATENT_LOG_STD_HI + 1, n)
+    tables = exact.LatentTables(mean_q, log_std, GRID_BITS, RADIUS)
+    got = coders.normalized_rows(tables.coarse(np.arange(n)))
+    for i in range(n):
+        w = 1 << int(tables.bits[i])
+        lo = int(tables.lo[i])
+        edges = [-RADIUS] + [lo + j * w for j in range(exact.COARSE_BINS + 1)] + [RADIUS + 1]
+        mean, std = mean_q[i] / 4, math.exp(log_std[i] / 16) * 2**GRID_BITS
+        mass = np.array([_gaussian_mass(a - 0.5, b - 0.5, mean, std) for a, b in zip(edges, edges[1:])])
+        # t is floored onto a 2**-13 grid: each of two edges off by at most 0.4 * 2**-13.
+        np.testing.assert_allclose(got[i], mass / mass.sum(), atol=1e-4)

@@ -8,8 +8,9 @@ reaches the coder is an integer computed from integer parameters with integer op
 
 Fixed point:
   a CDF is an integer in units of 2**-CDF_BITS: a table on a t grid of 2**-TABLE_BITS,
-  linearly interpolated, rounded (latents: down, at t in units of 2**-T_BITS; pixels: onto
-  a grid of 2**-LOOKUP_BITS once, then looked up);
+  linearly interpolated onto a finer grid once (integers, rounded down), then looked up
+  at t = (offset * inverse scale) >> shift (pixels: 2**-LOOKUP_BITS, latents:
+  2**-GAUSSIAN_LOOKUP_BITS);
   mixture weights are integers, the largest exactly 2**WEIGHT_BITS (no division); a
   mixture CDF is sum_k weight_k * CDF_k in int64, below 2**52 for fewer than 64 components.
 Every row handed to `coders.categorical` is integers whose sum is below 2**53, so its
@@ -43,12 +44,8 @@ from vaezip.entropy import coders
 from vaezip.entropy.coders import AnsCoder, Codec
 from vaezip.errors import VaezipError
 
-T_BITS = 15
-"""Latents: t (a standardised offset) in units of 2**-T_BITS."""
 TABLE_BITS = 7
 """CDF tables on a t grid of 2**-TABLE_BITS."""
-FRAC_BITS = T_BITS - TABLE_BITS
-"""Bits of t below the table grid: the interpolation fraction."""
 LOOKUP_BITS = 11
 """Pixels: t in units of 2**-LOOKUP_BITS, looked up in the logistic table interpolated onto
 that grid once (one look-up an edge: as fast as float32 exp; a 1-pixel bin of the widest
@@ -64,8 +61,12 @@ MANTISSA_BITS = 15
 below 2**16 mean steps every product fits int32."""
 MAX_OFFSET = 1 << 16
 """Pixels: |edge - mean| below this many mean steps (the means' clamp keeps them below 40944)."""
-INVERSE_SHIFT = 24
-"""Latents: inverse stds are integers in units of 2**-(T_BITS + INVERSE_SHIFT) per quarter step."""
+GAUSSIAN_LOOKUP_BITS = 13
+"""Latents: t in units of 2**-13, looked up in the Gaussian table interpolated onto that grid
+(512 KB; a value of the widest std, 473 grid steps, is 17 units wide)."""
+INVERSE_SHIFT = 16
+"""Latents: inverse stds are integers in units of 2**-(GAUSSIAN_LOOKUP_BITS + INVERSE_SHIFT)
+per quarter step."""
 
 # Pixel grids (the same as `coding.quantize`'s, which checks them).
 MEAN_STEPS = 32
@@ -94,7 +95,7 @@ _LATENT_CHUNK = 2048
 _LOG2_E_16 = 5909
 """round(2**16 / (16 ln 2)): log-std index -> log2 std, as (index * this) >> 16."""
 
-TABLES_SHA256 = "3977c3c0d67e3cb09fd4c3452ca561090c9ea85bb434bfbe845007a3c99f4add"
+TABLES_SHA256 = "234c88eafb89fb9165a31a1b5bcbb6f2eebf365e9b429fabe511b6fcaea42211"
 """sha256 of the constant tables (`Constants.digest`) as this build expects them."""
 
 
@@ -124,19 +125,13 @@ class CdfTable:
         slope = np.append(np.diff(value), 0).astype(np.int32)  # the last cell is never entered
         return CdfTable(value, slope, t_max)
 
-    def __call__(self, t: np.ndarray) -> np.ndarray:
-        """CDF (int32, units 2**-CDF_BITS) at t (int64 array, units 2**-T_BITS; clobbered)."""
-        limit = self.t_max << T_BITS
-        np.clip(t, -limit, limit - 1, out=t)
-        t = t.astype(np.int32)
-        t += limit
-        cell = np.right_shift(t, FRAC_BITS)
-        np.bitwise_and(t, (1 << FRAC_BITS) - 1, out=t)  # t is now the fraction
-        out = np.take(self.slope, cell)
-        out *= t  # slope < 2**22, fraction < 2**8: below 2**31
-        np.right_shift(out, FRAC_BITS, out=out)
-        out += np.take(self.value, cell)
-        return out
+    def lookup(self, bits: int) -> np.ndarray:
+        """This table linearly interpolated onto the grid 2**-bits, rounded down, int32:
+        entry u is the CDF at t = u * 2**-bits - t_max."""
+        fine = bits - TABLE_BITS
+        u = np.arange(2 * (self.t_max << bits) + 1, dtype=np.int64)
+        cell, frac = u >> fine, u & ((1 << fine) - 1)
+        return (self.value[cell] + ((self.slope[cell].astype(np.int64) * frac) >> fine)).astype(np.int32)
 
 
 def _logistic(t: float) -> float:
@@ -153,21 +148,21 @@ class Constants:
 
     Attributes:
         logistic, gaussian: CDF tables on the 2**-TABLE_BITS grid (`CdfTable`).
-        logistic_lookup: (2 * LOGISTIC_T_MAX * 2**LOOKUP_BITS + 1,) int32: `logistic`
-            interpolated onto the 2**-LOOKUP_BITS grid (integer arithmetic, rounded down);
-            entry u is the CDF at t = u * 2**-LOOKUP_BITS - LOGISTIC_T_MAX.
+        logistic_lookup: `logistic.lookup(LOOKUP_BITS)` (integer arithmetic on `logistic`).
+        gaussian_lookup: `gaussian.lookup(GAUSSIAN_LOOKUP_BITS)`.
         logistic_mantissa, logistic_shift: (SCALE_HI - SCALE_LO + 1,) int32 each:
             exp(-log_scale) / MEAN_STEPS ~ mantissa * 2**-(LOOKUP_BITS + shift), mantissa in
             [2**(MANTISSA_BITS - 1), 2**MANTISSA_BITS): t = (offset * mantissa) >> shift.
         gaussian_inverse: (LATENT_LOG_STD_HI - LATENT_LOG_STD_LO + 1,) int64:
-            exp(-log_std) / LATENT_MEAN_STEPS in units of 2**-(T_BITS + INVERSE_SHIFT): for a
-            grid 2**-g, t = (offset in quarter steps * this) >> (INVERSE_SHIFT + g).
+            exp(-log_std) / LATENT_MEAN_STEPS in units of 2**-(GAUSSIAN_LOOKUP_BITS +
+            INVERSE_SHIFT): for a grid 2**-g, t = (offset in quarter steps * this) >> (INVERSE_SHIFT + g).
         softmax: (2 * LOGIT_LIMIT + 1,) int64: round(2**WEIGHT_BITS * exp(-i / LOGIT_STEPS)).
     """
 
     logistic: CdfTable
     gaussian: CdfTable
     logistic_lookup: np.ndarray
+    gaussian_lookup: np.ndarray
     logistic_mantissa: np.ndarray
     logistic_shift: np.ndarray
     gaussian_inverse: np.ndarray
@@ -175,20 +170,12 @@ class Constants:
 
     def digest(self) -> str:
         """sha256 of the tables computed with floats, as little-endian int64, in a fixed order
-        (`logistic_lookup` is integer arithmetic on `logistic`)."""
+        (the look-up tables are integer arithmetic on them)."""
         h = hashlib.sha256()
         for a in (self.logistic.value, self.gaussian.value, self.logistic_mantissa, self.logistic_shift,
                   self.gaussian_inverse, self.softmax):
             h.update(np.asarray(a, dtype="<i8").tobytes())
         return h.hexdigest()
-
-
-def _lookup(table: CdfTable) -> np.ndarray:
-    """`table` linearly interpolated onto the 2**-LOOKUP_BITS grid, rounded down, int32."""
-    fine = LOOKUP_BITS - TABLE_BITS
-    u = np.arange(2 * (table.t_max << LOOKUP_BITS) + 1, dtype=np.int64)
-    cell, frac = u >> fine, u & ((1 << fine) - 1)
-    return (table.value[cell] + ((table.slope[cell].astype(np.int64) * frac) >> fine)).astype(np.int32)
 
 
 def build_constants() -> Constants:
@@ -206,14 +193,16 @@ def build_constants() -> Constants:
     if shift.min() < 0 or mantissa.max() >= 1 << MANTISSA_BITS:
         raise ExactTablesError("logistic inverse scales do not fit their mantissas")
     logistic = CdfTable.of(_logistic, LOGISTIC_T_MAX)
+    gaussian = CdfTable.of(_gaussian, GAUSSIAN_T_MAX)
     return Constants(
         logistic=logistic,
-        gaussian=CdfTable.of(_gaussian, GAUSSIAN_T_MAX),
-        logistic_lookup=_lookup(logistic),
+        gaussian=gaussian,
+        logistic_lookup=logistic.lookup(LOOKUP_BITS),
+        gaussian_lookup=gaussian.lookup(GAUSSIAN_LOOKUP_BITS),
         logistic_mantissa=mantissa.astype(np.int32),
         logistic_shift=shift.astype(np.int32),
         gaussian_inverse=exps(range(LATENT_LOG_STD_LO, LATENT_LOG_STD_HI + 1), LATENT_LOG_STD_STEPS,
-                              float(1 << (T_BITS + INVERSE_SHIFT)) / LATENT_MEAN_STEPS),
+                              float(1 << (GAUSSIAN_LOOKUP_BITS + INVERSE_SHIFT)) / LATENT_MEAN_STEPS),
         softmax=exps(range(2 * LOGIT_LIMIT + 1), LOGIT_STEPS, float(1 << WEIGHT_BITS)),
     )
 
@@ -324,35 +313,43 @@ class LatentTables:
     def __len__(self) -> int:
         return len(self.mean)
 
-    def _masses(self, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """(len(rows), j - 1) int64: Gaussian masses of latents `rows` between the edges
-        values - 1/2 (values (len(rows), j) int64 grid steps, increasing), + 1. In chunks of
-        _LATENT_CHUNK rows: the int64 temporaries stay in cache."""
-        out = np.empty((len(rows), values.shape[1] - 1), dtype=np.int64)
+    def _masses(self, rows: np.ndarray, first: np.ndarray, step: np.ndarray, count: int,
+                tails: bool = False) -> np.ndarray:
+        """(len(rows), count) int64 (a transposed view): Gaussian masses of latents `rows`
+        between the edges e_i - 1/2 and e_(i+1) - 1/2, e_i = first + step * i, i <= count
+        (grid steps, (len(rows),) each), + 1; with `tails`, e_0 = -radius and e_count =
+        radius + 1 (the outer edges of the tails). Edge-major in chunks of _LATENT_CHUNK
+        latents: long numpy loops, temporaries in cache."""
+        out = np.empty((count, len(rows)), dtype=np.int64)
+        lookup = constants().gaussian_lookup
+        index = np.arange(count + 1, dtype=np.int64)[:, None]
         for a in range(0, len(rows), _LATENT_CHUNK):
-            part = slice(a, a + _LATENT_CHUNK)
-            t = LATENT_MEAN_STEPS * values[part] - (LATENT_MEAN_STEPS // 2) - self.mean[rows[part], None]
-            t *= self._inverse[rows[part], None]  # |t| < 2**(grid_bits + 6), inverse < 2**43
+            part = rows[a : a + _LATENT_CHUNK]
+            values = first[a : a + _LATENT_CHUNK] + step[a : a + _LATENT_CHUNK] * index
+            if tails:
+                values[0], values[-1] = -self.radius, self.radius + 1
+            t = LATENT_MEAN_STEPS * values - (LATENT_MEAN_STEPS // 2)  # edges in quarter steps
+            t -= self.mean[part]
+            t *= self._inverse[part]  # |t| < 2**(grid_bits + 6), inverse < 2**36
             np.right_shift(t, INVERSE_SHIFT + self.grid_bits, out=t)
-            cdf = constants().gaussian(t)
-            np.subtract(cdf[:, 1:], cdf[:, :-1], out=out[part])
+            t += GAUSSIAN_T_MAX << GAUSSIAN_LOOKUP_BITS
+            cdf = np.take(lookup, t, mode="clip")  # beyond |t| = 8: 0 or 1
+            np.subtract(cdf[1:], cdf[:-1], out=out[:, a : a + _LATENT_CHUNK])
         out += 1
-        return out
+        return out.T
 
     def coarse(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), COARSE_BINS + 2) int64 masses: left tail, the bins, right tail."""
-        edges = np.empty((len(rows), COARSE_BINS + 3), dtype=np.int64)
-        edges[:, 0] = -self.radius
-        np.add(self.lo[rows, None], (1 << self.bits[rows])[:, None] * np.arange(COARSE_BINS + 1),
-               out=edges[:, 1:-1])
-        edges[:, -1] = self.radius + 1
-        return self._masses(rows, edges)
+        width = 1 << self.bits[rows]
+        # Edges -radius, lo, lo + w, ..., lo + 32 w, radius + 1 (an empty tail's mass is
+        # 0 + 1 and never coded).
+        return self._masses(rows, self.lo[rows] - width, width, COARSE_BINS + 2, tails=True)
 
     def fine(self, rows: np.ndarray, bins: np.ndarray, bits: int) -> np.ndarray:
         """(len(rows), 2**bits) int64 masses of the values in bin `bins` (1..COARSE_BINS) of
         latents `rows`, all with width 2**bits."""
         first = self.lo[rows] + ((bins - 1) << bits)
-        return self._masses(rows, first[:, None] + np.arange((1 << bits) + 1))
+        return self._masses(rows, first, np.ones(len(rows), dtype=np.int64), 1 << bits)
 
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, stop) (n,) each: the coarse symbols a latent can take (an empty tail cannot)."""
