@@ -297,6 +297,8 @@ class LatentTables:
     def __init__(self, mean_q: np.ndarray, log_std_q: np.ndarray, grid_bits: int, radius: int):
         if 2 * radius + 1 < COARSE_BINS:
             raise ValueError(f"radius {radius} is below {COARSE_BINS // 2}")
+        if (8 * radius + 6) * int(constants().gaussian_inverse.max()) >= 1 << 63:
+            raise ValueError(f"radius {radius}: offsets times inverse stds would overflow int64")
         self.grid_bits, self.radius = int(grid_bits), int(radius)
         self.mean = np.clip(np.asarray(mean_q, dtype=np.int64).reshape(-1), -4 * radius, 4 * radius)
         self.log_std = np.clip(np.asarray(log_std_q, dtype=np.int64).reshape(-1), LATENT_LOG_STD_LO,
