@@ -182,6 +182,15 @@ def test_no_float_transcendental_at_coding_time(monkeypatch):
     mean_q = rng.integers(-4 * RADIUS, 4 * RADIUS + 1, 500)
     log_std = rng.integers(exact.LATENT_LOG_STD_LO, exact.LATENT_LOG_STD_HI + 1, 500)
     _round_trip(exact.gaussian_codec(mean_q, log_std, GRID_BITS, RADIUS), rng.integers(-RADIUS, RADIUS + 1, 500))
+    # The bits-back entry point too: a Gaussian from the network, on the grids.
+    import torch
+
+    from vaezip.coding import bitsback
+    from vaezip.network.model import Gaussian
+
+    g = Gaussian(torch.from_numpy(mean_q / 4 / 64), torch.from_numpy(log_std / 16))
+    codec = bitsback.latent_codec(g, bitsback.CodingParams(tile=64, latent_grid=1 / 64, fmt=V6))
+    _round_trip(codec, rng.integers(-RADIUS, RADIUS + 1, 500))
 
 
 def test_constant_tables_match_their_sha256():

@@ -39,6 +39,7 @@ may hold tiles of several small images and the network runs on full batches
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -102,8 +103,9 @@ def exact_latent_params(g: Gaussian, params: CodingParams) -> tuple[np.ndarray, 
         ValueError: the grid is not a power of two, or a mean or log-std is off its grid
             (the fixed-point network puts them on it exactly).
     """
-    grid_bits = -int(np.round(np.log2(params.latent_grid)))
-    if 2.0**-grid_bits != params.latent_grid:
+    mantissa, exponent = math.frexp(params.latent_grid)  # exact, no logarithm
+    grid_bits = 1 - exponent
+    if mantissa != 0.5:
         raise ValueError(f"exact latent tables need a grid 2**-b, not {params.latent_grid}")
     mean_q = _numpy64(g.mean) * (exact.LATENT_MEAN_STEPS * 2.0**grid_bits)  # exact: a power of two
     log_std_q = _numpy64(g.log_std) * exact.LATENT_LOG_STD_STEPS
