@@ -81,6 +81,6 @@ def test_lower_layers_never_import_higher_ones():
 
 def test_format_images_and_coders_load_without_torch():
     modules = [m for m in _imports() if _layer(m) < len(LAYERS) and m.split(".")[1] in TORCH_FREE]
-    assert len(modules) == 8
+    assert len(modules) == 9
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

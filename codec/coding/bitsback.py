@@ -39,6 +39,7 @@ may hold tiles of several small images and the network runs on full batches
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -47,7 +48,7 @@ import torch
 
 from vaezip.coding import calibrate, quantize
 from vaezip.coding.tiles import TileGrid, lattice_to_pixels, merge_tiles, pad_stage, split_tiles, stage_masks
-from vaezip.entropy import coders
+from vaezip.entropy import coders, exact
 from vaezip.entropy.coders import AnsCoder, Codec
 from vaezip.errors import CorruptFileError
 from vaezip.format.container import DETERMINISTIC_FLAG
@@ -82,12 +83,36 @@ def _numpy64(t: torch.Tensor) -> np.ndarray:
 def latent_codec(g: Gaussian, params: CodingParams) -> Codec:
     """Codec for latent integers k (z = k * grid) under a diagonal Gaussian.
 
-    The std is exponentiated in numpy (float64), not torch: one code path for
-    every thread count.
+    With `numerics.exact` (version 6) the Gaussian's integers (`exact_latent_params`) are
+    coded by integer tables (`exact.gaussian_codec`). Else the std is exponentiated in
+    numpy (float64), not torch: one code path for every thread count.
     """
+    if params.fmt.numerics.exact:
+        mean_q, log_std_q, grid_bits = exact_latent_params(g, params)
+        return exact.gaussian_codec(mean_q, log_std_q, grid_bits, params.radius)
     means = _numpy64(g.mean) / params.latent_grid
     stds = np.exp(_numpy64(g.log_std)) / params.latent_grid
     return coders.quantized_gaussian(means, stds, params.radius)
+
+
+def exact_latent_params(g: Gaussian, params: CodingParams) -> tuple[np.ndarray, np.ndarray, int]:
+    """The integers of a Gaussian on version 6's grids: means in quarter grid steps and
+    log-stds in 1/16 (z units), each (n,) int64, and grid_bits (grid = 2**-grid_bits).
+
+    Raises:
+        ValueError: the grid is not a power of two, or a mean or log-std is off its grid
+            (the fixed-point network puts them on it exactly).
+    """
+    mantissa, exponent = math.frexp(params.latent_grid)  # exact, no logarithm
+    grid_bits = 1 - exponent
+    if mantissa != 0.5:
+        raise ValueError(f"exact latent tables need a grid 2**-b, not {params.latent_grid}")
+    mean_q = _numpy64(g.mean) * (exact.LATENT_MEAN_STEPS * 2.0**grid_bits)  # exact: a power of two
+    log_std_q = _numpy64(g.log_std) * exact.LATENT_LOG_STD_STEPS
+    for name, a in (("mean", mean_q), ("log_std", log_std_q)):
+        if not np.array_equal(a, np.rint(a)):
+            raise ValueError(f"latent {name}s are not on the exact grid")
+    return mean_q.astype(np.int64), log_std_q.astype(np.int64), grid_bits
 
 
 def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray,
@@ -112,7 +137,8 @@ def _subpixel_steps(net: Network, q: quantize.QuantizedMixture, channels: int,
 
     Channels are autoregressive: R, then G given R, then B given R and G. Without
     `binned_tables` (version 1) each subpixel is coded with one 256-entry table; with
-    them as its bin, then its value in the bin, each in chunks of rows (`_row_chunks`).
+    them as its bin, then its value in the bin, each in chunks of rows (`_row_chunks`), by
+    integer arithmetic with `numerics.exact` (version 6, `quantize.ExactChannelTables`).
     Tables are built when a step is pushed or popped (`coders.deferred`), from the
     channels before it, which by then hold their values.
     """
@@ -122,7 +148,8 @@ def _subpixel_steps(net: Network, q: quantize.QuantizedMixture, channels: int,
         if not q.fmt.binned_tables:
             values[:, c] = yield _pmf_codec(q, c, values), true
             continue
-        tables = quantize.ChannelTables(q, c, values)
+        binned = quantize.ExactChannelTables if q.fmt.numerics.exact else quantize.ChannelTables
+        tables = binned(q, c, values)
         bins = yield _row_chunks(net, len(values), tables.coarse), None if true is None else true // quantize.BIN
         # partial, not a lambda over the loop's names: the encoder builds the tables after the loop.
         rest = yield (_row_chunks(net, len(values), functools.partial(tables.fine, bins)),

@@ -22,7 +22,9 @@ Two table layouts, fixed by the format version:
       values a mixture component instead of 255, each evaluated directly), means
       clamped to [-1024, 1279];
   version 3: as version 2, on log-scales shifted by per-batch offsets
-      (`QuantizedMixture.with_scale_offsets`, chosen in `calibrate`).
+      (`QuantizedMixture.with_scale_offsets`, chosen in `calibrate`);
+  version 6: as version 3, the tables by integer arithmetic (`ExactChannelTables`,
+      `entropy.exact`): the same integers on every machine.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Optional
 
 import numpy as np
 
+from vaezip.entropy import exact
 from vaezip.format import versions
 from vaezip.format.versions import Format
 from vaezip.network.model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
@@ -50,6 +53,9 @@ SCALE_HI = int(round(LOG_SCALE_MAX * LOG_SCALE_STEPS))
 LOGIT_LIMIT = int(round(LOGIT_RANGE * LOGIT_STEPS))
 # Offsets (in mean steps) between a bin edge and a mean that the CDF table covers.
 _EDGE_SPAN = 255 * MEAN_STEPS + (MEAN_MAX - MEAN_MIN)
+if (MEAN_STEPS, LOG_SCALE_STEPS, SCALE_LO, SCALE_HI, LOGIT_STEPS, LOGIT_LIMIT) != (
+        exact.MEAN_STEPS, exact.LOG_SCALE_STEPS, exact.SCALE_LO, exact.SCALE_HI, exact.LOGIT_STEPS, exact.LOGIT_LIMIT):
+    raise ImportError("quantize's grids and entropy.exact's differ")
 _CHUNK = 8192  # subpixels per PMF block: bounds temporary memory to ~25 MB
 
 
@@ -326,3 +332,71 @@ class ChannelTables:
         np.maximum(out, 0.0, out=out)
         out += FINE_FLOOR
         return out
+
+
+class ExactChannelTables:
+    """Version 6 probability tables of one channel: `ChannelTables`' layout (the bin, then
+    the value in the bin), built by integer arithmetic (`entropy.exact`).
+
+    Masses are int64 differences of the integer mixture CDF (`exact.logistic_mixture_cdf`,
+    units 2**-exact.CDF_BITS per unit of integer weight) at the bin edges, + 1: every
+    value keeps a nonzero mass, and a row sums to below 2**53 (exact in float64).
+    Depend only on the integers of each row, not on how rows are chunked.
+
+    Args:
+        q: version 6 parameters of n positions.
+        channel: the channel; `previous` (n, C) holds the values of the channels before it.
+    """
+
+    def __init__(self, q: QuantizedMixture, channel: int, previous: np.ndarray):
+        if not (q.fmt.binned_tables and q.fmt.numerics.exact):
+            raise ValueError(f"ExactChannelTables are integer tables, not version {q.fmt.version}'s")
+        lo, hi = q.mean_range
+        if max(255 * MEAN_STEPS + MEAN_STEPS // 2 - lo, hi + MEAN_STEPS // 2) >= exact.MAX_OFFSET:
+            raise ValueError(f"version {q.fmt.version}'s mean clamp puts bin edges too far from the means")
+        self._q, self._channel, self._previous = q, channel, previous
+        self._inputs: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _inputs_of(self, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(means in mean steps int32, log-scale indices int32, integer weights int64) of
+        `rows`, each (K, m), computed once per chunk (chunks are distinct keys: thread-safe)."""
+        key = (rows.start, rows.stop)
+        if key not in self._inputs:
+            q = self._q.rows(rows)
+            self._inputs[key] = (
+                np.ascontiguousarray(channel_means(q, self._channel, self._previous[rows]).T),
+                np.ascontiguousarray(q.log_scales[:, self._channel].T),
+                np.ascontiguousarray(exact.softmax_weights(q.logits).T),
+            )
+        return self._inputs[key]
+
+    def _cdf(self, rows: slice, first: "int | np.ndarray", stride: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Integer mixture CDF (count, m) int64 (edge-major) of positions `rows` at the bin
+        edges first + stride * i, i < count (`first`: one edge index or one per position),
+        and the CDF above every edge, (m,) int64 (the weights' sum << CDF_BITS)."""
+        means, scales, weights = self._inputs_of(rows)
+        offsets = (MEAN_STEPS * np.asarray(first, dtype=np.int32) + MEAN_STEPS // 2) - means  # |.| < 2**16
+        cdf = exact.logistic_mixture_cdf(offsets, MEAN_STEPS * stride, count, scales, weights)
+        return cdf, weights.sum(axis=0) << exact.CDF_BITS
+
+    def coarse(self, rows: slice = slice(None)) -> np.ndarray:
+        """(m, 256 // BIN) int64 (a transposed view): mass of each bin (value // BIN), + 1."""
+        cdf, total = self._cdf(rows, BIN - 1, BIN, 256 // BIN - 1)
+        out = np.empty((256 // BIN, cdf.shape[1]), dtype=np.int64)
+        out[0] = cdf[0]
+        np.subtract(cdf[1:], cdf[:-1], out=out[1:-1])
+        np.subtract(total, cdf[-1], out=out[-1])
+        out += 1
+        return out.T
+
+    def fine(self, bins: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        """(m, BIN) int64 (a transposed view): masses of the values of bin `bins[rows]`
+        (value % BIN), + 1."""
+        bins = bins[rows]
+        cdf, total = self._cdf(rows, BIN * bins.astype(np.int32) - 1, 1, BIN + 1)  # (BIN + 1, m)
+        cdf[0, bins == 0] = 0  # the edges below 0 and above 255 (edge indices -1 and 255)
+        last = bins == 256 // BIN - 1
+        cdf[-1, last] = total[last]
+        out = np.subtract(cdf[1:], cdf[:-1])
+        out += 1
+        return out.T
