@@ -1,0 +1,131 @@
+"""Portability matrix: decode files under imitated other machines, and re-encode under a few.
+
+Compresses a few images (default: 192x128 crops of kodim01 and kodim23, and a gray crop of
+kodim08) with `--model` (default: the registered model for each mode) at format `--version`
+(default: the version this build writes), in a fresh process with default settings. Then
+decodes every file in one fresh process per setting of `portability.full_matrix()`
+(oneDNN ISA caps, MKL_CBWR, numpy's dispatch switched off, ATen's capability, thread
+counts, oneDNN off, VAEZIP_EXACT_SPLIT) and, with `--aarch64-root`, in an emulated arm64
+root. It also re-encodes under `portability.encode_matrix()` and compares the bytes.
+
+Prints a markdown table (`--json` for JSON). Exit status 1 if any decode does not give the
+original pixels, or any re-encode gives other bytes.
+
+    .venv/bin/python benchmarks/portability.py [--images A.png ...] [--version 6] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import _snapshot
+
+KODAK = Path("/work/shared/data/kodak")
+CROPS = (("kodim01", "RGB"), ("kodim23", "RGB"), ("kodim08", "L"))
+CROP_SIZE = (192, 128)  # width, height
+
+
+def default_images(folder: Path) -> list[Path]:
+    """Centre crops of CROP_SIZE, as PNG files in `folder`."""
+    from PIL import Image as PILImage
+
+    paths = []
+    width, height = CROP_SIZE
+    for name, mode in CROPS:
+        with PILImage.open(KODAK / f"{name}.png") as im:
+            left, top = (im.width - width) // 2, (im.height - height) // 2
+            path = folder / f"{name}-{mode}-{width}x{height}.png"
+            im.convert(mode).crop((left, top, left + width, top + height)).save(path)
+            paths.append(path)
+    return paths
+
+
+def _cell(outcome, expected: str) -> str:
+    if outcome.status == "ok":
+        return "ok" if outcome.sha256 == expected else "**WRONG PIXELS**"
+    return "**checksum**" if outcome.status == "checksum" else f"**error**: {outcome.detail[:60]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", nargs="+", type=Path, help="default: two Kodak crops and a gray one")
+    parser.add_argument("--model", help="registered model (default: the registry's for each mode)")
+    parser.add_argument("--version", type=int, help="format version to write (default: the current one)")
+    parser.add_argument("--aarch64-root", type=Path, help="also decode in this arm64 root (docs/portability-aarch64.md)")
+    parser.add_argument("--aarch64-python", default="/opt/venv/bin/python")
+    parser.add_argument("--no-encode", action="store_true", help="skip the re-encoding check")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument("--code", choices=("head", "worktree", "installed"), default="head",
+                        help="which code to run, copied once at start (default: git HEAD); see _snapshot.py")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="vaezip-port-") as tmp:
+        tmp = Path(tmp)
+        code = _snapshot.make(args.code, tmp / "code")
+        from vaezip.evaluation import portability as port
+        from vaezip.format import versions
+        from vaezip.imaging.images import read_image
+
+        version = args.version or versions.CURRENT.version
+        images = args.images or default_images(tmp)
+        expected = {p.stem: port.pixels_sha256(read_image(p)) for p in images}
+        run = {"model": args.model, "base_env": code["env"]}
+
+        encode_settings = [port.BASELINE] + ([] if args.no_encode else port.encode_matrix()[1:])
+        encodes = port.encode_all(encode_settings, images, tmp / "vz", version=version, **run)
+        reference = [o for o in encodes if o.setting == port.BASELINE.name]
+        failed = [o for o in reference if o.status != "ok"]
+        if failed:
+            raise SystemExit(f"encoding failed: {failed[0].file}: {failed[0].detail}")
+        files = sorted((tmp / "vz" / "enc0").glob("*.vz"))
+
+        settings = port.full_matrix()
+        if args.aarch64_root:
+            settings.append(port.aarch64_setting(args.aarch64_root, args.aarch64_python))
+        decodes = []
+        for setting in settings:
+            decodes += port.run_worker(setting, "decode", files, **run)
+            print(f"{setting.name}: {', '.join(o.status for o in decodes[-len(files):])}", file=sys.stderr, flush=True)
+
+        ref_bytes = {Path(o.file).stem: o.sha256 for o in reference}
+        decode_ok = all(o.status == "ok" and o.sha256 == expected[Path(o.file).stem] for o in decodes)
+        encode_ok = all(o.status == "ok" and o.sha256 == ref_bytes[Path(o.file).stem] for o in encodes)
+        result = {
+            "benchmark": "portability",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(sys.orig_argv), "code": _snapshot.public(code), "version": version,
+            "files": {f.stem: f.stat().st_size for f in files}, "expected_pixels_sha256": expected,
+            "runtime": reference[0].runtime, "decodes": [vars(o) for o in decodes], "encodes": [vars(o) for o in encodes],
+            "all_decodes_ok": decode_ok, "all_encodes_identical": encode_ok,
+        }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0 if decode_ok and encode_ok else 1
+
+    stems = [f.stem for f in files]
+    print(f"Format version {version}; {len(files)} files; {result['date']}; runtime {reference[0].runtime}\n")
+    print("| decoded with | " + " | ".join(stems) + " |")
+    print("|---|" + "---|" * len(stems))
+    for setting in settings:
+        row = {Path(o.file).stem: o for o in decodes if o.setting == setting.name}
+        print(f"| {setting.name} | " + " | ".join(_cell(row[s], expected[s]) for s in stems) + " |")
+    if len(encode_settings) > 1:
+        print("\n| re-encoded with | " + " | ".join(stems) + " |")
+        print("|---|" + "---|" * len(stems))
+        for setting in encode_settings[1:]:
+            row = {Path(o.file).stem: o for o in encodes if o.setting == setting.name}
+            cells = ["same bytes" if row[s].sha256 == ref_bytes[s] else
+                     ("**other bytes**" if row[s].status == "ok" else f"**error**: {row[s].detail[:60]}") for s in stems]
+            print(f"| {setting.name} | " + " | ".join(cells) + " |")
+    print(f"\nAll decodes exact: {decode_ok}; all re-encodes identical: {encode_ok}. Command: `{result['command']}`")
+    return 0 if decode_ok and encode_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
