@@ -11,7 +11,7 @@ root. It also re-encodes under `portability.encode_matrix()` and compares the by
 Prints a markdown table (`--json` for JSON). Exit status 1 if any decode does not give the
 original pixels, or any re-encode gives other bytes.
 
-    .venv/bin/python benchmarks/portability.py [--images A.png ...] [--version 6] [--json]
+    .venv/bin/python benchmarks/portability.py [--images A.png ...] [--version 6] [--json] [--json-out F]
 """
 
 from __future__ import annotations
@@ -46,10 +46,39 @@ def default_images(folder: Path) -> list[Path]:
     return paths
 
 
-def _cell(outcome, expected: str) -> str:
-    if outcome.status == "ok":
-        return "ok" if outcome.sha256 == expected else "**WRONG PIXELS**"
-    return "**checksum**" if outcome.status == "checksum" else f"**error**: {outcome.detail[:60]}"
+def _cell(outcome: dict, expected: str) -> str:
+    if outcome["status"] == "ok":
+        return "ok" if outcome["sha256"] == expected else "**WRONG PIXELS**"
+    return "**checksum**" if outcome["status"] == "checksum" else f"**error**: {outcome['detail'][:60]}"
+
+
+def render(result: dict) -> str:
+    """The markdown tables of a result: decodes (setting x file), then re-encodes."""
+    expected = result["expected_pixels_sha256"]
+    stems = list(result["files"])
+    lines = [f"Format version {result['version']}; {len(stems)} files; {result['date']}; "
+             f"runtime {result['runtime']}", "", "| decoded with | " + " | ".join(stems) + " |",
+             "|---|" + "---|" * len(stems)]
+    rows: dict = {}
+    for o in result["decodes"]:
+        rows.setdefault(o["setting"], {})[Path(o["file"]).stem] = o
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row[s], expected[s]) for s in stems) + " |")
+    reference = {Path(o["file"]).stem: o["sha256"] for o in result["encodes"] if o["setting"] == "baseline"}
+    encodes: dict = {}
+    for o in result["encodes"]:
+        if o["setting"] != "baseline":
+            encodes.setdefault(o["setting"], {})[Path(o["file"]).stem] = o
+    if encodes:
+        lines += ["", "| re-encoded with | " + " | ".join(stems) + " |", "|---|" + "---|" * len(stems)]
+        for name, row in encodes.items():
+            cells = ["same bytes" if row[s]["sha256"] == reference[s] else
+                     ("**other bytes**" if row[s]["status"] == "ok" else f"**error**: {row[s]['detail'][:60]}")
+                     for s in stems]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"All decodes exact: {result['all_decodes_ok']}; all re-encodes identical: "
+              f"{result['all_encodes_identical']}. Command: `{result['command']}`"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aarch64-python", default="/opt/venv/bin/python")
     parser.add_argument("--no-encode", action="store_true", help="skip the re-encoding check")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON result here")
+    parser.add_argument("--render", type=Path, help="only print the markdown of a saved JSON result")
     parser.add_argument("--code", choices=("head", "worktree", "installed"), default="head",
                         help="which code to run, copied once at start (default: git HEAD); see _snapshot.py")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="vaezip-port-") as tmp:
         tmp = Path(tmp)
@@ -104,28 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             "runtime": reference[0].runtime, "decodes": [vars(o) for o in decodes], "encodes": [vars(o) for o in encodes],
             "all_decodes_ok": decode_ok, "all_encodes_identical": encode_ok,
         }
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return 0 if decode_ok and encode_ok else 1
-
-    stems = [f.stem for f in files]
-    print(f"Format version {version}; {len(files)} files; {result['date']}; runtime {reference[0].runtime}\n")
-    print("| decoded with | " + " | ".join(stems) + " |")
-    print("|---|" + "---|" * len(stems))
-    for setting in settings:
-        row = {Path(o.file).stem: o for o in decodes if o.setting == setting.name}
-        print(f"| {setting.name} | " + " | ".join(_cell(row[s], expected[s]) for s in stems) + " |")
-    if len(encode_settings) > 1:
-        print("\n| re-encoded with | " + " | ".join(stems) + " |")
-        print("|---|" + "---|" * len(stems))
-        for setting in encode_settings[1:]:
-            row = {Path(o.file).stem: o for o in encodes if o.setting == setting.name}
-            cells = ["same bytes" if row[s].sha256 == ref_bytes[s] else
-                     ("**other bytes**" if row[s].status == "ok" else f"**error**: {row[s].detail[:60]}") for s in stems]
-            print(f"| {setting.name} | " + " | ".join(cells) + " |")
-    print(f"\nAll decodes exact: {decode_ok}; all re-encodes identical: {encode_ok}. Command: `{result['command']}`")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1) if args.json else render(result))
     return 0 if decode_ok and encode_ok else 1
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -40,7 +40,7 @@ class Setting:
         name: column label, e.g. "ONEDNN_MAX_CPU_ISA=SSE41".
         env: variables set in the worker (all of `CONTROLLED` are cleared first).
         threads: `torch.set_num_threads` (and OMP_NUM_THREADS) in the worker; None: torch's default.
-        onednn: False: `torch.backends.mkldnn.enabled = False` before any coding.
+        onednn: False: oneDNN off before any coding, and kept off (`_force_onednn_off`).
         command: the interpreter and its prefix (e.g. ("chroot", ROOT, "/opt/venv/bin/python"));
             empty: this interpreter.
         isa_dependent: the setting changes the instruction set the float kernels use (the
@@ -80,7 +80,8 @@ def numpy_dispatched_features() -> list[str]:
 
 
 def _isa(value: str) -> Setting:
-    return Setting(f"ONEDNN_MAX_CPU_ISA={value}", (("ONEDNN_MAX_CPU_ISA", value),), isa_dependent=True)
+    # AVX2 is what `import vaezip` sets by default: the same kernels on any AVX2 CPU
+    return Setting(f"ONEDNN_MAX_CPU_ISA={value}", (("ONEDNN_MAX_CPU_ISA", value),), isa_dependent=value != "AVX2")
 
 
 def _env(key: str, value: str, isa_dependent: bool = True) -> Setting:
@@ -271,6 +272,15 @@ def _runtime() -> dict:
             "env": {k: os.environ[k] for k in CONTROLLED if k in os.environ}}
 
 
+def _force_onednn_off(torch) -> None:
+    """oneDNN off for good: `inference.coding_network` switches it per format version, so
+    later writes to `torch.backends.mkldnn.enabled` are ignored."""
+    from torch.backends import ContextProp
+
+    torch.backends.mkldnn.enabled = False
+    type(torch.backends.mkldnn).enabled = ContextProp(torch._C._get_mkldnn_enabled, lambda _: None)
+
+
 def worker(argv: Sequence[str]) -> int:
     """Entry point of a worker process: set threads and oneDNN first, then code each file,
     printing one JSON line (`Outcome` fields) per file."""
@@ -292,7 +302,7 @@ def worker(argv: Sequence[str]) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.no_onednn:
-        torch.backends.mkldnn.enabled = False
+        _force_onednn_off(torch)
     from vaezip import api
     from vaezip.errors import DecodeMismatchError
     from vaezip.imaging.images import read_image
