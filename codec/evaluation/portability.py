@@ -272,6 +272,30 @@ def _runtime() -> dict:
             "env": {k: os.environ[k] for k in CONTROLLED if k in os.environ}}
 
 
+def _network_sha256(image, path: str, args, loaded) -> str:
+    """Run the encoder half of the network (`bottom_up`) on the whole image as one tile,
+    under the numerics of format `args.version`; save the activations to
+    args.out_dir/<image name>.npz and return the sha256 of their float32 bytes. Checks a
+    machine's network arithmetic where the full codec does not run (no constriction)."""
+    import numpy as np
+    import torch
+
+    from vaezip.coding import imagecodec
+    from vaezip.format import versions
+    from vaezip.network.inference import coding_network
+
+    model = imagecodec.model_for_mode(image.mode, args.model, () if loaded is None else (loaded,))
+    fmt = versions.get(args.version or versions.CURRENT.version)
+    x = torch.from_numpy(np.ascontiguousarray(image.pixels.transpose(2, 0, 1)[None]))
+    with coding_network(model.net, fmt) as network, torch.inference_mode():
+        acts = {f"factor{k}": v.float().numpy() for k, v in network.bottom_up(x).items()}
+    np.savez(Path(args.out_dir) / f"{Path(path).stem}.npz", **acts)
+    digest = hashlib.sha256()
+    for key in sorted(acts):
+        digest.update(key.encode() + np.ascontiguousarray(acts[key], dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
 def _force_onednn_off(torch) -> None:
     """oneDNN off for good: `inference.coding_network` switches it per format version, so
     later writes to `torch.backends.mkldnn.enabled` are ignored."""
@@ -287,7 +311,7 @@ def worker(argv: Sequence[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m vaezip.evaluation.portability")
-    parser.add_argument("action", choices=("decode", "encode"))
+    parser.add_argument("action", choices=("decode", "encode", "network"))
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-onednn", action="store_true")
@@ -315,6 +339,8 @@ def worker(argv: Sequence[str]) -> int:
         try:
             if args.action == "decode":
                 row["sha256"] = pixels_sha256(api.decompress_image(Path(path).read_bytes(), loaded=loaded))
+            elif args.action == "network":
+                row["sha256"] = _network_sha256(read_image(path), path, args, loaded)
             else:
                 kwargs = {} if args.version is None else {"version": args.version}
                 data = api.compress(read_image(path), args.model, loaded=loaded, **kwargs)
