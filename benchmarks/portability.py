@@ -52,6 +52,19 @@ def _cell(outcome: dict, expected: str) -> str:
     return "**checksum**" if outcome["status"] == "checksum" else f"**error**: {outcome['detail'][:60]}"
 
 
+def _differences(reference: Path, own: Path) -> dict:
+    """How the activations a worker saved (`own`) differ from the baseline's (`reference`)."""
+    import numpy as np
+
+    if not reference.exists():
+        return {}
+    with np.load(reference) as ref, np.load(own) as new:
+        values = sum(ref[k].size for k in ref.files)
+        differ = sum(int((ref[k] != new[k]).sum()) for k in ref.files)
+        worst = max(float(np.abs(ref[k].astype(np.float64) - new[k]).max()) for k in ref.files)
+    return {"values": values, "differ": differ, "max_abs_diff": worst}
+
+
 def render(result: dict) -> str:
     """The markdown tables of a result: decodes (setting x file), then re-encodes."""
     expected = result["expected_pixels_sha256"]
@@ -75,6 +88,23 @@ def render(result: dict) -> str:
             cells = ["same bytes" if row[s]["sha256"] == reference[s] else
                      ("**other bytes**" if row[s]["status"] == "ok" else f"**error**: {row[s]['detail'][:60]}")
                      for s in stems]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("network"):
+        lines += ["", "| network (`bottom_up` activations) | " + " | ".join(stems) + " |", "|---|" + "---|" * len(stems)]
+        rows = {}
+        for o in result["network"]:
+            rows.setdefault(o["setting"], {})[Path(o["file"]).stem] = o
+        for name, row in rows.items():
+            cells = []
+            for s in stems:
+                o = row.get(s)
+                diff = (o or {}).get("runtime", {}).get("activations") or {}
+                if not o or o["status"] != "ok":
+                    cells.append(f"**error**: {(o or {}).get('detail', '?')[:60]}")
+                elif name == "baseline":
+                    cells.append(f"{diff.get('values', 0):,} values")
+                else:
+                    cells.append(f"{diff['differ']:,} differ, max {diff['max_abs_diff']:.2g}" if diff else "?")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"All decodes exact: {result['all_decodes_ok']}; all re-encodes identical: "
               f"{result['all_encodes_identical']}. Command: `{result['command']}`"]
@@ -127,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             decodes += port.run_worker(setting, "decode", files, **run)
             print(f"{setting.name}: {', '.join(o.status for o in decodes[-len(files):])}", file=sys.stderr, flush=True)
 
+        network = []
+        if args.aarch64_root:
+            network = port.encode_all([port.BASELINE, settings[-1]], images, tmp / "net", version=version,
+                                      action="network", **run)
+            for i, o in enumerate(network):
+                name = f"{Path(o.file).stem}.npz"
+                if o.status == "ok":
+                    own = tmp / "net" / f"enc{i // len(images)}" / name
+                    o.runtime["activations"] = _differences(tmp / "net" / "enc0" / name, own)
+
         ref_bytes = {Path(o.file).stem: o.sha256 for o in reference}
         decode_ok = all(o.status == "ok" and o.sha256 == expected[Path(o.file).stem] for o in decodes)
         encode_ok = all(o.status == "ok" and o.sha256 == ref_bytes[Path(o.file).stem] for o in encodes)
@@ -136,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": shlex.join(sys.orig_argv), "code": _snapshot.public(code), "version": version,
             "files": {f.stem: f.stat().st_size for f in files}, "expected_pixels_sha256": expected,
             "runtime": reference[0].runtime, "decodes": [vars(o) for o in decodes], "encodes": [vars(o) for o in encodes],
+            "network": [vars(o) for o in network],
             "all_decodes_ok": decode_ok, "all_encodes_identical": encode_ok,
         }
     if args.json_out:

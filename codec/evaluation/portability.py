@@ -223,14 +223,15 @@ def decode_all(settings: Sequence[Setting], files: Sequence[str | os.PathLike], 
 
 
 def encode_all(settings: Sequence[Setting], images: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-               version: Optional[int] = None, **kwargs) -> list[Outcome]:
-    """Encode every image under every setting into out_dir/<setting index>/ (sha256 of the bytes)."""
+               version: Optional[int] = None, action: str = "encode", **kwargs) -> list[Outcome]:
+    """Encode every image under every setting into out_dir/enc<setting index>/ (sha256 of
+    the bytes); with action "network", save the network's activations there instead."""
     outcomes = []
     for i, setting in enumerate(settings):
         folder = Path(out_dir) / f"enc{i}"
         folder.mkdir(parents=True, exist_ok=True)
         options = ["--out-dir", str(folder)] + ([] if version is None else ["--version", str(version)])
-        outcomes += run_worker(setting, "encode", images, options=options, **kwargs)
+        outcomes += run_worker(setting, action, images, options=options, **kwargs)
     return outcomes
 
 
@@ -327,7 +328,6 @@ def worker(argv: Sequence[str]) -> int:
         torch.set_num_threads(args.threads)
     if args.no_onednn:
         _force_onednn_off(torch)
-    from vaezip import api
     from vaezip.errors import DecodeMismatchError
     from vaezip.imaging.images import read_image
 
@@ -337,6 +337,8 @@ def worker(argv: Sequence[str]) -> int:
         start = time.perf_counter()
         row = {"file": path, "status": OK, "sha256": None, "detail": "", "runtime": runtime}
         try:
+            if args.action != "network":  # the network alone needs no entropy coder (constriction)
+                from vaezip import api
             if args.action == "decode":
                 row["sha256"] = pixels_sha256(api.decompress_image(Path(path).read_bytes(), loaded=loaded))
             elif args.action == "network":
