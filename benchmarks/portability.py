@@ -69,9 +69,8 @@ def render(result: dict) -> str:
     """The markdown tables of a result: decodes (setting x file), then re-encodes."""
     expected = result["expected_pixels_sha256"]
     stems = list(result["files"])
-    lines = [f"Format version {result['version']}; {len(stems)} files; {result['date']}; "
-             f"runtime {result['runtime']}", "", "| decoded with | " + " | ".join(stems) + " |",
-             "|---|" + "---|" * len(stems)]
+    header = f"Format version {result['version']}; {len(stems)} files; {result['date']}; runtime {result['runtime']}"
+    lines = [header, "", "| decoded with | " + " | ".join(stems) + " |", "|---|" + "---|" * len(stems)]
     rows: dict = {}
     for o in result["decodes"]:
         rows.setdefault(o["setting"], {})[Path(o["file"]).stem] = o
@@ -90,7 +89,8 @@ def render(result: dict) -> str:
                      for s in stems]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if result.get("network"):
-        lines += ["", "| network (`bottom_up` activations) | " + " | ".join(stems) + " |", "|---|" + "---|" * len(stems)]
+        lines += ["", "| network (`bottom_up` activations) | " + " | ".join(stems) + " |",
+                  "|---|" + "---|" * len(stems)]
         rows = {}
         for o in result["network"]:
             rows.setdefault(o["setting"], {})[Path(o["file"]).stem] = o
@@ -106,8 +106,9 @@ def render(result: dict) -> str:
                 else:
                     cells.append(f"{diff['differ']:,} differ, max {diff['max_abs_diff']:.2g}" if diff else "?")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"All decodes exact: {result['all_decodes_ok']}; all re-encodes identical: "
-              f"{result['all_encodes_identical']}. Command: `{result['command']}`"]
+    verdict = (f"All decodes exact: {result['all_decodes_ok']}; all re-encodes identical: "
+               f"{result['all_encodes_identical']}. Command: `{result['command']}`")
+    lines += ["", verdict]
     return "\n".join(lines)
 
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", nargs="+", type=Path, help="default: two Kodak crops and a gray one")
     parser.add_argument("--model", help="registered model (default: the registry's for each mode)")
     parser.add_argument("--version", type=int, help="format version to write (default: the current one)")
-    parser.add_argument("--aarch64-root", type=Path, help="also decode in this arm64 root (docs/portability-aarch64.md)")
+    parser.add_argument("--aarch64-root", type=Path,
+                        help="also decode in this arm64 root (docs/portability-aarch64.md)")
     parser.add_argument("--aarch64-python", default="/opt/venv/bin/python")
     parser.add_argument("--no-encode", action="store_true", help="skip the re-encoding check")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join(sys.orig_argv), "code": _snapshot.public(code), "version": version,
             "files": {f.stem: f.stat().st_size for f in files}, "expected_pixels_sha256": expected,
-            "runtime": reference[0].runtime, "decodes": [vars(o) for o in decodes], "encodes": [vars(o) for o in encodes],
+            "runtime": reference[0].runtime, "decodes": [vars(o) for o in decodes],
+            "encodes": [vars(o) for o in encodes],
             "network": [vars(o) for o in network],
             "all_decodes_ok": decode_ok, "all_encodes_identical": encode_ok,
         }

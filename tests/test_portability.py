@@ -14,12 +14,11 @@ import hashlib
 import importlib.util
 
 import pytest
+from conftest import random_image
 
 from vaezip.evaluation import portability
 from vaezip.format import versions
 from vaezip.imaging.images import write_png
-
-from conftest import random_image
 
 VERSIONS = (5, 6)
 EXACT_MODULES = ("vaezip.network.fixedpoint", "vaezip.entropy.exact")

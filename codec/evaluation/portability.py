@@ -201,7 +201,8 @@ def run_worker(setting: Setting, action: str, paths: Sequence[str | os.PathLike]
     cmd = _worker_cmd(setting, action, paths, model, None if model_file is None else str(model_file), options)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(setting, base_env), timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(setting, base_env),
+                              timeout=timeout, check=False)
         stdout, problem = proc.stdout, (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
     except subprocess.TimeoutExpired as exc:
         stdout, problem = exc.stdout or "", f"timed out after {timeout:.0f} s"
