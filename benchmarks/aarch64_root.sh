@@ -7,8 +7,8 @@
 #
 # The root sees /work and /tmp at the same paths (bind mounts), so the benchmark's snapshot
 # of the code (on PYTHONPATH under /tmp) and its files are the same inside and outside.
-# constriction has no aarch64 Linux wheel on PyPI: the full codec cannot run in the root;
-# the benchmark's network check (`portability` action "network") can.
+# constriction has no aarch64 Linux wheel on PyPI: the benchmark sends the root's coder calls
+# to this machine's constriction (benchmarks/constriction_rpc/).
 set -eu
 ROOT=${1:?usage: aarch64_root.sh ROOT [WHEELS]}
 WHEELS=${2:-$(dirname "$ROOT")/arm64-wheels}

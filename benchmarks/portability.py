@@ -1,12 +1,15 @@
 """Portability matrix: decode files under imitated other machines, and re-encode under a few.
 
-Compresses a few images (default: 192x128 crops of kodim01 and kodim23, and a gray crop of
-kodim08) with `--model` (default: the registered model for each mode) at format `--version`
-(default: the version this build writes), in a fresh process with default settings. Then
-decodes every file in one fresh process per setting of `portability.full_matrix()`
-(oneDNN ISA caps, MKL_CBWR, numpy's dispatch switched off, ATen's capability, thread
-counts, oneDNN off, VAEZIP_EXACT_SPLIT) and, with `--aarch64-root`, in an emulated arm64
-root. It also re-encodes under `portability.encode_matrix()` and compares the bytes.
+Compresses a few images (default: 192x128 crops of kodim01 and kodim23, a gray crop of
+kodim08, and kodim23 in 16 colours, which the plane coder codes without the network: a
+control) with `--model` (default: the registered model for each mode) at format
+`--version` (default: the version this build writes), in a fresh process with default
+settings. Then decodes every file in one fresh process per setting of
+`portability.full_matrix()` (oneDNN ISA caps, MKL_CBWR, numpy's dispatch switched off,
+ATen's capability, thread counts, oneDNN off, VAEZIP_EXACT_SPLIT) and, with
+`--aarch64-root`, in an emulated arm64 root, whose coder calls go to this machine's
+constriction (`constriction_rpc/`: PyPI has no aarch64 Linux build). It also re-encodes
+under `portability.encode_matrix()` and compares the bytes.
 
 Prints a markdown table (`--json` for JSON). Exit status 1 if any decode does not give the
 original pixels, or any re-encode gives other bytes.
@@ -17,9 +20,12 @@ original pixels, or any re-encode gives other bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import os
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +33,8 @@ from pathlib import Path
 import _snapshot
 
 KODAK = Path("/work/shared/data/kodak")
-CROPS = (("kodim01", "RGB"), ("kodim23", "RGB"), ("kodim08", "L"))
+RPC = Path(__file__).resolve().parent / "constriction_rpc"
+CROPS = (("kodim01", "RGB"), ("kodim23", "RGB"), ("kodim08", "L"), ("kodim23", "P"))
 CROP_SIZE = (192, 128)  # width, height
 
 
@@ -41,7 +48,8 @@ def default_images(folder: Path) -> list[Path]:
         with PILImage.open(KODAK / f"{name}.png") as im:
             left, top = (im.width - width) // 2, (im.height - height) // 2
             path = folder / f"{name}-{mode}-{width}x{height}.png"
-            im.convert(mode).crop((left, top, left + width, top + height)).save(path)
+            crop = im.convert("RGB").crop((left, top, left + width, top + height))
+            (crop.quantize(16) if mode == "P" else crop.convert(mode)).save(path)
             paths.append(path)
     return paths
 
@@ -56,7 +64,7 @@ def _differences(reference: Path, own: Path) -> dict:
     """How the activations a worker saved (`own`) differ from the baseline's (`reference`)."""
     import numpy as np
 
-    if not reference.exists():
+    if not (reference.exists() and own.exists()):
         return {}
     with np.load(reference) as ref, np.load(own) as new:
         values = sum(ref[k].size for k in ref.files)
@@ -99,7 +107,9 @@ def render(result: dict) -> str:
             for s in stems:
                 o = row.get(s)
                 diff = (o or {}).get("runtime", {}).get("activations") or {}
-                if not o or o["status"] != "ok":
+                if o and o["status"] == "ok" and o["sha256"] is None:
+                    cells.append("no network")
+                elif not o or o["status"] != "ok":
                     cells.append(f"**error**: {(o or {}).get('detail', '?')[:60]}")
                 elif name == "baseline":
                     cells.append(f"{diff.get('values', 0):,} values")
@@ -152,8 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted((tmp / "vz" / "enc0").glob("*.vz"))
 
         settings = port.full_matrix()
+        server = None
         if args.aarch64_root:
-            settings.append(port.aarch64_setting(args.aarch64_root, args.aarch64_python))
+            # no constriction for aarch64 Linux: its coder calls go to this machine's (constriction_rpc)
+            sock = tmp / "constriction.sock"
+            server = subprocess.Popen([sys.executable, str(RPC / "server.py"), str(sock)], stdout=subprocess.PIPE,
+                                      text=True)
+            server.stdout.readline()
+            pythonpath = os.pathsep.join([str(RPC), *filter(None, [code["env"].get("PYTHONPATH")])])
+            arm = port.aarch64_setting(args.aarch64_root, args.aarch64_python)
+            settings.append(dataclasses.replace(arm, name=f"{arm.name}, coder on x86 via RPC", env=(
+                ("PYTHONPATH", pythonpath), ("VAEZIP_CONSTRICTION_RPC", str(sock)))))
         decodes = []
         for setting in settings:
             decodes += port.run_worker(setting, "decode", files, **run)
@@ -168,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 if o.status == "ok":
                     own = tmp / "net" / f"enc{i // len(images)}" / name
                     o.runtime["activations"] = _differences(tmp / "net" / "enc0" / name, own)
+
+        if server is not None:
+            server.terminate()
+            server.wait()
 
         ref_bytes = {Path(o.file).stem: o.sha256 for o in reference}
         decode_ok = all(o.status == "ok" and o.sha256 == expected[Path(o.file).stem] for o in decodes)

@@ -274,11 +274,12 @@ def _runtime() -> dict:
             "env": {k: os.environ[k] for k in CONTROLLED if k in os.environ}}
 
 
-def _network_sha256(image, path: str, args, loaded) -> str:
+def _network_sha256(image, path: str, args, loaded) -> Optional[str]:
     """Run the encoder half of the network (`bottom_up`) on the whole image as one tile,
     under the numerics of format `args.version`; save the activations to
-    args.out_dir/<image name>.npz and return the sha256 of their float32 bytes. Checks a
-    machine's network arithmetic where the full codec does not run (no constriction)."""
+    args.out_dir/<image name>.npz and return the sha256 of their float32 bytes (None for
+    a mode the plane coder codes without the network). Checks a machine's network
+    arithmetic where the full codec does not run (no constriction)."""
     import numpy as np
     import torch
 
@@ -287,6 +288,8 @@ def _network_sha256(image, path: str, args, loaded) -> str:
     from vaezip.network.inference import coding_network
 
     model = imagecodec.model_for_mode(image.mode, args.model, () if loaded is None else (loaded,))
+    if model is None:
+        return None  # the plane coder's modes: no network
     fmt = versions.get(args.version or versions.CURRENT.version)
     x = torch.from_numpy(np.ascontiguousarray(image.pixels.transpose(2, 0, 1)[None]))
     with coding_network(model.net, fmt) as network, torch.inference_mode():
