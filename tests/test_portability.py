@@ -99,3 +99,25 @@ def test_workers_inherit_no_numerics_switch(monkeypatch):
     env = portability.worker_env(portability.Setting("x", (("MKL_CBWR", "AVX2"),)))
     assert "ONEDNN_MAX_CPU_ISA" not in env
     assert env["MKL_CBWR"] == "AVX2"
+
+
+def test_the_constriction_stand_in_changes_nothing(coded, tmp_path):
+    """benchmarks/constriction_rpc (how the aarch64 root decodes): x86 through it decodes exactly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rpc = Path(__file__).resolve().parents[1] / "benchmarks" / "constriction_rpc"
+    _, _, vz, model_file, pixels, _ = coded(5)
+    sock = tmp_path / "rpc.sock"
+    server = subprocess.Popen([sys.executable, str(rpc / "server.py"), str(sock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        setting = portability.Setting("rpc", (("PYTHONPATH", str(rpc)), ("VAEZIP_CONSTRICTION_RPC", str(sock))))
+        [outcome] = portability.run_worker(setting, "decode", [vz], model_file=model_file, timeout=120)
+    finally:
+        server.terminate()
+        server.wait()
+    assert outcome.status == portability.OK, outcome.detail
+    assert outcome.sha256 == pixels
+    assert outcome.runtime["constriction"].endswith("+rpc")

@@ -15,7 +15,7 @@ import threading
 from multiprocessing.connection import Listener
 
 sys.path.remove(sys.path[0])  # this folder holds the stand-in; the server needs the real one
-import constriction  # noqa: E402
+import constriction
 
 AUTHKEY = b"vaezip-constriction-rpc"
 _MODELS = constriction.stream.model

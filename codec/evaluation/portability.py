@@ -268,7 +268,15 @@ def _runtime() -> dict:
     import numpy as np
     import torch
 
-    return {"machine": os.uname().machine, "torch": torch.__version__, "numpy": np.__version__,
+    try:
+        import constriction
+    except ImportError:
+        coder = None
+    else:  # the RPC stand-in (benchmarks/constriction_rpc) has a __version__, the real package none
+        from importlib.metadata import version
+
+        coder = getattr(constriction, "__version__", None) or version("constriction")
+    return {"machine": os.uname().machine, "torch": torch.__version__, "numpy": np.__version__, "constriction": coder,
             "aten": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "onednn": torch.backends.mkldnn.enabled,
             "env": {k: os.environ[k] for k in CONTROLLED if k in os.environ}}
