@@ -7,7 +7,8 @@ aarch64 root). `decode_all` runs one fresh process per setting (`python -m
 vaezip.evaluation.portability decode ...`), which decodes every file and prints one JSON
 line per file: ok, checksum (the decoder's own pixel check failed), or error, and the
 sha256 of the decoded pixels. `encode_all` does the same for encoding, so equal file
-bytes show that the encoder is portable too.
+bytes show that the encoder is portable too; with action "network" it saves the network's
+activations instead, for machines where the entropy coder cannot run.
 
 Torch-free in the parent: only the worker processes import torch. Used by
 `benchmarks/portability.py` and `tests/test_portability.py`.
