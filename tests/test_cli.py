@@ -18,6 +18,7 @@ from vaezip import api
 from vaezip.cli.main import main
 from vaezip.format import container
 from vaezip.imaging.images import pixels_equal, read_image, write_png
+from vaezip.network import registry
 
 
 def _run(*args, cwd: Path | None = None):
@@ -204,7 +205,7 @@ def test_info_and_models(tmp_path, png):
     result = _run("info", png.with_name("img.png.vz"))
     _ok(result)
     assert "27x20 RGB" in result.output
-    assert "photo-rgb-1" in result.output
+    assert registry.default_model("RGB") in result.output
     assert "torch=" in result.output  # the runtime the file was written with
 
     plane = tmp_path / "p.vz"
@@ -227,7 +228,7 @@ def test_bpd_json(png):
     obj = obj[0] if isinstance(obj, list) else obj
     for key in ("model", "nelbo_bpd", "coded_bpd", "file_bpd", "iwae_bpd"):
         assert key in obj, key
-    assert obj["model"] == "photo-rgb-1"
+    assert obj["model"] == registry.default_model("RGB")
     for key in ("nelbo_bpd", "coded_bpd", "file_bpd", "iwae_bpd"):
         assert isinstance(obj[key], float) and 0 < obj[key] < 16
 
@@ -272,7 +273,7 @@ def test_compress_decompress_info_json(tmp_path):
     header, words = container.unpack(vz_files[0].read_bytes())
     assert info["file"] == str(vz_files[0]) and info["bytes"] == vz_files[0].stat().st_size
     assert (info["width"], info["height"], info["mode"], info["version"]) == (27, 20, "RGB", header.version)
-    assert info["model"] == "photo-rgb-1" and info["model_hash"] == header.model_hash.hex()
+    assert info["model"] == registry.default_model("RGB") and info["model_hash"] == header.model_hash.hex()
     assert info["tile_size"] == header.tile_size and info["batches"] == len(header.schedule)
     assert info["deterministic_batches"] == sum(1 for e in header.schedule if e & container.DETERMINISTIC_FLAG) >= 1
     assert info["payload_words"] == len(words) and info["header_bytes"] == info["bytes"] - 4 * len(words)

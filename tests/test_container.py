@@ -51,7 +51,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x05\x00",  # version
+            b"\x06\x00",  # version (the current one; 6 has 5's layout)
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_pixels
+
 from vaezip.network.fixedpoint import (
     ACCUMULATOR_BITS,
     FixedConv2d,

@@ -34,6 +34,7 @@ from vaezip.evaluation.rates import (
     render_heatmap,
     total_report,
 )
+from vaezip.network import registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -248,7 +249,7 @@ def test_cli_json_keys(small_png):
     for key in ("model", "nelbo_bpd", "coded_bpd", "file_bpd", "iwae_bpd", "startup_bpd", "discretisation_bpd",
                 "header_bpd", "kl_bpd", "kl_share"):
         assert key in obj
-    assert obj["model"] == "photo-rgb-1" and obj["samples"] == 2 and obj["image"] == str(small_png)
+    assert obj["model"] == registry.default_model("RGB") and obj["samples"] == 2 and obj["image"] == str(small_png)
 
 
 def test_cli_table_compare_and_heatmap(small_png, tmp_path):
@@ -273,7 +274,7 @@ def test_cli_dataset_spec_with_limit(tmp_path):
     assert result.exit_code == 0, result.output
     obj = json.loads(result.output)
     assert len(obj["images"]) == 3 and obj["total"]["images"] == 3
-    assert obj["images"][0]["mode"] == "L" and obj["total"]["model"] == "photo-gray-1"
+    assert obj["images"][0]["mode"] == "L" and obj["total"]["model"] == registry.default_model("L")
     assert sorted(p.name for p in tmp_path.glob("h_*.png")) == ["h_set_0.png", "h_set_1.png", "h_set_2.png"]
 
 

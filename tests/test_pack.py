@@ -174,7 +174,7 @@ def _parts(data: bytes):
     return count, table, data[22 + zsize:-4]
 
 
-def _rebuild(count: int, table: bytes, payload: bytes, version: int = versions.CURRENT.version,
+def _rebuild(count: int, table: bytes, payload: bytes, version: int = versions.NEWEST_FLOAT.version,
              magic: bytes = archive.MAGIC) -> bytes:
     packed_table = zlib.compress(table, 9)
     return _with_crc(magic + struct.pack("<HIII", version, count, len(table), len(packed_table)) + packed_table + payload)
@@ -400,7 +400,8 @@ def test_joined_images_must_share_model_and_tile(packed):
 
 @pytest.fixture(scope="module")
 def tiny_under_registry_names():
-    return {name: make_tiny_model(channels, name) for name, channels in [("photo-rgb-1", 3), ("photo-gray-1", 1)]}
+    return {name: make_tiny_model(channels, name)
+            for name, channels in [(registry.default_model("RGB"), 3), (registry.default_model("L"), 1)]}
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ give the same code (the `runtime` header field, which names the CPU dispatch, as
 
 from __future__ import annotations
 
-
 import pytest
 from conftest import random_image
 

@@ -29,8 +29,9 @@ def test_registry_is_not_empty_and_names_files_are_unique():
     assert names and len(set(names)) == len(names)
     assert len(set(files)) == len(files)
     assert {"photo-rgb-1", "photo-gray-1"} <= set(names)
-    assert registry.default_model("RGB") == "photo-rgb-1"
-    assert registry.default_model("L") == "photo-gray-1"
+    for mode in ("RGB", "L"):  # the registry's named default, a fixed-point model (format version 6)
+        assert registry.default_model(mode) == raw["defaults"][mode]
+        assert registry.get_spec(registry.default_model(mode)).config.fixed_bits is not None
     assert registry.default_model("CMYK") is None
 
 

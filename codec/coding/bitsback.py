@@ -52,7 +52,7 @@ from vaezip.entropy import coders, exact
 from vaezip.entropy.coders import AnsCoder, Codec
 from vaezip.errors import CorruptFileError
 from vaezip.format.container import DETERMINISTIC_FLAG
-from vaezip.format.versions import CURRENT, Format
+from vaezip.format.versions import NEWEST_FLOAT, Format
 from vaezip.network.inference import Network
 from vaezip.network.model import Gaussian
 
@@ -67,8 +67,9 @@ class CodingParams:
 
     tile: int
     latent_grid: float
-    fmt: Format = CURRENT
-    """Format version: which numerics and probability-table layout apply."""
+    fmt: Format = NEWEST_FLOAT
+    """Format version: which numerics and probability-table layout apply (a fixed-point
+    model codes version 6: `imagecodec.format_for`)."""
 
     @property
     def radius(self) -> int:

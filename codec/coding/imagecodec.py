@@ -83,7 +83,12 @@ def format_for(models: Sequence[Optional[registry.LoadedModel]], version: Option
     when all of them are fixed-point)."""
     if version is not None:
         return versions.get(version)
-    return versions.newest(all(getattr(m.net, "fixed", False) for m in models if m is not None))
+    kinds = {bool(getattr(m.net, "fixed", False)) for m in models if m is not None}
+    if len(kinds) > 1:
+        names = ", ".join(sorted({m.spec.name for m in models if m is not None}))
+        raise ModelError(f"models {names} mix fixed-point (format version 6) and float (version 5) networks: "
+                         "one file or archive holds one format; pick models of one kind")
+    return versions.newest(kinds != {False})
 
 
 def model_for_mode(mode: str, model: Optional[str] = None, loaded: LoadedModels = ()) -> Optional[registry.LoadedModel]:
@@ -249,16 +254,18 @@ def _check_mode(mode: str, fmt: versions.Format) -> None:
 # ---------------------------------------------------------------- one image
 
 
-def push_image(ans, img: Image, model: Optional[registry.LoadedModel], fmt: versions.Format = versions.CURRENT,
+def push_image(ans, img: Image, model: Optional[registry.LoadedModel], fmt: Optional[versions.Format] = None,
                progress: Optional[Progress] = None, effort: int = versions.DEFAULT_EFFORT):
-    """Push one image with format `fmt`, its colour planes through `model` (None: the plane
-    coder alone), at encoder `effort` (formats with `adaptation`); returns (header, coder).
+    """Push one image with format `fmt` (None: `format_for` the model), its colour planes
+    through `model` (None: the plane coder alone), at encoder `effort` (formats with
+    `adaptation`); returns (header, coder).
 
     Stack before: S (may hold earlier images, whose bits the first tiles borrow).
     After: S + the image: planes, tiles and, with `fmt.adaptation`, on top the adaptation
     of the pixel heads the tiles were coded with (the decoder needs it first). The
     returned coder replaces `ans` (roll-backs).
     """
+    fmt = fmt or format_for([model])
     _check_mode(img.mode, fmt)
     if effort != versions.DEFAULT_EFFORT and not fmt.adaptation:
         raise ValueError(f"format version {fmt.version} has no effort levels")
@@ -380,15 +387,17 @@ def _schedule_per_image(schedule: tuple[int, ...], counts: list[int]) -> list[tu
     return [tuple(s) for s in out]
 
 
-def push_tile_set(ans, imgs: Sequence[Image], model: registry.LoadedModel, fmt: versions.Format = versions.CURRENT,
+def push_tile_set(ans, imgs: Sequence[Image], model: registry.LoadedModel, fmt: Optional[versions.Format] = None,
                   progress: Optional[Progress] = None):
-    """Push images sharing `model` and tile side as one tile sequence; returns (headers, coder).
+    """Push images sharing `model` and tile side as one tile sequence (format `fmt`, None:
+    `format_for` the model); returns (headers, coder).
 
     Stack before: S. After: S + every image's plane-coded planes (in order),
     then all their model-coded tiles as one sequence (the last batch on top).
     """
     from vaezip.coding.bitsback import encode_tile_sets
 
+    fmt = fmt or format_for([model])
     for img in imgs:
         _check_mode(img.mode, fmt)
     plans = [layout(img.mode, True) for img in imgs]
