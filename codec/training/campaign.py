@@ -68,6 +68,11 @@ CAMPAIGNS = {
     # the gray model on the same bank, converted to gray (Pillow's luma) as it is read
     "gen2-gray": Campaign("gen2-gray", base_model="photo-gray-1", bank=".carry/photos-gen2.npz",
                           recipe=datasets.gen2_bank_recipe),
+    # the fixed-point photo model (format version 6) trained on: float32 on every device, since
+    # bf16 and TF32 would train other arithmetic than the exact one it codes with
+    "gen2-exact": Campaign("gen2-exact", base_model="photo-rgb-exact-1", bank=".carry/photos-gen2.npz",
+                           recipe=datasets.gen2_bank_recipe, lr=1e-4, warmup_steps=50,
+                           precision={"cuda": "fp32", "cpu": "fp32"}),
 }
 
 
