@@ -198,7 +198,7 @@ def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> li
         lattice, real = split_lattice(x), split_lattice(masks)[:, :, 0]  # (n, 4, C, h, w), (n, 4, h, w)
         for s in range(STAGES):
             raw = net.stage_raw(features, lattice, s)  # (n, P, h, w)
-            if getattr(net.model, "fixed", False):  # integers -> the float head's outputs
+            if net.model.fixed:  # integers -> the float head's outputs
                 raw = net.model.head_raw(raw)
             keep = real[:, s]
             raws[s].append(raw.permute(1, 0, 2, 3)[:, keep])

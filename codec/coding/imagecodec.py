@@ -83,7 +83,7 @@ def format_for(models: Sequence[Optional[registry.LoadedModel]], version: Option
     when all of them are fixed-point)."""
     if version is not None:
         return versions.get(version)
-    kinds = {bool(getattr(m.net, "fixed", False)) for m in models if m is not None}
+    kinds = {m.net.fixed for m in models if m is not None}
     if len(kinds) > 1:
         names = ", ".join(sorted({m.spec.name for m in models if m is not None}))
         raise ModelError(f"models {names} mix fixed-point (format version 6) and float (version 5) networks: "

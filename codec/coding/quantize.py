@@ -38,12 +38,18 @@ import numpy as np
 from vaezip.entropy import exact
 from vaezip.format import versions
 from vaezip.format.versions import Format
-from vaezip.network.model import COEFF_RANGE, LOG_SCALE_MAX, LOG_SCALE_MIN, LOGIT_RANGE, MixtureParams
+from vaezip.network.model import (
+    COEFF_RANGE,
+    COEFF_STEPS,
+    LOG_SCALE_MAX,
+    LOG_SCALE_MIN,
+    LOG_SCALE_STEPS,
+    LOGIT_RANGE,
+    LOGIT_STEPS,
+    MEAN_STEPS,
+    MixtureParams,
+)
 
-MEAN_STEPS = 32
-LOG_SCALE_STEPS = 16
-COEFF_STEPS = 4096
-LOGIT_STEPS = 8
 MEAN_MIN, MEAN_MAX = (limit * MEAN_STEPS for limit in versions.get(1).mean_range)
 """Version 1's mean clamp in mean steps: its 256-entry tables cover these means."""
 BIN = 16
@@ -53,9 +59,8 @@ SCALE_HI = int(round(LOG_SCALE_MAX * LOG_SCALE_STEPS))
 LOGIT_LIMIT = int(round(LOGIT_RANGE * LOGIT_STEPS))
 # Offsets (in mean steps) between a bin edge and a mean that the CDF table covers.
 _EDGE_SPAN = 255 * MEAN_STEPS + (MEAN_MAX - MEAN_MIN)
-if (MEAN_STEPS, LOG_SCALE_STEPS, SCALE_LO, SCALE_HI, LOGIT_STEPS, LOGIT_LIMIT) != (
-        exact.MEAN_STEPS, exact.LOG_SCALE_STEPS, exact.SCALE_LO, exact.SCALE_HI, exact.LOGIT_STEPS, exact.LOGIT_LIMIT):
-    raise ImportError("quantize's grids and entropy.exact's differ")
+if (SCALE_LO, SCALE_HI, LOGIT_LIMIT) != (exact.SCALE_LO, exact.SCALE_HI, exact.LOGIT_LIMIT):
+    raise ImportError("quantize's parameter ranges and entropy.exact's differ")
 _CHUNK = 8192  # subpixels per PMF block: bounds temporary memory to ~25 MB
 
 

@@ -68,7 +68,7 @@ INVERSE_SHIFT = 16
 """Latents: inverse stds are integers in units of 2**-(GAUSSIAN_LOOKUP_BITS + INVERSE_SHIFT)
 per quarter step."""
 
-# Pixel grids (the same as `coding.quantize`'s, which checks them).
+# Pixel grids (the network's heads and `coding.quantize` use these; quantize checks the ranges).
 MEAN_STEPS = 32
 """Pixel means and bin edges in units of 1/MEAN_STEPS pixel."""
 LOG_SCALE_STEPS = 16

@@ -90,13 +90,21 @@ def _clamp_rows(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Te
     return torch.maximum(torch.minimum(x, hi.view(shape)), lo.view(shape))
 
 
+def _folded(weight: torch.Tensor, bias: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor,
+            out_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias with the scales folded in (input integers -> output units), in the
+    weight's dtype: w * out_scale / in_scale and b * out_scale + out_offset."""
+    ratio = (out_scale[:, None] / in_scale[None, :]).to(weight.dtype)[:, :, None, None]
+    return weight * ratio, bias * out_scale.to(bias.dtype) + out_offset.to(bias.dtype)
+
+
 def integer_weights(weight: torch.Tensor, bias: torch.Tensor, in_scale: torch.Tensor, in_max: torch.Tensor,
                     out_scale: torch.Tensor, out_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The integer weights, bias and grid exponent of a fixed-point convolution.
 
-    Output channel c computes floor(sum_i W[c, i] * x_i + B[c]) * 2^-k[c] ... precisely:
+    Output channel c computes floor(2^-k[c] * (sum_i W[c, i] * x_i + B[c])) with
     W = rint(w * out_scale / in_scale * 2^k), B = rint((b * out_scale + out_offset) * 2^k),
-    both integers, with the largest k <= `MAX_WEIGHT_SHIFT` for which
+    both integers, and the largest k <= `MAX_WEIGHT_SHIFT` for which
     sum |W[c]| * in_max + |B[c]| < 2^24, checked in int64.
 
     Args:
@@ -108,9 +116,8 @@ def integer_weights(weight: torch.Tensor, bias: torch.Tensor, in_scale: torch.Te
         W (cout, cin, kh, kw) and B (cout,) as float64 integers, k (cout,) int64.
     """
     with torch.no_grad():
-        ratio = out_scale.double()[:, None] / in_scale.double()[None, :]
-        real_w = weight.detach().double() * ratio[:, :, None, None]
-        real_b = bias.detach().double() * out_scale.double() + out_offset.double()
+        real_w, real_b = _folded(weight.detach().double(), bias.detach().double(), in_scale.double(),
+                                 out_scale.double(), out_offset.double())
         load = (real_w.abs() * in_max.double()[None, :, None, None]).flatten(1).sum(1) + real_b.abs()
         _, exponent = torch.frexp(load)  # load < 2^exponent
         k = (ACCUMULATOR_BITS - 1 - exponent.long()).clamp(max=MAX_WEIGHT_SHIFT)
@@ -163,7 +170,7 @@ class FixedConv2d(nn.Conv2d):
 
     def _key(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in (self.weight, self.bias, self.in_scale, self.in_max,
-                                                          self.out_scale, self.out_offset))
+                                                          self.out_scale, self.out_offset, self.out_lo, self.out_hi))
 
     def exact_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W * 2^-k, B * 2^-k, k) as float32, float32, int64 (`integer_weights`), cached."""
@@ -202,9 +209,7 @@ class FixedConv2d(nn.Conv2d):
         """The exact parameters with gradients to the float ones (straight through the rounding)."""
         _, _, k = integer_weights(self.weight, self.bias, self.in_scale, self.in_max, self.out_scale, self.out_offset)
         step = torch.pow(torch.tensor(2.0, dtype=torch.float64, device=k.device), k.double())
-        ratio = (self.out_scale[:, None] / self.in_scale[None, :]).float()[:, :, None, None]
-        real_w = self.weight * ratio
-        real_b = self.bias * self.out_scale.float() + self.out_offset.float()
+        real_w, real_b = _folded(self.weight, self.bias, self.in_scale, self.out_scale, self.out_offset)
         w = real_w + ((torch.round(real_w.detach().double() * step[:, None, None, None]) / step[:, None, None, None])
                       .float() - real_w).detach()
         b = real_b + ((torch.round(real_b.detach().double() * step) / step).float() - real_b).detach()

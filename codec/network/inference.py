@@ -206,7 +206,7 @@ def coding_network(model: HierarchicalVAE, fmt: Format, workers: Optional[int] =
     threads meanwhile.
     """
     numerics = fmt.numerics
-    if numerics.exact != bool(getattr(model, "fixed", False)):
+    if numerics.exact != model.fixed:
         kind = "a fixed-point" if numerics.exact else "a float"
         raise ModelError(f"format version {fmt.version} codes with {kind} model; this one is not")
     if numerics.exact:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaezip.entropy.exact import LATENT_LOG_STD_STEPS, LATENT_MEAN_STEPS, LOG_SCALE_STEPS, LOGIT_STEPS, MEAN_STEPS
 from vaezip.format import versions
 from vaezip.network.config import ModelConfig
 from vaezip.network.fixedpoint import FixedConv2d, Requant, Stream, calibrating, is_calibrating, power_of_two_scale
@@ -42,14 +43,15 @@ LATENT_LOG_STD_MAX = 2.0
 LATENT_RANGE = 8.0
 """Latents are coded in [-LATENT_RANGE, LATENT_RANGE] (`bitsback.CodingParams.radius`)."""
 # Integer grids of the pixel-likelihood parameters (steps per unit), used by coding
-# (`coding.quantize`) and produced directly by a fixed-point model's heads.
-MEAN_STEPS = 32
-LOG_SCALE_STEPS = 16
+# (`coding.quantize`) and produced directly by a fixed-point model's heads; the others
+# (means, log-scales, logits, latent Gaussians) are `entropy.exact`'s.
 COEFF_STEPS = 4096
-LOGIT_STEPS = 8
-# A fixed-point model's latent Gaussians: means in quarter grid steps, log-stds in 1/16.
-LATENT_MEAN_STEPS_PER_GRID = 4
-LATENT_LOG_STD_STEPS = 16
+
+
+def latent_units(latent_grid: float) -> tuple[float, float]:
+    """A fixed-point model's latent Gaussians: integers per unit of a mean (quarter grid
+    steps) and of a log-std (1/16), the grids `entropy.exact` codes them on."""
+    return LATENT_MEAN_STEPS / latent_grid, float(LATENT_LOG_STD_STEPS)
 
 # Order of the 2x2 sub-lattice positions (row, col): diagonals first, so the
 # later stages see neighbours on all four sides.
@@ -149,7 +151,7 @@ class Block(nn.Module):
 class TopDownGroup(nn.Module):
     """Prior p(z_g | z_<g), posterior q(z_g | z_<g, x) and the update of the decoder state."""
 
-    def __init__(self, width: int, mid: int, zdim: int, act_bits: Optional[int] = None):
+    def __init__(self, width: int, mid: int, zdim: int, act_bits: Optional[int] = None, latent_grid: float = 1.0):
         super().__init__()
         self.zdim = zdim
         self.fixed = act_bits is not None
@@ -158,17 +160,13 @@ class TopDownGroup(nn.Module):
         self.z_proj = _conv(zdim, width, 1, self.fixed)
         self.z_proj.weight.data.mul_(0.1)
         self.out = Block(width, mid, width, act_bits=act_bits)
-        self.latent_grid = 1.0  # set by the model: z arrives on this grid (fixed-point only)
-
-    def _gaussian_units(self) -> tuple[float, float]:
-        """Fixed-point: integers per unit of a latent mean and of a log-std."""
-        return LATENT_MEAN_STEPS_PER_GRID / self.latent_grid, float(LATENT_LOG_STD_STEPS)
+        self.latent_grid = latent_grid  # fixed-point only: z arrives on this grid
 
     def prior_params(self, h: torch.Tensor) -> tuple[Gaussian, torch.Tensor]:
         out = self.prior(h)
         mean, log_std, feat = out[:, : self.zdim], out[:, self.zdim : 2 * self.zdim], out[:, 2 * self.zdim :]
         if self.fixed and not is_calibrating():  # integers on the Gaussians' grids, clamped by the layer
-            mean_unit, log_std_unit = self._gaussian_units()
+            mean_unit, log_std_unit = latent_units(self.latent_grid)
             return Gaussian(mean / mean_unit, log_std / log_std_unit), feat
         return Gaussian(mean, log_std.clamp(LATENT_LOG_STD_MIN, LATENT_LOG_STD_MAX)), feat
 
@@ -176,7 +174,7 @@ class TopDownGroup(nn.Module):
         delta = self.posterior(torch.cat([h, act], dim=1))
         d_mean, d_log_std = delta[:, : self.zdim], delta[:, self.zdim :]
         if self.fixed and not is_calibrating():  # sums of numbers on the same grids: exact
-            mean_unit, log_std_unit = self._gaussian_units()
+            mean_unit, log_std_unit = latent_units(self.latent_grid)
             d_mean, d_log_std = d_mean / mean_unit, d_log_std / log_std_unit
         mean = prior.mean + d_mean
         if self.fixed:
@@ -377,9 +375,8 @@ class HierarchicalVAE(nn.Module):
         self.groups = [GroupSpec(f, zdim) for f, n, zdim in config.latent_scales for _ in range(n)]
         active = config.active_latents or (None,) * len(self.groups)
         self.active = [None if a is None else list(a) for a in active]
-        self.decoder = nn.ModuleList([TopDownGroup(w, mid, g.channels, act_bits) for g in self.groups])
-        for group in self.decoder:
-            group.latent_grid = config.latent_grid
+        self.decoder = nn.ModuleList([TopDownGroup(w, mid, g.channels, act_bits, config.latent_grid)
+                                      for g in self.groups])
         self.top_bias = nn.Parameter(torch.zeros(1, w, 1, 1))
         self.to_pixels = _conv(w, 4 * config.pixel_width, 1, self.fixed)
         self.stages = nn.ModuleList([PixelStage(config, s) for s in range(4)])
@@ -566,7 +563,7 @@ class HierarchicalVAE(nn.Module):
         self.stem.set_output(enc.scale, -stream, stream)
         for block in self.encoder:
             _wire_block(block, enc.scale, enc.scale, -stream, stream, act_bits)
-        mean_unit, log_std_unit = LATENT_MEAN_STEPS_PER_GRID / cfg.latent_grid, float(LATENT_LOG_STD_STEPS)
+        mean_unit, log_std_unit = latent_units(cfg.latent_grid)
         mean_limit = LATENT_RANGE * mean_unit
         std_lo, std_hi = LATENT_LOG_STD_MIN * log_std_unit, LATENT_LOG_STD_MAX * log_std_unit
         for group in self.decoder:
