@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import random_pixels
 
+from vaezip.network import fixedpoint
 from vaezip.network.fixedpoint import (
     ACCUMULATOR_BITS,
     FixedConv2d,
@@ -104,7 +105,11 @@ def test_same_integers_under_every_kernel_thread_count_and_split(tiny_fixed_mode
         torch.set_num_threads(threads)
         for got, want in zip(_outputs(net, x.contiguous(memory_format=torch.channels_last)), reference):
             assert torch.equal(got, want)
+        fixedpoint.CODING_LAYOUT = torch.contiguous_format  # NCHW kernels, not coding's channels-last
+        for got, want in zip(_outputs(net, x), reference):
+            assert torch.equal(got, want)
     finally:
+        fixedpoint.CODING_LAYOUT = torch.channels_last
         torch.set_num_threads(threads)
         torch.backends.mkldnn.enabled = onednn
 

@@ -39,7 +39,14 @@ def deferred(build: Callable[[], Codec]) -> Codec:
 
 
 def normalized_rows(probabilities: np.ndarray) -> np.ndarray:
-    """(n, K) float64 C-contiguous rows summing to 1, from non-negative rows with positive sums."""
+    """(n, K) float64 C-contiguous rows summing to 1, from non-negative rows with positive sums.
+
+    Integer rows (format 6's tables) must sum to below 2**53: their sums are then exact in any
+    order, so they are summed in int64 and each entry is divided once, without a float copy
+    first (the same numbers, faster on the tables' transposed views)."""
+    if np.issubdtype(probabilities.dtype, np.integer):
+        sums = probabilities.sum(axis=1, dtype=np.int64).astype(np.float64)
+        return np.divide(probabilities, sums[:, None], out=np.empty(probabilities.shape, dtype=np.float64))
     rows = np.array(probabilities, dtype=np.float64, order="C")
     rows /= rows.sum(axis=1, keepdims=True)
     return rows
