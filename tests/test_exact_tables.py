@@ -115,6 +115,28 @@ def test_latent_round_trip_every_std(log_std):
     _round_trip(exact.gaussian_codec(mean_q, np.full(n, log_std), GRID_BITS, RADIUS), k)
 
 
+@pytest.mark.parametrize("grid_bits, radius", [(GRID_BITS, RADIUS), (4, 128), (8, 2048)])
+def test_latent_rows_from_the_centred_tables_are_the_computed_ones(grid_bits, radius):
+    """`normalized_coarse`/`normalized_fine` take most rows from tables computed once; every
+    row must be the number the per-latent computation gives (means near the radius, every
+    std, tails inside and beyond the CDF table)."""
+    rng = np.random.default_rng(11)
+    n = 6000
+    mean_q = rng.integers(-4 * radius - 8, 4 * radius + 9, n)
+    mean_q[: n // 2] = rng.integers(-40, 41, n // 2)  # centred bins
+    log_std = rng.integers(exact.LATENT_LOG_STD_LO - 4, exact.LATENT_LOG_STD_HI + 5, n)
+    tables = exact.LatentTables(mean_q, log_std, grid_bits, radius)
+    assert 0 < tables._centred.mean() < 1 and 0 < tables._far_tails.mean() < 1  # both paths run
+    for rows, start, stop in tables.coarse_groups():
+        np.testing.assert_array_equal(tables.normalized_coarse(rows, start, stop),
+                                      coders.normalized_rows(tables.coarse(rows)[:, start:stop]))
+    coarse = rng.integers(1, exact.COARSE_BINS + 1, n)
+    for rows, kind, size in tables.steps(coarse):
+        if kind == "bin":
+            np.testing.assert_array_equal(tables.normalized_fine(rows, coarse[rows], size),
+                                          coders.normalized_rows(tables.fine(rows, coarse[rows], size)))
+
+
 def test_latent_pop_from_any_stack_gives_valid_latents():
     """Bits-back pops latents from arbitrary bits: each is in range and pushes back exactly."""
     rng = np.random.default_rng(5)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import numpy as np
@@ -277,6 +277,63 @@ def logistic_mixture_cdf(offsets: np.ndarray, stride: int, count: int, scale_ind
 # ---- latents: discretised Gaussians ------------------------------------------------------
 
 
+def _edge_cdf(values: np.ndarray, mean: np.ndarray, inverse: np.ndarray, grid_bits: int) -> np.ndarray:
+    """Gaussian CDFs (int32, units of 2**-CDF_BITS) at the edges `values` - 1/2 (grid steps,
+    int64) of latents with integer means (quarter steps) and inverse stds (`Constants.gaussian_inverse`),
+    all broadcast together: t = ((4 * value - 2 - mean) * inverse) >> (INVERSE_SHIFT + grid_bits),
+    looked up in the Gaussian table (beyond |t| = 8: 0 or 1)."""
+    t = LATENT_MEAN_STEPS * values - (LATENT_MEAN_STEPS // 2)  # edges in quarter steps
+    t = t - mean
+    t *= inverse  # |t| < 2**(grid_bits + 6), inverse < 2**36
+    np.right_shift(t, INVERSE_SHIFT + grid_bits, out=t)
+    t += GAUSSIAN_T_MAX << GAUSSIAN_LOOKUP_BITS
+    return np.take(constants().gaussian_lookup, t, mode="clip")
+
+
+@dataclass(frozen=True)
+class CentredTables:
+    """The normalised latent tables of every (log-std, mean mod 4) whose bins are centred on the
+    mean (`LatentTables`: `lo` not clipped): relative to the bins, the edges then depend on
+    nothing else, so these rows are computed once, not per latent. Same arithmetic as
+    `LatentTables._masses` and `coders.normalized_rows`, so the same float64 numbers.
+
+    coarse: (log-std indices, 4, COARSE_BINS + 2) float64, for tails whose outer edges lie
+        beyond the CDF table (CDF 0 and 1 there).
+    fine: bits -> (first log-std index with these bits, (indices, 4, COARSE_BINS, 2**bits) float64).
+    """
+
+    coarse: np.ndarray
+    fine: dict
+
+
+@lru_cache(maxsize=4)
+def centred_tables(grid_bits: int, radius: int) -> CentredTables:
+    """`CentredTables` of latents on a grid of 2**-grid_bits within [-radius, radius]."""
+    log_std = np.arange(LATENT_LOG_STD_LO, LATENT_LOG_STD_HI + 1, dtype=np.int64)
+    max_bits = ((2 * radius + 1) // COARSE_BINS).bit_length() - 1
+    bits = np.clip(((log_std * _LOG2_E_16) >> 16) + grid_bits, 0, max_bits)
+    inverse = constants().gaussian_inverse[:, None, None]
+    mean = np.arange(4, dtype=np.int64)[None, :, None]  # the mean mod 4 (quarter steps)
+    lo = ((mean + 2) >> 2) - ((COARSE_BINS << bits) >> 1)[:, None, None]
+    width = (1 << bits)[:, None, None]
+
+    def normalized(cdf: np.ndarray) -> np.ndarray:
+        masses = np.diff(cdf.astype(np.int64), axis=-1) + 1
+        return masses / masses.sum(axis=-1, keepdims=True).astype(np.float64)
+
+    inner = _edge_cdf(lo + width * np.arange(COARSE_BINS + 1), mean, inverse, grid_bits)
+    shape = inner.shape[:-1] + (1,)
+    coarse = normalized(np.concatenate([np.zeros(shape, np.int64), inner, np.full(shape, 1 << CDF_BITS)], axis=-1))
+    fine = {}
+    for b in np.unique(bits[bits > 0]):
+        b = int(b)
+        rows = np.flatnonzero(bits == b)  # consecutive: bits grows with the log-std
+        first = (lo[rows] + ((np.arange(COARSE_BINS) << b)[None, None, :]))[..., None]
+        edges = first + np.arange((1 << b) + 1)
+        fine[b] = (int(rows[0]), normalized(_edge_cdf(edges, mean[..., None], inverse[rows][..., None], grid_bits)))
+    return CentredTables(coarse, fine)
+
+
 class LatentTables:
     """The integer tables of n latents k in [-radius, radius] on a grid of 2**-grid_bits.
 
@@ -323,19 +380,13 @@ class LatentTables:
         radius + 1 (the outer edges of the tails). Edge-major in chunks of _LATENT_CHUNK
         latents: long numpy loops, temporaries in cache."""
         out = np.empty((count, len(rows)), dtype=np.int64)
-        lookup = constants().gaussian_lookup
         index = np.arange(count + 1, dtype=np.int64)[:, None]
         for a in range(0, len(rows), _LATENT_CHUNK):
             part = rows[a : a + _LATENT_CHUNK]
             values = first[a : a + _LATENT_CHUNK] + step[a : a + _LATENT_CHUNK] * index
             if tails:
                 values[0], values[-1] = -self.radius, self.radius + 1
-            t = LATENT_MEAN_STEPS * values - (LATENT_MEAN_STEPS // 2)  # edges in quarter steps
-            t -= self.mean[part]
-            t *= self._inverse[part]  # |t| < 2**(grid_bits + 6), inverse < 2**36
-            np.right_shift(t, INVERSE_SHIFT + self.grid_bits, out=t)
-            t += GAUSSIAN_T_MAX << GAUSSIAN_LOOKUP_BITS
-            cdf = np.take(lookup, t, mode="clip")  # beyond |t| = 8: 0 or 1
+            cdf = _edge_cdf(values, self.mean[part], self._inverse[part], self.grid_bits)
             np.subtract(cdf[1:], cdf[:-1], out=out[:, a : a + _LATENT_CHUNK])
         out += 1
         return out.T
@@ -353,6 +404,51 @@ class LatentTables:
         first = self.lo[rows] + ((bins - 1) << bits)
         return self._masses(rows, first, np.ones(len(rows), dtype=np.int64), 1 << bits)
 
+    @cached_property
+    def _centred(self) -> np.ndarray:
+        """(n,) bool: the latent's bins are centred on its mean (`lo` not clipped at the radius)."""
+        return self.lo == ((self.mean + 2) >> 2) - ((COARSE_BINS << self.bits) >> 1)
+
+    @cached_property
+    def _far_tails(self) -> np.ndarray:
+        """(n,) bool: the CDF is 0 at -radius - 1/2 and 1 at radius + 1/2, and neither tail is
+        empty: the coarse masses are those of `_CentredTables` (every value in the table's reach)."""
+        edges = np.array([[-self.radius], [self.radius + 1]], dtype=np.int64)
+        cdf = _edge_cdf(edges + np.zeros_like(self.mean), self.mean, self._inverse, self.grid_bits)
+        return (cdf[0] == 0) & (cdf[1] == 1 << CDF_BITS) & (self.left > 0) & (self.right > 0)
+
+    def normalized_coarse(self, rows: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """`coders.normalized_rows(self.coarse(rows)[:, start:stop])`, the same numbers: rows of
+        centred latents with far tails come from tables computed once (`centred_tables`)."""
+        if (start, stop) != (0, COARSE_BINS + 2):
+            return coders.normalized_rows(self.coarse(rows)[:, start:stop])
+        fast = self._centred[rows] & self._far_tails[rows]
+        table = centred_tables(self.grid_bits, self.radius).coarse
+        return self._combine(rows, fast, lambda r: table[self.log_std[r] - LATENT_LOG_STD_LO, self.mean[r] & 3],
+                             lambda r: coders.normalized_rows(self.coarse(r)))
+
+    def normalized_fine(self, rows: np.ndarray, bins: np.ndarray, bits: int) -> np.ndarray:
+        """`coders.normalized_rows(self.fine(rows, bins, bits))`, the same numbers (centred
+        latents' rows from `centred_tables`)."""
+        first, table = centred_tables(self.grid_bits, self.radius).fine[bits]
+        place = np.zeros(len(self), dtype=np.int64)
+        place[rows] = bins - 1
+        return self._combine(rows, self._centred[rows],
+                             lambda r: table[self.log_std[r] - LATENT_LOG_STD_LO - first, self.mean[r] & 3, place[r]],
+                             lambda r: coders.normalized_rows(self.fine(r, place[r] + 1, bits)))
+
+    @staticmethod
+    def _combine(rows: np.ndarray, fast: np.ndarray, from_table: Callable, computed: Callable) -> np.ndarray:
+        """Rows `rows` from `from_table(rows[fast])` and `computed(rows[~fast])`, in order."""
+        if fast.all():
+            return from_table(rows)
+        if not fast.any():
+            return computed(rows)
+        first = from_table(rows[fast])
+        out = np.empty((len(rows), first.shape[1]), dtype=np.float64)
+        out[fast], out[~fast] = first, computed(rows[~fast])
+        return out
+
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, stop) (n,) each: the coarse symbols a latent can take (an empty tail cannot)."""
         return (self.left == 0).astype(np.int64), COARSE_BINS + 1 + (self.right > 0)
@@ -365,7 +461,8 @@ class LatentTables:
         inner = k - self.lo
         span = COARSE_BINS << self.bits
         coarse = np.where(inner < 0, 0, np.where(inner >= span, COARSE_BINS + 1, 1 + (inner >> self.bits)))
-        place = np.where(inner < 0, k + self.radius, np.where(inner >= span, inner - span, inner & ((1 << self.bits) - 1)))
+        in_bin = inner & ((1 << self.bits) - 1)
+        place = np.where(inner < 0, k + self.radius, np.where(inner >= span, inner - span, in_bin))
         return coarse, place
 
     def join(self, coarse: np.ndarray, place: np.ndarray) -> np.ndarray:
@@ -402,11 +499,11 @@ class LatentTables:
         coarse, place = self.split(k)
         out = np.zeros(len(self))
         for rows, start, stop in self.coarse_groups():
-            p = coders.normalized_rows(self.coarse(rows)[:, start:stop])
+            p = self.normalized_coarse(rows, start, stop)
             out[rows] -= np.log2(p[np.arange(len(rows)), coarse[rows] - start])
         for rows, kind, size in self.steps(coarse):
             if kind == "bin":
-                p = coders.normalized_rows(self.fine(rows, coarse[rows], size))
+                p = self.normalized_fine(rows, coarse[rows], size)
                 out[rows] -= np.log2(p[np.arange(len(rows)), place[rows]])
             else:
                 out[rows] += np.log2(size)
@@ -422,22 +519,25 @@ def gaussian_codec(mean_q: np.ndarray, log_std_q: np.ndarray, grid_bits: int, ra
     """
     tables = LatentTables(mean_q, log_std_q, grid_bits, radius)
 
+    def first(rows: np.ndarray, start: int, stop: int) -> Codec:
+        return coders.categorical(tables.normalized_coarse(rows, start, stop), normalized=True)
+
     def second(rows: np.ndarray, kind: str, size: int, coarse: np.ndarray) -> Codec:
         if kind == "tail":
             return coders.uniform(size, len(rows))
-        return coders.categorical(tables.fine(rows, coarse[rows], size))
+        return coders.categorical(tables.normalized_fine(rows, coarse[rows], size), normalized=True)
 
     def push(ans: AnsCoder, k: np.ndarray) -> None:
         coarse, place = tables.split(k)
         for rows, kind, size in reversed(tables.steps(coarse)):  # last-in first-out
             second(rows, kind, size, coarse).push(ans, place[rows])
         for rows, start, stop in reversed(tables.coarse_groups()):
-            coders.categorical(tables.coarse(rows)[:, start:stop]).push(ans, coarse[rows] - start)
+            first(rows, start, stop).push(ans, coarse[rows] - start)
 
     def pop(ans: AnsCoder) -> np.ndarray:
         coarse = np.zeros(len(tables), dtype=np.int64)
         for rows, start, stop in tables.coarse_groups():
-            coarse[rows] = coders.categorical(tables.coarse(rows)[:, start:stop]).pop(ans) + start
+            coarse[rows] = first(rows, start, stop).pop(ans) + start
         place = np.zeros(len(tables), dtype=np.int64)
         for rows, kind, size in tables.steps(coarse):
             place[rows] = second(rows, kind, size, coarse).pop(ans)
