@@ -1,22 +1,26 @@
-"""Where the time of one compress / decompress goes: start-up, network, tables, ANS.
+"""Where the time of compress and decompress goes, for (model, format version) runs side by side.
 
-Times, in one process: the imports (vaezip and torch), the model load, then a cold and a
-warm `vaezip.compress` and `vaezip.decompress` of one image, and for the warm runs the
-wall time spent in each phase, measured by wrapping the functions that do the work:
+In one process (models loaded and each run warmed up off the clock), `--reps` rounds of
+compressing and decompressing every image with every run, the runs in alternating order
+(the shared 2 cores drift by several per cent within minutes: compare runs of one round,
+not of separate processes). Each call's wall time is split into phases by wrapping the
+functions that do the work:
 
-  network   `inference.Network.bottom_up`, `top_down` (which includes the latent
-            pops and pushes its chooser does), `posteriors`, `stage_params`;
-  offsets   the encoder's search for format version 3's scale offsets
-            (`calibrate.choose_offsets`);
-  tables    waiting for `inference.Network.row_tables`: the probability tables are
-            built in the thread pool while the pixels of earlier chunks are coded, so
-            this is only the part of their time that coding does not hide;
-  ANS       constriction's encode/decode calls for the pixels;
+  network   `inference.Network._map`: every network call (bottom-up, the top-down
+            steps, posteriors, the stage heads), run in the pool while the main
+            thread waits;
+  tables    waiting for `inference.Network.row_tables`: pixel tables are built in the
+            pool while earlier chunks are coded, so only the part coding does not hide;
+  latents   building, pushing and popping the latent codecs (`bitsback.latent_codec`);
+  offsets   the encoder's search for the scale offsets (`calibrate.choose_offsets`);
+  ANS       constriction's calls for the pixels (`coders.categorical`);
   rest      everything else (parameter rounding, lattices, checksums).
 
-    .venv/bin/python benchmarks/profile_coding.py [IMAGE] [--json-out FILE]
+Reports the median over rounds of each phase, summed over the images; every file is
+decoded and compared with its image.
 
-Default image: kodim03 (768x512). Run on a quiet machine.
+    python benchmarks/profile_coding.py                      # kodim03 and kodim08, v3 float vs v6
+    python benchmarks/profile_coding.py IMG... --runs photo-rgb-2:3 photo-rgb-exact-1:6 --reps 7
 """
 
 from __future__ import annotations
@@ -24,43 +28,36 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import time
+from pathlib import Path
 
-START = time.perf_counter()
+import numpy as np
 
-from vaezip import api  # noqa: E402  (timed: the imports)
-from vaezip.coding import calibrate  # noqa: E402  (timed: the imports)
-from vaezip.entropy import coders  # noqa: E402  (timed: the imports)
-from vaezip.imaging.images import as_image  # noqa: E402
-from vaezip.network import inference, registry  # noqa: E402  (timed: the imports)
+import vaezip
+from vaezip.coding import bitsback, calibrate
+from vaezip.entropy import coders
+from vaezip.imaging.images import read_image
+from vaezip.network import inference, registry
 
-IMPORTED = time.perf_counter()
-PHASES = {"bottom_up": "network", "top_down": "network", "posteriors": "network", "stage_params": "network"}
+DATA = Path(os.environ.get("VAEZIP_DATA", "/work/shared/data"))
+PHASES = ("network", "tables", "latents", "offsets", "ANS")
+
+
+def _timed(totals: collections.Counter, phase: str, function):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[phase] += time.perf_counter() - start
+    return wrapper
 
 
 def instrument(totals: collections.Counter) -> None:
-    """Wrap the phase functions so each call adds its wall time to `totals`."""
-    for name, phase in PHASES.items():
-        original = getattr(inference.Network, name)
-
-        def timed(*args, _original=original, _phase=phase, **kwargs):
-            start = time.perf_counter()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                totals[_phase] += time.perf_counter() - start
-
-        setattr(inference.Network, name, timed)
-    choose_offsets = calibrate.choose_offsets
-
-    def timed_choose_offsets(*args):
-        start = time.perf_counter()
-        try:
-            return choose_offsets(*args)
-        finally:
-            totals["offsets"] += time.perf_counter() - start
-
-    calibrate.choose_offsets = timed_choose_offsets
+    """Wrap the phase functions so that each call adds its wall time to `totals`."""
+    inference.Network._map = _timed(totals, "network", inference.Network._map)
+    calibrate.choose_offsets = _timed(totals, "offsets", calibrate.choose_offsets)
     row_tables = inference.Network.row_tables
 
     def timed_row_tables(*args, **kwargs):
@@ -76,58 +73,65 @@ def instrument(totals: collections.Counter) -> None:
             yield chunk
 
     inference.Network.row_tables = timed_row_tables
-    categorical = coders.categorical
+    for module, name, phase in ((coders, "categorical", "ANS"), (bitsback, "latent_codec", "latents")):
+        build = getattr(module, name)
 
-    def timed_categorical(probabilities, normalized=False):
-        codec = categorical(probabilities, normalized)
+        def timed_build(*args, _build=build, _phase=phase, **kwargs):
+            codec = _timed(totals, _phase, _build)(*args, **kwargs)
+            return coders.Codec(_timed(totals, _phase, codec.push), _timed(totals, _phase, codec.pop))
 
-        def push(ans, symbols):
-            start = time.perf_counter()
-            codec.push(ans, symbols)
-            totals["ANS"] += time.perf_counter() - start
-
-        def pop(ans):
-            start = time.perf_counter()
-            try:
-                return codec.pop(ans)
-            finally:
-                totals["ANS"] += time.perf_counter() - start
-
-        return coders.Codec(push, pop)
-
-    coders.categorical = timed_categorical
+        setattr(module, name, timed_build)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", default="/work/shared/data/kodak/kodim03.png")
+    parser.add_argument("images", nargs="*", default=[str(DATA / "kodak" / f"kodim{i:02d}.png") for i in (3, 8)])
+    parser.add_argument("--runs", nargs="+", default=["photo-rgb-2:3", "photo-rgb-exact-1:6"], metavar="MODEL:VERSION")
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json-out")
     args = parser.parse_args()
-    start = time.perf_counter()
-    registry.load_model("photo-rgb-1")
-    loaded = time.perf_counter() - start
-    image = as_image(args.image)
-    result = {"image": args.image, "size": [image.width, image.height], "import_s": IMPORTED - START,
-              "model_load_s": loaded, "threads": inference.default_workers()}
+    runs = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.runs]
+    images = [read_image(path) for path in args.images]
+    for model, _ in runs:
+        registry.load_model(model)
+    files = {run: [vaezip.compress(image, run[0], version=run[1]) for image in images] for run in runs}
+    for run in runs:  # warm-up decode
+        for data in files[run]:
+            vaezip.decompress(data)
     totals: collections.Counter = collections.Counter()
-    for label, run in (("compress", lambda: api.compress(image)), ("decompress", lambda: api.decompress_image(data))):
-        start = time.perf_counter()
-        out = run()
-        cold = time.perf_counter() - start
-        if label == "compress":
-            data = out
-            instrument(totals)
-        totals.clear()
-        start = time.perf_counter()
-        run()
-        warm = time.perf_counter() - start
-        phases = {phase: totals[phase] for phase in ("network", "offsets", "tables", "ANS")}
-        phases["rest"] = warm - sum(phases.values())
-        result[label] = {"cold_s": cold, "warm_s": warm, "phases_s": phases}
-    print(json.dumps(result, indent=1))
+    instrument(totals)
+    rounds = {(run, label): [] for run in runs for label in ("compress", "decompress")}
+    print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
+    for rep in range(args.reps):
+        for run in runs if rep % 2 == 0 else runs[::-1]:
+            for label in ("compress", "decompress"):
+                totals.clear()
+                start = time.perf_counter()
+                for image, data in zip(images, files[run]):
+                    if label == "compress":
+                        if vaezip.compress(image, run[0], version=run[1]) != data:
+                            raise SystemExit(f"{run}: compress is not deterministic")
+                    elif not np.array_equal(vaezip.decompress(data).reshape(image.pixels.shape), image.pixels):
+                        raise SystemExit(f"{run}: decoded pixels differ")
+                phases = {phase: totals[phase] for phase in PHASES}
+                phases["total"] = time.perf_counter() - start
+                phases["rest"] = phases["total"] - sum(phases[p] for p in PHASES)
+                rounds[run, label].append(phases)
+    print(f"load after: {os.getloadavg()[0]:.2f}; {len(images)} images, medians of {args.reps} rounds, seconds")
+    result = {"images": args.images, "reps": args.reps, "threads": inference.default_workers(), "runs": []}
+    for label in ("compress", "decompress"):
+        print(f"\n{label}\n| phase | " + " | ".join(f"{m} v{v}" for m, v in runs) + " |")
+        print("|---" * (len(runs) + 1) + "|")
+        for phase in ("total",) + PHASES + ("rest",):
+            medians = [float(np.median([r[phase] for r in rounds[run, label]])) for run in runs]
+            print(f"| {phase} | " + " | ".join(f"{m:.3f}" for m in medians) + " |")
+        totals_by_run = [float(np.median([r["total"] for r in rounds[run, label]])) for run in runs]
+        print("ratio to the first run: " + ", ".join(f"x{t / totals_by_run[0]:.3f}" for t in totals_by_run))
+    for run in runs:
+        result["runs"].append({"model": run[0], "version": run[1], "bytes": [len(d) for d in files[run]],
+                               **{label: rounds[run, label] for label in ("compress", "decompress")}})
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1)
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ network runs is part of the format (`versions.Numerics` of each version):
       files decode identically with any thread count.
 
   exact (version 6): a fixed-point model (`network.fixedpoint`) whose every sum is exact in
-      float32, so any kernel, thread count, instruction set and batch split computes the
-      same integers: torch runs at its full thread count on the whole batch (or, for the
-      portability checks, on `VAEZIP_EXACT_SPLIT` tiles per call).
+      float32, so any kernel, thread count, instruction set, memory layout and batch split
+      computes the same integers. For speed only it runs like versions 2 to 5 (4-tile
+      sub-batches side by side, one thread each; whole-batch calls at 2 threads and larger
+      sub-batches were no faster on 2 cores), with channels-last convolutions
+      (`fixedpoint.CODING_LAYOUT`); the portability checks vary the split
+      (`VAEZIP_EXACT_SPLIT` tiles per call).
 
 Versions 1 to 5 still depend on the CPU's instruction set (docs/PORTABILITY.md).
 `coding_network` sets torch up for one version and hands out a `Network` with the
