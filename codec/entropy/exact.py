@@ -334,6 +334,19 @@ def centred_tables(grid_bits: int, radius: int) -> CentredTables:
     return CentredTables(coarse, fine)
 
 
+def _combine(fast: np.ndarray, from_table: Callable, computed: Callable) -> np.ndarray:
+    """Rows from `from_table(selector)` where `fast`, else from `computed(selector)`, in order
+    (a selector indexes the caller's rows: a slice for all, else a boolean mask)."""
+    if fast.all():
+        return from_table(slice(None))
+    if not fast.any():
+        return computed(slice(None))
+    first = from_table(fast)
+    out = np.empty((len(fast), first.shape[1]), dtype=np.float64)
+    out[fast], out[~fast] = first, computed(~fast)
+    return out
+
+
 class LatentTables:
     """The integer tables of n latents k in [-radius, radius] on a grid of 2**-grid_bits.
 
@@ -412,9 +425,9 @@ class LatentTables:
     @cached_property
     def _far_tails(self) -> np.ndarray:
         """(n,) bool: the CDF is 0 at -radius - 1/2 and 1 at radius + 1/2, and neither tail is
-        empty: the coarse masses are those of `_CentredTables` (every value in the table's reach)."""
+        empty: the coarse masses are those of `CentredTables` (every value in the table's reach)."""
         edges = np.array([[-self.radius], [self.radius + 1]], dtype=np.int64)
-        cdf = _edge_cdf(edges + np.zeros_like(self.mean), self.mean, self._inverse, self.grid_bits)
+        cdf = _edge_cdf(edges, self.mean, self._inverse, self.grid_bits)
         return (cdf[0] == 0) & (cdf[1] == 1 << CDF_BITS) & (self.left > 0) & (self.right > 0)
 
     def normalized_coarse(self, rows: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -422,32 +435,22 @@ class LatentTables:
         centred latents with far tails come from tables computed once (`centred_tables`)."""
         if (start, stop) != (0, COARSE_BINS + 2):
             return coders.normalized_rows(self.coarse(rows)[:, start:stop])
-        fast = self._centred[rows] & self._far_tails[rows]
         table = centred_tables(self.grid_bits, self.radius).coarse
-        return self._combine(rows, fast, lambda r: table[self.log_std[r] - LATENT_LOG_STD_LO, self.mean[r] & 3],
-                             lambda r: coders.normalized_rows(self.coarse(r)))
+        return _combine(self._centred[rows] & self._far_tails[rows],
+                        lambda s: table[self.log_std[rows[s]] - LATENT_LOG_STD_LO, self.mean[rows[s]] & 3],
+                        lambda s: coders.normalized_rows(self.coarse(rows[s])))
 
     def normalized_fine(self, rows: np.ndarray, bins: np.ndarray, bits: int) -> np.ndarray:
         """`coders.normalized_rows(self.fine(rows, bins, bits))`, the same numbers (centred
         latents' rows from `centred_tables`)."""
         first, table = centred_tables(self.grid_bits, self.radius).fine[bits]
-        place = np.zeros(len(self), dtype=np.int64)
-        place[rows] = bins - 1
-        return self._combine(rows, self._centred[rows],
-                             lambda r: table[self.log_std[r] - LATENT_LOG_STD_LO - first, self.mean[r] & 3, place[r]],
-                             lambda r: coders.normalized_rows(self.fine(r, place[r] + 1, bits)))
 
-    @staticmethod
-    def _combine(rows: np.ndarray, fast: np.ndarray, from_table: Callable, computed: Callable) -> np.ndarray:
-        """Rows `rows` from `from_table(rows[fast])` and `computed(rows[~fast])`, in order."""
-        if fast.all():
-            return from_table(rows)
-        if not fast.any():
-            return computed(rows)
-        first = from_table(rows[fast])
-        out = np.empty((len(rows), first.shape[1]), dtype=np.float64)
-        out[fast], out[~fast] = first, computed(rows[~fast])
-        return out
+        def from_table(s):
+            r = rows[s]
+            return table[self.log_std[r] - LATENT_LOG_STD_LO - first, self.mean[r] & 3, bins[s] - 1]
+
+        return _combine(self._centred[rows], from_table,
+                        lambda s: coders.normalized_rows(self.fine(rows[s], bins[s], bits)))
 
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, stop) (n,) each: the coarse symbols a latent can take (an empty tail cannot)."""

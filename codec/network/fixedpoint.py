@@ -42,8 +42,9 @@ ACCUMULATOR_BITS = 24
 MAX_WEIGHT_SHIFT = 60
 """The finest weight grid, 2^-60 of an output integer (far above float32's smallest normal)."""
 CODING_LAYOUT = torch.channels_last
-"""Memory layout of coding convolutions: oneDNN's fastest on the CPU (10-30 % less time than
-NCHW on batches of 64x64 tiles); any layout sums exactly, so it is a speed setting only."""
+"""Memory layout of coding convolutions: oneDNN's fastest on the CPU (5-8 % less network time
+than NCHW on 4-tile sub-batches, docs/RESULTS.md); any layout sums exactly, so it is a speed
+setting only."""
 
 _calibrating = False
 
