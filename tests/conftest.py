@@ -64,10 +64,11 @@ def make_tiny_model(channels: int, name: str):
     return registry.model_from_weights(spec, state)
 
 
-def make_tiny_fixed_model(channels: int, name: str):
+def make_tiny_fixed_model(channels: int, name: str, stage0_levels: int = 0):
     """A fixed-point (format version 6) `LoadedModel`: seeded random weights, activation
     scales set to powers of two without data (`set_uniform_scales`), so the model is the
-    same on every machine."""
+    same on every machine. With `stage0_levels` (format version 7) the stage-0 steps'
+    context layers, zero-initialised in a new model, get seeded random weights too."""
     import torch
 
     from vaezip.network import registry
@@ -75,9 +76,13 @@ def make_tiny_fixed_model(channels: int, name: str):
     from vaezip.network.model import HierarchicalVAE
 
     cfg = ModelConfig(channels=channels, width=16, bottleneck=8, pixel_width=8, mixtures=2, latent_scales=TINY_SCALES,
-                      fixed_bits=(8, 10, 10, 16))
+                      fixed_bits=(8, 10, 10, 16), stage0_levels=stage0_levels)
     torch.manual_seed(0)
     net = HierarchicalVAE(cfg)
+    with torch.no_grad():
+        for stage, step in zip(net.stages, net.schedule):
+            if step.stage == 0 and stage.context is not None:
+                stage.context.weight.normal_(0.0, 0.05)
     net.set_uniform_scales()
     state = net.state_dict()
     mode = "RGB" if channels == 3 else "L"
@@ -95,6 +100,18 @@ def tiny_fixed_model():
 def tiny_fixed_gray_model():
     """Tiny fixed-point gray model (format version 6)."""
     return make_tiny_fixed_model(1, "tiny-fixed-gray-test")
+
+
+@pytest.fixture(scope="session")
+def tiny_steps_model():
+    """Tiny fixed-point RGB model whose stage 0 is split two levels deep (format version 7)."""
+    return make_tiny_fixed_model(3, "tiny-steps-test", stage0_levels=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_steps_gray_model():
+    """Tiny fixed-point gray model whose stage 0 is split one level deep (format version 7)."""
+    return make_tiny_fixed_model(1, "tiny-steps-gray-test", stage0_levels=1)
 
 
 @pytest.fixture(scope="session")

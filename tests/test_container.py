@@ -51,7 +51,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x06\x00",  # version (the current one; 6 has 5's layout)
+            b"\x07\x00",  # version (the current one; 6 and 7 have 5's layout)
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",
@@ -201,8 +201,8 @@ def test_bad_magic():
 
 def test_unknown_version():
     body = pack(HEADER, WORDS)[:-4]
-    data = _with_crc(MAGIC + struct.pack("<H", 7) + body[len(MAGIC) + 2 :])
-    with pytest.raises(UnsupportedVersionError, match=r"version 7 .*reads: 1, 2"):
+    data = _with_crc(MAGIC + struct.pack("<H", 99) + body[len(MAGIC) + 2 :])
+    with pytest.raises(UnsupportedVersionError, match=r"version 99 .*reads: 1, 2"):
         unpack(data)
 
 

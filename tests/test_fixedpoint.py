@@ -173,7 +173,7 @@ def test_version_6_round_trips(tiny_fixed_model, tiny_fixed_gray_model, effort):
 
     for model, mode in ((tiny_fixed_model, "RGB"), (tiny_fixed_gray_model, "L")):
         pixels = random_pixels(mode, 80, 48, seed=effort, smooth=True)
-        data = vaezip.compress(pixels, loaded=model, effort=effort)
+        data = vaezip.compress(pixels, loaded=model, effort=effort, version=6)
         header, _ = container.unpack(data)
         assert header.version == 6 and header.effort == effort
         assert np.array_equal(vaezip.decompress(data, loaded=model), pixels.reshape(80, 48, -1).squeeze())

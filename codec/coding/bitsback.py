@@ -116,14 +116,15 @@ def exact_latent_params(g: Gaussian, params: CodingParams) -> tuple[np.ndarray, 
     return mean_q.astype(np.int64), log_std_q.astype(np.int64), grid_bits
 
 
-def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, stage: int, mask: np.ndarray,
+def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, step: int, mask: np.ndarray,
                  fmt: Format, truth: Optional[np.ndarray] = None) -> coders.Steps:
-    """Steps of the real subpixels (m, C) of one sub-lattice stage, in pop order; returns them (int64).
+    """Steps of the real subpixels (m, C) of one pixel step (`HierarchicalVAE.schedule`: a
+    sub-lattice stage, or part of stage 0), in pop order; returns them (int64).
 
-    With `fmt.scale_offsets` the stage's log-scale offsets (`calibrate`) pop first;
+    With `fmt.scale_offsets` the step's log-scale offsets (`calibrate`) pop first;
     the encoder chooses them for its true values `truth` (None on the decoder).
     """
-    params = net.stage_params(features, torch.from_numpy(lattice), stage)
+    params = net.step_params(features, torch.from_numpy(lattice), step)
     q = quantize.quantize_mixture(params, mask, fmt)
     channels = lattice.shape[2]
     if fmt.scale_offsets:
@@ -248,8 +249,8 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
                  params: CodingParams, deterministic: bool, lattice: Optional[np.ndarray] = None) -> coders.Steps:
     """One batch of tiles as steps in decode order (`coders.Steps`), for both directions.
 
-    Decode order: each latent group top-down, popped with its prior; the pixels stage by
-    stage (`_stage_steps`); then, unless deterministic, each latent pushed back with its
+    Decode order: each latent group top-down, popped with its prior; the pixels step by
+    step of the model's schedule (`_stage_steps`; a sub-lattice stage, or part of stage 0); then, unless deterministic, each latent pushed back with its
     posterior, last group first (`coders.Return`: gives back the borrowed bits).
     The encoder passes the true `lattice` (n, 4, C, tile/2, tile/2); it knows each
     posterior as it walks down, and its latent is the one it pops with it
@@ -284,14 +285,16 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     except StopIteration as done:
         features = done.value
     decoded = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
-    for stage in range(4):
-        mask = grid.stage_masks(indices, stage)
-        truth = _stage_values(lattice, stage, mask) if encoding else None
-        values = yield from _stage_steps(net, features, decoded, stage, mask, params.fmt, truth)
+    schedule = net.model.schedule
+    for k, step in enumerate(schedule):
+        mask = grid.stage_masks(indices, step.stage) & step.positions(half, half)
+        truth = _stage_values(lattice, step.stage, mask) if encoding else None
+        values = yield from _stage_steps(net, features, decoded, k, mask, params.fmt, truth)
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
-        decoded[:, stage].transpose(0, 2, 3, 1)[mask] = values
-        pad_stage(grid, indices, decoded[:, stage], stage)
+        decoded[:, step.stage].transpose(0, 2, 3, 1)[mask] = values
+        if k + 1 == len(schedule) or schedule[k + 1].stage != step.stage:  # the stage is complete
+            pad_stage(grid, indices, decoded[:, step.stage], step.stage)
     if states is not None:  # decoder only: the encoder popped these values as its Borrows
         acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(decoded)))
         posteriors = net.posteriors(states, acts, grid.tile, grid.tile)

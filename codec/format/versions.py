@@ -15,6 +15,8 @@ Torch-free: the byte-level format (`container`, `archive`) reads it too.
     6        fixed-point network, exact   as 2, integer  yes            as 4          as 2
              in any kernel order; tables
              by integer arithmetic
+    7        as 6, and the pixels in the model's schedule: stage 0 split into sub-lattice
+             steps when the model has them (`ModelConfig.stage0_levels`), a step at a time
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Format:
             checksum over the set (else a record per image, each with its own checksum).
         adaptation: the header records the encoder effort (`EFFORTS`) and the payload, above
             the tiles, a per-image adaptation of the pixel heads (`coding.adapt`).
+        stage0_steps: the pixels are coded in the model's schedule (`model.pixel_schedule`),
+            stage 0 in several steps when the model splits it (else the model must not).
     """
 
     version: int
@@ -75,6 +79,7 @@ class Format:
     modes: tuple[str, ...]
     archive_columns: bool
     adaptation: bool = False
+    stage0_steps: bool = False
 
 
 _NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
@@ -95,10 +100,13 @@ _V5 = Format(5, _ONEDNN_SUB_BATCHES, (-1024, 1279), binned_tables=True, scale_of
 _V6 = Format(6, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
              modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True)
 
-FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6)}
+_V7 = Format(7, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
+             modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True, stage0_steps=True)
+
+FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7)}
 """Every version this build reads, by number."""
 KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
-CURRENT: Format = _V6
+CURRENT: Format = _V7
 """The version this build writes with a fixed-point model (`ModelConfig.fixed_bits`)."""
 NEWEST_FLOAT: Format = _V5
 """The version this build writes with a float model (versions 1-5 run float networks)."""

@@ -34,6 +34,10 @@ class ModelConfig:
         fixed_bits: a fixed-point network (`network.fixedpoint`, format version 6):
             (ReLU activations, pixel-head inputs, pixel features, residual streams), the
             bits of each kind of integer activation; None: a float network (versions 1-5).
+        stage0_levels: sub-lattice stage 0 (a quarter of the pixels) is itself coded in
+            2x2 sub-lattice stages this many levels deep (`model.pixel_schedule`), so only
+            1/4^(levels+1) of the pixels are coded from the latents alone; 0: the whole
+            quarter is (format versions 1-6 code only such models).
     """
 
     channels: int = 3
@@ -45,6 +49,7 @@ class ModelConfig:
     latent_grid: float = 1.0 / 64
     active_latents: Optional[tuple[tuple[int, ...], ...]] = None
     fixed_bits: Optional[tuple[int, int, int, int]] = None
+    stage0_levels: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_scales", tuple(tuple(s) for s in self.latent_scales))
@@ -61,6 +66,8 @@ class ModelConfig:
             if len(self.fixed_bits) != 4 or not all(2 <= b <= 16 for b in self.fixed_bits) \
                     or grid_exponent != round(grid_exponent):
                 raise ModelError("fixed_bits needs four bit widths in 2..16 and a power-of-two latent grid")
+        if self.stage0_levels not in (0, 1, 2, 3):
+            raise ModelError(f"stage0_levels must be 0..3, got {self.stage0_levels}")
         if self.channels not in (1, 3):
             raise ModelError(f"channels must be 1 or 3, got {self.channels}")
         factors = [s[0] for s in self.latent_scales]
@@ -69,15 +76,19 @@ class ModelConfig:
 
     @property
     def downsampling(self) -> int:
-        """Tile sides must be multiples of this (the coarsest latent factor)."""
-        return max(self.latent_scales[0][0], 4)
+        """Tile sides must be multiples of this (the coarsest latent factor, and the
+        period of stage 0's sub-lattices)."""
+        return max(self.latent_scales[0][0], 4, 2 ** (self.stage0_levels + 1))
 
     def to_dict(self) -> dict:
-        """The fields as a dict; `fixed_bits` only when set, so a float model's dict (and
-        the model identity in its files, `registry.ModelSpec.hash_prefix`) is as before."""
+        """The fields as a dict; `fixed_bits` and `stage0_levels` only when set, so an
+        older model's dict (and the model identity in its files,
+        `registry.ModelSpec.hash_prefix`) is as before."""
         data = asdict(self)
         if data["fixed_bits"] is None:
             del data["fixed_bits"]
+        if data["stage0_levels"] == 0:
+            del data["stage0_levels"]
         return data
 
     @classmethod

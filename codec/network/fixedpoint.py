@@ -81,6 +81,19 @@ def exact_torch_settings() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
+def at_positions(x: torch.Tensor, padding: tuple[int, int], at: Optional[tuple[int, int, int]]
+                 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """A convolution's input, stride and padding that evaluate it only at the output
+    positions (row + stride * a, col + stride * b), `at` = (stride, row, col): the input
+    zero-padded as the convolution pads it and cropped to start at (row, col). None: the
+    input, stride 1 and `padding` as they are."""
+    if at is None:
+        return x, (1, 1), padding
+    stride, row, col = at
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))[:, :, row:, col:]
+    return x, (stride, stride), (0, 0)
+
+
 def _floor_ste(x: torch.Tensor) -> torch.Tensor:
     """floor(x), with the identity's gradient when training."""
     if not x.requires_grad:
@@ -148,8 +161,8 @@ class FixedConv2d(nn.Conv2d):
     once per change of the weights.
     """
 
-    def __init__(self, cin: int, cout: int, k: int):
-        super().__init__(cin, cout, k, padding=k // 2)
+    def __init__(self, cin: int, cout: int, k: int, dilation: int = 1):
+        super().__init__(cin, cout, k, padding=dilation * (k // 2), dilation=dilation)
         for name, size in (("in_scale", cin), ("in_max", cin), ("out_scale", cout)):
             self.register_buffer(name, torch.ones(size, dtype=torch.float64))
         for name in ("out_offset", "out_lo", "out_hi"):
@@ -192,19 +205,21 @@ class FixedConv2d(nn.Conv2d):
             self._cache = (key, w, b, k, bounds)
         return self._cache[1], self._cache[2], self._cache[3]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
+        """The output at every position, or only at those `at` names (`at_positions`)."""
+        x, stride, padding = at_positions(x, self.padding, at)
         if _calibrating:
-            y = super().forward(x)
+            y = F.conv2d(x, self.weight, self.bias, stride, padding, self.dilation)
             y = F.relu(y) if self.relu else y
             peak = y.detach().abs().amax(dim=(0, 2, 3))
             self.observed = peak if self.observed is None else torch.maximum(self.observed, peak)
             return y
         if self.training and self.weight.requires_grad:
             w, b = self._trained_parameters()
-            y = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), self.stride, self.padding)
+            y = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), stride, padding, self.dilation)
             return _clamp_rows(_floor_ste(y), self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
         w, b, _ = self.exact_parameters()
-        y = F.conv2d(x.contiguous(memory_format=CODING_LAYOUT), w, b, self.stride, self.padding)
+        y = F.conv2d(x.contiguous(memory_format=CODING_LAYOUT), w, b, stride, padding, self.dilation)
         if y.requires_grad:  # frozen weights, gradients to the input (e.g. a fit of latents)
             return _clamp_rows(_floor_ste(y), self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
         lo, hi = self._cache[4]

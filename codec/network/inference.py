@@ -167,12 +167,24 @@ class Network:
         return _cat(self._map(lambda s: self.model.stage_raw(features[s], lattice[s], stage), slices))
 
     def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
+        """`HierarchicalVAE.stage_params` on the whole batch, with this network's adaptation."""
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
-        parts = self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage, self.adaptation), slices)
-        return MixtureParams(
-            logits=_cat([p.logits for p in parts]), means=_cat([p.means for p in parts]),
-            log_scales=_cat([p.log_scales for p in parts]), coeffs=_cat([p.coeffs for p in parts]),
-        )
+        return _cat_params(self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage,
+                                                                       self.adaptation), slices))
+
+    def step_params(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> MixtureParams:
+        """`HierarchicalVAE.step_params` on the whole batch, with this network's adaptation."""
+        slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
+        return _cat_params(self._map(lambda s: self.model.step_params(features[s], lattice[s], step,
+                                                                      self.adaptation), slices))
+
+
+def _cat_params(parts: list[MixtureParams]) -> MixtureParams:
+    """Sub-batches' mixture parameters as one batch."""
+    return MixtureParams(
+        logits=_cat([p.logits for p in parts]), means=_cat([p.means for p in parts]),
+        log_scales=_cat([p.log_scales for p in parts]), coeffs=_cat([p.coeffs for p in parts]),
+    )
 
 
 @dataclass
@@ -212,6 +224,9 @@ def coding_network(model: HierarchicalVAE, fmt: Format, workers: Optional[int] =
     if numerics.exact != model.fixed:
         kind = "a fixed-point" if numerics.exact else "a float"
         raise ModelError(f"format version {fmt.version} codes with {kind} model; this one is not")
+    if model.config.stage0_levels and not fmt.stage0_steps:
+        raise ModelError(f"format version {fmt.version} codes stage 0 in one step; this model splits it "
+                         f"(stage0_levels {model.config.stage0_levels}): use a newer version")
     if numerics.exact:
         exact_torch_settings()
     previous = torch.backends.mkldnn.enabled, torch.get_num_threads()

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Generator, Optional, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +31,8 @@ from torch import nn
 from vaezip.entropy.exact import LATENT_LOG_STD_STEPS, LATENT_MEAN_STEPS, LOG_SCALE_STEPS, LOGIT_STEPS, MEAN_STEPS
 from vaezip.format import versions
 from vaezip.network.config import ModelConfig
-from vaezip.network.fixedpoint import FixedConv2d, Requant, Stream, calibrating, is_calibrating, power_of_two_scale
+from vaezip.network.fixedpoint import (FixedConv2d, Requant, Stream, at_positions, calibrating, is_calibrating,
+                                       power_of_two_scale)
 
 LN2 = math.log(2.0)
 # Pixel-likelihood parameter ranges, in pixel units; quantize.py uses the same.
@@ -56,6 +58,43 @@ def latent_units(latent_grid: float) -> tuple[float, float]:
 # Order of the 2x2 sub-lattice positions (row, col): diagonals first, so the
 # later stages see neighbours on all four sides.
 STAGE_OFFSETS = ((0, 0), (1, 1), (0, 1), (1, 0))
+
+
+@dataclass(frozen=True)
+class PixelStep:
+    """One step of the pixel schedule: the positions (row + stride * a, col + stride * b)
+    of sub-lattice `stage`'s (H/2, W/2) grid, coded given every step before it."""
+
+    stage: int
+    stride: int = 1
+    row: int = 0
+    col: int = 0
+
+    @property
+    def at(self) -> Optional[tuple[int, int, int]]:
+        """(stride, row, col), or None for the whole grid (`fixedpoint.at_positions`)."""
+        return None if self.stride == 1 else (self.stride, self.row, self.col)
+
+    def positions(self, height: int, width: int) -> np.ndarray:
+        """(height, width) bool: the step's positions on its stage's grid."""
+        mask = np.zeros((height, width), dtype=bool)
+        mask[self.row :: self.stride, self.col :: self.stride] = True
+        return mask
+
+
+def pixel_schedule(stage0_levels: int) -> tuple[PixelStep, ...]:
+    """The order in which the pixels of a 2x2 block lattice are coded.
+
+    Stage 0 (the (0, 0) position of every 2x2 block) is split `stage0_levels` times
+    into its own 2x2 sub-lattices, coarsest first: its base (every 2^levels-th position
+    of its grid, no pixel context) and then, per level, the three other positions of
+    each block in STAGE_OFFSETS order; then stages 1-3. With 0 levels: the four stages."""
+    base = 2**stage0_levels
+    steps = [PixelStep(0, base) if stage0_levels else PixelStep(0)]
+    for level in range(stage0_levels, 0, -1):
+        stride, half = 2**level, 2 ** (level - 1)
+        steps += [PixelStep(0, stride, i * half, j * half) for i, j in STAGE_OFFSETS[1:]]
+    return tuple(steps) + tuple(PixelStep(s) for s in (1, 2, 3))
 
 
 @dataclass(frozen=True)
@@ -190,15 +229,30 @@ class TopDownGroup(nn.Module):
 
 
 class PixelStage(nn.Module):
-    """Mixture parameters of one 2x2 sub-lattice position from features and earlier stages."""
+    """Mixture parameters of one pixel step (`PixelStep`) from features and the pixels
+    coded before it.
 
-    def __init__(self, cfg: ModelConfig, stage: int):
+    Stages 1-3 read the earlier stages (4C context channels, 3x3); a step inside stage 0
+    reads stage 0's pixels coded before it (C channels, 3x3 dilated to the step's
+    neighbours, zero-initialised so a new step starts as the stage-0 head it was copied
+    from). The trunk runs on the whole (H/2, W/2) grid, the middle 3x3 and the head only
+    at the step's positions; the output is (N, P, H/2/stride, W/2/stride)."""
+
+    def __init__(self, cfg: ModelConfig, step: PixelStep, first: bool):
         super().__init__()
         c, p = cfg.channels, cfg.pixel_width
         fixed = cfg.fixed_bits is not None
-        self.stage = stage
+        self.step = step
         self.feat = _conv(p, p, 1, fixed)
-        self.context = _conv(4 * c, p, 3, fixed) if stage > 0 else None
+        self.context = None
+        if step.stage > 0:
+            self.context = _conv(4 * c, p, 3, fixed)
+        elif not first:
+            dilation = step.stride // 2
+            self.context = FixedConv2d(c, p, 3, dilation) if fixed else \
+                nn.Conv2d(c, p, 3, padding=dilation, dilation=dilation)
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
         self.mid1, self.mid2 = _conv(p, p, 3, fixed), _conv(p, p, 1, fixed)
         self.head = _conv(p, params_per_position(cfg), 1, fixed)
         self.trunk = self.mid_entry = self.head_entry = None
@@ -209,18 +263,26 @@ class PixelStage(nn.Module):
             self.mid1.relu = True
             self.head_entry = Requant(p, head_bits, relu=True)
 
-    def forward(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.trunk is not None:
-            h = self.feat(features)
-            if self.context is not None:
-                h = h + self.context(context)
-            h = self.trunk.observe(h)
-            h = self.trunk.observe(h + self.mid2(self.mid1(self.mid_entry(h))))
-            return self.head(self.head_entry(h))
+    def _mid1_at(self, h: torch.Tensor) -> torch.Tensor:
+        at = self.step.at
+        if isinstance(self.mid1, FixedConv2d):
+            return self.mid1(h, at)
+        h, stride, padding = at_positions(h, self.mid1.padding, at)
+        return F.conv2d(h, self.mid1.weight, self.mid1.bias, stride, padding)
+
+    def _at_step(self, h: torch.Tensor) -> torch.Tensor:
+        st = self.step
+        return h if st.stride == 1 else h[:, :, st.row :: st.stride, st.col :: st.stride]
+
+    def forward(self, features: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.feat(features)
         if self.context is not None:
             h = h + self.context(context)
-        h = h + self.mid2(_act(self.mid1(_act(h))))
+        if self.trunk is not None:
+            h = self.trunk.observe(h)
+            h = self.trunk.observe(self._at_step(h) + self.mid2(self._mid1_at(self.mid_entry(h))))
+            return self.head(self.head_entry(h))
+        h = self._at_step(h) + self.mid2(_act(self._mid1_at(_act(h))))
         return self.head(_act(h))
 
 
@@ -379,7 +441,10 @@ class HierarchicalVAE(nn.Module):
                                       for g in self.groups])
         self.top_bias = nn.Parameter(torch.zeros(1, w, 1, 1))
         self.to_pixels = _conv(w, 4 * config.pixel_width, 1, self.fixed)
-        self.stages = nn.ModuleList([PixelStage(config, s) for s in range(4)])
+        self.schedule = pixel_schedule(config.stage0_levels)
+        self.stages = nn.ModuleList([PixelStage(config, step, k == 0) for k, step in enumerate(self.schedule)])
+        """One `PixelStage` per step of `schedule`."""
+        self._known: dict[tuple, torch.Tensor] = {}
         if self.fixed:  # the integer grids (`network.fixedpoint`): two residual streams
             self.encoder_stream, self.decoder_stream = Stream(w, stream_bits), Stream(w, stream_bits)
             self.pixel_entry = Requant(w, feature_bits, relu=False)
@@ -480,16 +545,26 @@ class HierarchicalVAE(nn.Module):
     # ---- pixels ----------------------------------------------------------
     def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int,
                      adaptation: Optional["HeadAdaptation"] = None) -> MixtureParams:
-        """Mixture parameters of sub-lattice `stage` given the stages before it.
+        """Mixture parameters of sub-lattice `stage` given the stages before it (its steps
+        given the steps before them, from `lattice`'s true values).
 
         Args:
             features: (N, pixel_width, H/2, W/2) from `top_down`.
             lattice: (N, 4, C, H/2, W/2) uint8 pixels split by 2x2 position in
-                STAGE_OFFSETS order; only stages < `stage` are read.
+                STAGE_OFFSETS order; only what comes before the stage's positions is read.
             adaptation: per-image changes of the stage heads' outputs (format
                 version 5, `vaezip.coding.adapt`), or None.
         """
-        raw = self.stage_raw(features, lattice, stage)
+        return self._params(self.stage_raw(features, lattice, stage), stage, adaptation)
+
+    def step_params(self, features: torch.Tensor, lattice: torch.Tensor, step: int,
+                    adaptation: Optional["HeadAdaptation"] = None) -> MixtureParams:
+        """Mixture parameters of `schedule[step]` on its stage's whole grid (N, ., H/2, W/2),
+        right at the step's positions; `lattice` as in `stage_params`, read only where
+        earlier steps are. What coding runs, one step at a time."""
+        return self._params(self.step_raw(features, lattice, step), self.schedule[step].stage, adaptation)
+
+    def _params(self, raw: torch.Tensor, stage: int, adaptation: Optional["HeadAdaptation"]) -> MixtureParams:
         if adaptation is not None:
             if self.fixed and not is_calibrating():
                 raw = adaptation.apply_integers(raw, stage, head_grid(self.config))
@@ -506,12 +581,56 @@ class HierarchicalVAE(nn.Module):
 
     def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> torch.Tensor:
         """The head output (N, `params_per_position`, H/2, W/2) of `stage_params`, before
-        any adaptation and before `split_params` bounds it."""
+        any adaptation and before `split_params` bounds it: each of the stage's steps at
+        its positions."""
+        steps = [k for k, st in enumerate(self.schedule) if st.stage == stage]
+        if len(steps) == 1:
+            return self.step_raw(features, lattice, steps[0])
+        out = None
+        for k in steps:
+            part, st = self._step_out(features, lattice, k), self.schedule[k]
+            if out is None:
+                n, p = part.shape[:2]
+                out = part.new_zeros(n, p, *features.shape[-2:])
+            out[:, :, st.row :: st.stride, st.col :: st.stride] = part
+        return out
+
+    def step_raw(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> torch.Tensor:
+        """The head output of `schedule[step]` on its stage's whole grid (N, P, H/2, W/2),
+        zero away from the step's positions."""
+        st = self.schedule[step]
+        out = self._step_out(features, lattice, step)
+        if st.stride == 1:
+            return out
+        full = out.new_zeros(*out.shape[:2], *features.shape[-2:])
+        full[:, :, st.row :: st.stride, st.col :: st.stride] = out
+        return full
+
+    def _step_out(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> torch.Tensor:
+        """`schedule[step]`'s head output at its positions only (N, P, H/2/stride, W/2/stride)."""
+        st = self.schedule[step]
         n, _, c, h, w = lattice.shape
-        context = torch.zeros(n, 4, c, h, w, dtype=torch.float32, device=features.device)
-        if stage > 0:
-            context[:, :stage] = self._pixel_input(lattice[:, :stage])
-        return self.stages[stage](features, context.reshape(n, 4 * c, h, w))
+        if st.stage > 0:
+            context = torch.zeros(n, 4, c, h, w, dtype=torch.float32, device=features.device)
+            context[:, : st.stage] = self._pixel_input(lattice[:, : st.stage])
+            context = context.reshape(n, 4 * c, h, w)
+        elif self.stages[step].context is not None:  # stage 0's pixels of the steps before
+            context = self._pixel_input(lattice[:, 0]) * self._known_before(step, h, w, features.device)
+        else:
+            context = None
+        return self.stages[step](features, context)
+
+    def _known_before(self, step: int, h: int, w: int, device) -> torch.Tensor:
+        """(1, 1, h, w) float32: 1 where a step of the same stage before `step` codes (cached)."""
+        key = (step, h, w, str(device))
+        if key not in self._known:
+            stage = self.schedule[step].stage
+            known = np.zeros((h, w), dtype=bool)
+            for st in self.schedule[:step]:
+                if st.stage == stage:
+                    known |= st.positions(h, w)
+            self._known[key] = torch.from_numpy(known.astype(np.float32)).to(device).view(1, 1, h, w)
+        return self._known[key]
 
     # ---- fixed point -----------------------------------------------------
     def calibrate_fixed(self, batches, headroom: float = 2.0) -> None:

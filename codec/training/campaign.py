@@ -39,6 +39,9 @@ class Campaign:
         bank: photo bank path, relative to the repository root.
         recipe: builds the bank's `BankRecipe` (from `data.data_root()`).
         config: the architecture to train; None: the starting model's own.
+        stage0_levels: if set, the starting model's architecture with stage 0 split this
+            many levels (`ModelConfig.stage0_levels`; the new steps warm-start as copies
+            of its stage-0 module, `warmstart.expand_pixel_steps`).
         batch, precision, channels_last: per device type ("cuda", "cpu").
         lr, warmup_steps, steps: peak learning rate, warm-up (of a fresh start only)
             and the horizon of the step schedule; each session's `--seconds` also ends
@@ -50,6 +53,7 @@ class Campaign:
     bank: str
     recipe: Callable[[], datasets.BankRecipe]
     config: Optional[ModelConfig] = None
+    stage0_levels: Optional[int] = None
     crop: int = 64
     batch: dict = field(default_factory=lambda: {"cuda": 512, "cpu": 16})
     precision: dict = field(default_factory=lambda: {"cuda": "bf16", "cpu": "fp32"})
@@ -75,6 +79,11 @@ CAMPAIGNS = {
     "gen2-exact": Campaign("gen2-exact", base_model="photo-rgb-exact-1", bank=".carry/photos-gen2.npz",
                            recipe=datasets.gen2_bank_recipe, lr=2.5e-4, warmup_steps=100,
                            precision={"cuda": "fp32", "cpu": "fp32"}),
+    # generation 2's pixel decoder: stage 0 coded in two more levels of 2x2 sub-lattices
+    # (1/64 of the pixels from the latents alone), from the fixed-point photo model
+    "gen2-pyramid": Campaign("gen2-pyramid", base_model="photo-rgb-exact-2", bank=".carry/photos-gen2.npz",
+                             recipe=datasets.gen2_bank_recipe, stage0_levels=2, lr=2.5e-4, warmup_steps=100,
+                             precision={"cuda": "fp32", "cpu": "fp32"}),
 }
 
 
@@ -92,7 +101,8 @@ def starting_model(campaign: Campaign) -> str:
 
     newest = campaign.base_model
     for spec in registry.specs().values():
-        if spec.training.get("campaign") == campaign.name and campaign.config in (None, spec.config):
+        if spec.training.get("campaign") == campaign.name and campaign.config in (None, spec.config) \
+                and campaign.stage0_levels in (None, spec.config.stage0_levels):
             newest = spec.name
     return newest
 
@@ -133,6 +143,8 @@ def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto
         else:
             start = starting_model(campaign)
             config = campaign.config or get_spec(start).config
+        if campaign.stage0_levels is not None:
+            config = replace(config, stage0_levels=campaign.stage0_levels)
         options = TrainOptions(
             config=config, data=(campaign.bank,), heldout=campaign.bank + ":heldout", crop=campaign.crop,
             steps=campaign.steps, lr=campaign.lr, warmup_steps=campaign.warmup_steps, kl_warmup_fraction=0.0,

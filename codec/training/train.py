@@ -46,7 +46,7 @@ from vaezip.files import atomic_write
 from vaezip.network.config import ModelConfig, unknown_keys
 from vaezip.network.model import HierarchicalVAE
 from vaezip.training import data as datasets
-from vaezip.training.warmstart import source_state, warm_start
+from vaezip.training.warmstart import expand_pixel_steps, source_state, warm_start
 
 CHECKPOINT_FORMAT = "vaezip-train-checkpoint-1"
 EVAL_SEED = 20240601  # fixed, so held-out crops and eval noise match across runs
@@ -466,7 +466,7 @@ def _new_run(options: TrainOptions, device: torch.device, log: Callable[[str], N
     warm, sessions = None, []
     if options.init_from is not None and options.resume is None:
         state, source = source_state(options.init_from)
-        report = warm_start(model, state)
+        report = warm_start(model, expand_pixel_steps(state, model.schedule))
         log(f"{report.summary()} from {source}")
         warm = {"from": source, **report.to_dict()}
         sessions = _earlier_sessions(options.init_from)
@@ -487,8 +487,12 @@ CALIBRATION_CROPS = 256
 def _calibrate_fixed(run: _RunState, data: _Data, options: TrainOptions, log: Callable[[str], None]) -> None:
     """A new fixed-point run: activation scales from the (warm-started) float layers' ranges on
     training crops (`HierarchicalVAE.calibrate_fixed`), the same in the EMA copy; a run
-    warm-started from a fixed-point model keeps that model's scales."""
-    if run.warm_start is not None and not any(name.endswith(".in_scale") for name in run.warm_start.get("new", [])):
+    warm-started from a fixed-point model keeps that model's scales (a new layer that
+    reads pixels, a stage-0 step's context, gets its grids from the wiring alone)."""
+    new = run.warm_start.get("new", []) if run.warm_start is not None else None
+    if new is not None and not any(name.endswith(".in_scale") and ".context." not in name for name in new):
+        run.model.wire_fixed()
+        run.ema.load_state_dict(run.model.state_dict())
         log("fixed point: activation scales kept from the warm-start model")
         return
     t = time.monotonic()

@@ -131,6 +131,29 @@ def source_state(source: str, device: str | torch.device = "cpu") -> tuple[dict[
         f"registered model {source} (sha256 {loaded.spec.sha256[:16]})"
 
 
+def expand_pixel_steps(old_state: Mapping[str, torch.Tensor], schedule) -> dict[str, torch.Tensor]:
+    """An old model's weights laid out for a model whose stage 0 is split into more
+    pixel steps (`model.pixel_schedule`): every stage-0 step starts as a copy of the old
+    stage-0 module (its new context layer keeps its zero initialisation), stages 1-3 move
+    to their new step numbers. A state that already has a module per step is returned
+    as it is.
+
+    Args:
+        old_state: weights of a model with the four-stage schedule (`stages.0`-`stages.3`).
+        schedule: the new model's `schedule` (`PixelStep`s).
+    """
+    indices = {int(name.split(".")[1]) for name in old_state if name.startswith("stages.")}
+    if indices != {0, 1, 2, 3} or len(schedule) == 4:
+        return dict(old_state)
+    state = {name: t for name, t in old_state.items() if not name.startswith("stages.")}
+    for k, step in enumerate(schedule):
+        prefix = f"stages.{step.stage}."
+        for name, t in old_state.items():
+            if name.startswith(prefix):
+                state[f"stages.{k}." + name[len(prefix):]] = t.clone()
+    return state
+
+
 def zero_residual(block: nn.Module, last: Optional[nn.Module] = None) -> nn.Module:
     """Zero the last layer of a new residual branch (`last`, default `block.c4`) in place,
     so that x + branch(x) == x until it is trained; returns `block`."""
