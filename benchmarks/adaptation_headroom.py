@@ -120,6 +120,8 @@ def main() -> None:
     model = registry.load_model(args.model).net.eval()
     if model.fixed:
         raise SystemExit("give a float model: the fit runs on the float head")
+    if len(model.schedule) != STAGES:
+        raise SystemExit("give a four-stage model: the fit hooks one head per stage")
     print("| image | form | pixel bits | after fit | saved | side information (8 bits a value) | net |")
     print("|---|---|---|---|---|---|---|")
     for path in args.images:
