@@ -83,12 +83,17 @@ EFFORT = {"rgb_kodim23_96x96": 9}
 """Cases coded at an effort other than the default (format version 5 on)."""
 EXACT_MODELS = {"photo-rgb-1": "photo-rgb-exact-1", "photo-gray-1": "photo-gray-exact-1"}
 """Format version 6 codes with fixed-point models: the case's model there."""
+STEPS_MODELS = {**EXACT_MODELS, "photo-rgb-1": "photo-rgb-pyramid-1"}
+"""Format version 7 codes a split stage 0 (`ModelConfig.stage0_levels`): the case's model there."""
 
 
 def case_model(name: str, version: int) -> str:
     """The model a case's file of `version` names ("" for images coded without one)."""
     model = CASES[name][1]
-    return EXACT_MODELS.get(model, model) if versions.get(version).numerics.exact else model
+    fmt = versions.get(version)
+    if fmt.stage0_steps:
+        return STEPS_MODELS.get(model, model)
+    return EXACT_MODELS.get(model, model) if fmt.numerics.exact else model
 
 
 def compress_case(name: str, version: int = versions.CURRENT.version) -> bytes:

@@ -4,8 +4,9 @@ A small image is coded with the tiny seeded model, then decoded in fresh process
 `portability.quick_matrix()` (oneDNN capped at SSE4.1 and at AVX2, ATen at its baseline,
 1 and 2 threads, numpy's dispatched loops off). Format version 5 runs float kernels that
 depend on the instruction set, so those cases are expected to fail there (xfail, not
-strict: a small model may still agree); a thread count must never matter. Version 6 (the
-integer-exact network, the tiny fixed-point model) must pass every case. Re-encoding must
+strict: a small model may still agree); a thread count must never matter. Versions 6 and 7
+(the integer-exact network: the tiny fixed-point model, and for 7 one whose stage 0 is split
+into strided and dilated steps) must pass every case. Re-encoding must
 give the same code (the `runtime` header field, which names the CPU dispatch, aside).
 """
 
@@ -18,7 +19,7 @@ from vaezip.evaluation import portability
 from vaezip.format import versions
 from vaezip.imaging.images import write_png
 
-VERSIONS = (5, 6)
+VERSIONS = (5, 6, 7)
 ISA_REASON = ("format version 5 sums with float kernels chosen by the instruction set "
               "(docs/PORTABILITY.md); version 6 must not")
 
@@ -35,7 +36,7 @@ def _cases(matrix):
 
 
 @pytest.fixture(scope="module")
-def coded(tmp_path_factory, tiny_model, tiny_fixed_model):
+def coded(tmp_path_factory, tiny_model, tiny_fixed_model, tiny_steps_model):
     """Per version: (folder, PNG path, .vz path, model file, pixels sha256, .vz sha256)."""
     from vaezip import api
 
@@ -46,7 +47,8 @@ def coded(tmp_path_factory, tiny_model, tiny_fixed_model):
         if version not in cache:
             if version not in versions.FORMATS:
                 pytest.skip(f"format version {version} is not in versions.FORMATS yet")
-            model = tiny_fixed_model if versions.FORMATS[version].numerics.exact else tiny_model
+            fmt = versions.FORMATS[version]
+            model = tiny_steps_model if fmt.stage0_steps else tiny_fixed_model if fmt.numerics.exact else tiny_model
             data = api.compress(image, loaded=model, version=version)
             folder = tmp_path_factory.mktemp(f"v{version}")
             png, vz = folder / "image.png", folder / "image.vz"

@@ -226,7 +226,8 @@ def coding_network(model: HierarchicalVAE, fmt: Format, workers: Optional[int] =
         raise ModelError(f"format version {fmt.version} codes with {kind} model; this one is not")
     if model.config.stage0_levels and not fmt.stage0_steps:
         raise ModelError(f"format version {fmt.version} codes stage 0 in one step; this model splits it "
-                         f"(stage0_levels {model.config.stage0_levels}): use a newer version")
+                         f"(stage0_levels {model.config.stage0_levels}), which a fixed-point model codes "
+                         "in version 7")
     if numerics.exact:
         exact_torch_settings()
     previous = torch.backends.mkldnn.enabled, torch.get_num_threads()
