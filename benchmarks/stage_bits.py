@@ -54,15 +54,17 @@ def measure(loaded: registry.LoadedModel, images: list[np.ndarray], tile: int, r
             real = split_lattice(torch.from_numpy(grid.pixel_masks(indices)))[:, :, 0].numpy()  # (n, 4, h, w)
             with torch.inference_mode():
                 features = net.sample_posterior(x, latents="mean").features
-                h, w = lattice.shape[-2:]
                 for k, step in enumerate(steps):
-                    params = net.step_params(features, lattice, k)
-                    nats = -mixture_log_prob(params, lattice[:, step.stage].float()).sum(1).double().numpy()
-                    where = real[:, step.stage] & step.positions(h, w)[None]
+                    rows, cols = slice(step.row, None, step.stride), slice(step.col, None, step.stride)
+                    params = net.step_params(features, lattice, k)  # on the step's own grid
+                    values = lattice[:, step.stage, :, rows, cols].float()
+                    nats = -mixture_log_prob(params, values).sum(1).double().numpy()
+                    where = real[:, step.stage, rows, cols]
                     channels = lattice.shape[2]
                     bits[k] += nats[where].sum() / math.log(2)
                     counts[k] += where.sum() * channels
-                    for j, part in enumerate((ring_lattice[step.stage], ~ring_lattice[step.stage])):
+                    ring_step = ring_lattice[step.stage, rows, cols]
+                    for j, part in enumerate((ring_step, ~ring_step)):
                         chosen = where & part[None]
                         edge[j] += nats[chosen].sum() / math.log(2)
                         edge_n[j] += chosen.sum() * channels

@@ -47,41 +47,60 @@ def test_a_step_reads_only_the_pixels_coded_before_it(tiny_steps_model):
             noise = torch.randint(0, 256, lattice.shape, dtype=torch.uint8)
             where = torch.from_numpy(later)[None, :, None].expand_as(lattice)
             changed[where] = noise[where]
-            mine = torch.from_numpy(step.positions(h, w))
-            a = net.step_raw(features, lattice, k)[:, :, mine]
-            b = net.step_raw(features, changed, k)[:, :, mine]
-            assert torch.equal(a, b), k
+            a = net.step_raw(features, lattice, k)
+            assert a.shape[-2:] == (h // step.stride, w // step.stride)
+            assert torch.equal(a, net.step_raw(features, changed, k)), k
             if step.stage == 0 and k > 0:  # and does read the ones before it
                 earlier = lattice.clone()
                 earlier[:, 0][~torch.from_numpy(later[0])[None, None].expand_as(lattice[:, 0])] ^= 0x55
-                assert not torch.equal(a, net.step_raw(features, earlier, k)[:, :, mine]), k
+                assert not torch.equal(a, net.step_raw(features, earlier, k)), k
 
 
 def test_stage_raw_is_its_steps_at_their_positions(tiny_steps_model):
     net = tiny_steps_model.net
     features, lattice = _inputs(net)
-    h, w = lattice.shape[-2:]
     with torch.inference_mode():
         merged = net.stage_raw(features, lattice, 0)
         for k, step in enumerate(net.schedule):
             if step.stage == 0:
-                mine = torch.from_numpy(step.positions(h, w))
-                assert torch.equal(merged[:, :, mine], net.step_raw(features, lattice, k)[:, :, mine])
+                at = merged[:, :, step.row :: step.stride, step.col :: step.stride]
+                assert torch.equal(at, net.step_raw(features, lattice, k))
 
 
 def test_warm_start_from_four_stages_computes_the_old_numbers(tiny_fixed_model):
     from dataclasses import replace
 
-    from vaezip.training.warmstart import expand_pixel_steps, warm_start
+    from vaezip.training.warmstart import remap_pixel_steps, warm_start
 
     old = tiny_fixed_model.net
     new = HierarchicalVAE(replace(old.config, stage0_levels=2))
-    report = warm_start(new, expand_pixel_steps(old.state_dict(), new.schedule))
+    report = warm_start(new, remap_pixel_steps(old.state_dict(), new.schedule))
     assert not report.unused and all(".context." in name for name in report.new)
     new.wire_fixed()
     features, lattice = _inputs(old)
     with torch.inference_mode():
         for stage in range(4):
+            assert torch.equal(old.stage_raw(features, lattice, stage), new.stage_raw(features, lattice, stage))
+
+
+def test_a_shallower_split_keeps_the_steps_it_shares(tiny_steps_model):
+    """Two levels to one: the base and the level-1 steps keep their modules (the same
+    context), the level-2 steps are left out."""
+    from dataclasses import replace
+
+    from vaezip.training.warmstart import remap_pixel_steps, warm_start
+
+    old = tiny_steps_model.net
+    new = HierarchicalVAE(replace(old.config, stage0_levels=1))
+    report = warm_start(new, remap_pixel_steps(old.state_dict(), new.schedule))
+    assert not report.new and not report.unused and len(new.stages) == len(old.stages) - 3
+    features, lattice = _inputs(old)
+    with torch.inference_mode():
+        for k, step in enumerate(new.schedule):
+            same = old.schedule.index(step) if step in old.schedule else 0
+            assert same > 0 or k == 0
+            assert torch.equal(new.stages[k].head.weight, old.stages[same].head.weight)
+        for stage in (1, 2, 3):
             assert torch.equal(old.stage_raw(features, lattice, stage), new.stage_raw(features, lattice, stage))
 
 

@@ -287,12 +287,13 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     decoded = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
     schedule = net.model.schedule
     for k, step in enumerate(schedule):
-        mask = grid.stage_masks(indices, step.stage) & step.positions(half, half)
-        truth = _stage_values(lattice, step.stage, mask) if encoding else None
+        at = (Ellipsis, slice(step.row, None, step.stride), slice(step.col, None, step.stride))
+        mask = grid.stage_masks(indices, step.stage)[at]  # the step's own grid (n, h/stride, w/stride)
+        truth = _stage_values(lattice[:, :, :, at[1], at[2]], step.stage, mask) if encoding else None
         values = yield from _stage_steps(net, features, decoded, k, mask, params.fmt, truth)
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
-        decoded[:, step.stage].transpose(0, 2, 3, 1)[mask] = values
+        decoded[:, step.stage][at].transpose(0, 2, 3, 1)[mask] = values  # a view: writes into decoded
         if k + 1 == len(schedule) or schedule[k + 1].stage != step.stage:  # the stage is complete
             pad_stage(grid, indices, decoded[:, step.stage], step.stage)
     if states is not None:  # decoder only: the encoder popped these values as its Borrows

@@ -31,8 +31,15 @@ from torch import nn
 from vaezip.entropy.exact import LATENT_LOG_STD_STEPS, LATENT_MEAN_STEPS, LOG_SCALE_STEPS, LOGIT_STEPS, MEAN_STEPS
 from vaezip.format import versions
 from vaezip.network.config import ModelConfig
-from vaezip.network.fixedpoint import (FixedConv2d, Requant, Stream, at_positions, calibrating, is_calibrating,
-                                       power_of_two_scale)
+from vaezip.network.fixedpoint import (
+    FixedConv2d,
+    Requant,
+    Stream,
+    at_positions,
+    calibrating,
+    is_calibrating,
+    power_of_two_scale,
+)
 
 LN2 = math.log(2.0)
 # Pixel-likelihood parameter ranges, in pixel units; quantize.py uses the same.
@@ -559,8 +566,8 @@ class HierarchicalVAE(nn.Module):
 
     def step_params(self, features: torch.Tensor, lattice: torch.Tensor, step: int,
                     adaptation: Optional["HeadAdaptation"] = None) -> MixtureParams:
-        """Mixture parameters of `schedule[step]` on its stage's whole grid (N, ., H/2, W/2),
-        right at the step's positions; `lattice` as in `stage_params`, read only where
+        """Mixture parameters of `schedule[step]` at its positions only, on its own grid
+        (N, ., H/2/stride, W/2/stride); `lattice` as in `stage_params`, read only where
         earlier steps are. What coding runs, one step at a time."""
         return self._params(self.step_raw(features, lattice, step), self.schedule[step].stage, adaptation)
 
@@ -588,7 +595,7 @@ class HierarchicalVAE(nn.Module):
             return self.step_raw(features, lattice, steps[0])
         out = None
         for k in steps:
-            part, st = self._step_out(features, lattice, k), self.schedule[k]
+            part, st = self.step_raw(features, lattice, k), self.schedule[k]
             if out is None:
                 n, p = part.shape[:2]
                 out = part.new_zeros(n, p, *features.shape[-2:])
@@ -596,18 +603,7 @@ class HierarchicalVAE(nn.Module):
         return out
 
     def step_raw(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> torch.Tensor:
-        """The head output of `schedule[step]` on its stage's whole grid (N, P, H/2, W/2),
-        zero away from the step's positions."""
-        st = self.schedule[step]
-        out = self._step_out(features, lattice, step)
-        if st.stride == 1:
-            return out
-        full = out.new_zeros(*out.shape[:2], *features.shape[-2:])
-        full[:, :, st.row :: st.stride, st.col :: st.stride] = out
-        return full
-
-    def _step_out(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> torch.Tensor:
-        """`schedule[step]`'s head output at its positions only (N, P, H/2/stride, W/2/stride)."""
+        """The head output of `schedule[step]` at its positions only (N, P, H/2/stride, W/2/stride)."""
         st = self.schedule[step]
         n, _, c, h, w = lattice.shape
         if st.stage > 0:

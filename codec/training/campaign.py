@@ -41,7 +41,7 @@ class Campaign:
         config: the architecture to train; None: the starting model's own.
         stage0_levels: if set, the starting model's architecture with stage 0 split this
             many levels (`ModelConfig.stage0_levels`; the new steps warm-start as copies
-            of its stage-0 module, `warmstart.expand_pixel_steps`).
+            of its stage-0 module, `warmstart.remap_pixel_steps`).
         batch, precision, channels_last: per device type ("cuda", "cpu").
         lr, warmup_steps, steps: peak learning rate, warm-up (of a fresh start only)
             and the horizon of the step schedule; each session's `--seconds` also ends
@@ -86,6 +86,10 @@ CAMPAIGNS = {
     "gen2-pyramid": Campaign("gen2-pyramid", base_model="photo-rgb-exact-2", bank=".carry/photos-gen2.npz",
                              recipe=datasets.gen2_bank_recipe, stage0_levels=2, lr=1e-4, warmup_steps=100,
                              precision={"cuda": "fp32", "cpu": "fp32"}),
+    # the same decoder for the fixed-point gray model, on the bank read as gray
+    "gen2-gray-pyramid": Campaign("gen2-gray-pyramid", base_model="photo-gray-exact-1", bank=".carry/photos-gen2.npz",
+                                  recipe=datasets.gen2_bank_recipe, stage0_levels=2, lr=1e-4, warmup_steps=100,
+                                  precision={"cuda": "fp32", "cpu": "fp32"}),
 }
 
 

@@ -46,7 +46,7 @@ from vaezip.files import atomic_write
 from vaezip.network.config import ModelConfig, unknown_keys
 from vaezip.network.model import HierarchicalVAE
 from vaezip.training import data as datasets
-from vaezip.training.warmstart import expand_pixel_steps, source_state, warm_start
+from vaezip.training.warmstart import remap_pixel_steps, source_state, warm_start
 
 CHECKPOINT_FORMAT = "vaezip-train-checkpoint-1"
 EVAL_SEED = 20240601  # fixed, so held-out crops and eval noise match across runs
@@ -466,7 +466,7 @@ def _new_run(options: TrainOptions, device: torch.device, log: Callable[[str], N
     warm, sessions = None, []
     if options.init_from is not None and options.resume is None:
         state, source = source_state(options.init_from)
-        report = warm_start(model, expand_pixel_steps(state, model.schedule))
+        report = warm_start(model, remap_pixel_steps(state, model.schedule))
         log(f"{report.summary()} from {source}")
         warm = {"from": source, **report.to_dict()}
         sessions = _earlier_sessions(options.init_from)

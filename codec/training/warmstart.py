@@ -131,23 +131,32 @@ def source_state(source: str, device: str | torch.device = "cpu") -> tuple[dict[
         f"registered model {source} (sha256 {loaded.spec.sha256[:16]})"
 
 
-def expand_pixel_steps(old_state: Mapping[str, torch.Tensor], schedule) -> dict[str, torch.Tensor]:
-    """An old model's weights laid out for a model whose stage 0 is split into more
-    pixel steps (`model.pixel_schedule`): every stage-0 step starts as a copy of the old
-    stage-0 module (its new context layer keeps its zero initialisation), stages 1-3 move
-    to their new step numbers. A state that already has a module per step is returned
-    as it is.
+def remap_pixel_steps(old_state: Mapping[str, torch.Tensor], schedule) -> dict[str, torch.Tensor]:
+    """An old model's pixel-step modules laid out for a model with another split of stage 0
+    (`model.pixel_schedule`; the old split is read from its number of `stages.N` modules).
+
+    Each new step takes the old module of the same step (same stage, stride and positions:
+    it sees the same context); else the base step takes the old base (neither reads pixels);
+    else a new stage-0 step starts as a copy of the old base (its context layer, absent
+    there, keeps its zero initialisation, so the model computes what the old one did). Old
+    steps the new schedule lacks are dropped: a shallower split is the caller's explicit choice.
 
     Args:
-        old_state: weights of a model with the four-stage schedule (`stages.0`-`stages.3`).
+        old_state: the old model's weights.
         schedule: the new model's `schedule` (`PixelStep`s).
     """
-    indices = {int(name.split(".")[1]) for name in old_state if name.startswith("stages.")}
-    if indices != {0, 1, 2, 3} or len(schedule) == 4:
+    from vaezip.network.model import pixel_schedule
+
+    count = len({int(name.split(".")[1]) for name in old_state if name.startswith("stages.")})
+    if count < 4 or (count - 4) % 3:
+        raise ModelError(f"warm start: {count} pixel-step modules fit no schedule")
+    old_schedule = pixel_schedule((count - 4) // 3)
+    if tuple(old_schedule) == tuple(schedule):
         return dict(old_state)
     state = {name: t for name, t in old_state.items() if not name.startswith("stages.")}
     for k, step in enumerate(schedule):
-        prefix = f"stages.{step.stage}."
+        source = old_schedule.index(step) if step in old_schedule else 0
+        prefix = f"stages.{source}."
         for name, t in old_state.items():
             if name.startswith(prefix):
                 state[f"stages.{k}." + name[len(prefix):]] = t.clone()
