@@ -93,6 +93,29 @@ def test_schedules():
     assert TrainOptions.from_dict(options.to_dict()) == options
 
 
+def test_lr_scales_group_parameters_and_train_them_faster(bank, tmp_path):
+    from vaezip.training.train import parameter_groups
+
+    scales = ((r"stages\.0\.", 10.0), (r"stages\.", 3.0))
+    groups = parameter_groups(HierarchicalVAE(TINY), scales)
+    assert [g["lr_scale"] for g in groups] == [10.0, 3.0, 1.0]
+    model = HierarchicalVAE(TINY)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in parameter_groups(model, scales):
+        for p in group["params"]:
+            name = names[id(p)]
+            want = 10.0 if name.startswith("stages.0.") else 3.0 if name.startswith("stages.") else 1.0
+            assert group["lr_scale"] == want, name
+    options = _options(bank, tmp_path / "scaled", steps=4, lr_scales=scales)
+    assert TrainOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+    torch.manual_seed(options.seed)  # the initialisation train() starts from
+    before = HierarchicalVAE(TINY).state_dict()
+    result = train(options, log=None)
+    after = torch.load(result.weights, weights_only=True)
+    moved = {name: float((after[name] - before[name]).abs().max()) for name in ("stages.0.head.bias", "stem.bias")}
+    assert moved["stages.0.head.bias"] > moved["stem.bias"] > 0
+
+
 def test_cli_runs_and_resumes(bank, tmp_path):
     out = tmp_path / "cli"
     args = ["--data", bank, "--width", "16", "--bottleneck", "8", "--pixel-width", "8",

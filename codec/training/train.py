@@ -72,6 +72,9 @@ class TrainOptions:
         batch: crops per step.
         steps: total optimiser steps (the lr schedule spans them).
         lr: peak learning rate; warmup_steps: linear warm-up length.
+        lr_scales: (name pattern, factor) pairs: parameters whose name matches a pattern
+            (`re.match`, first match) train at that multiple of the learning rate
+            (`parameter_groups`), e.g. new layers faster than warm-started ones.
         weight_decay: AdamW decoupled weight decay.
         ema_decay: EMA decay (ramped up as (1+t)/(10+t) early on, so short runs work).
         grad_clip: gradient norm clip; skip_threshold: skip the update when the
@@ -106,6 +109,7 @@ class TrainOptions:
     batch: int = 16
     steps: int = 20000
     lr: float = 5e-4
+    lr_scales: tuple[tuple[str, float], ...] = ()
     warmup_steps: int = 200
     weight_decay: float = 0.01
     ema_decay: float = 0.999
@@ -133,6 +137,7 @@ class TrainOptions:
         if isinstance(self.data, str):
             self.data = (self.data,)
         self.data = tuple(self.data)
+        self.lr_scales = tuple((str(pattern), float(scale)) for pattern, scale in self.lr_scales)
         if not self.data:
             raise InputError("no training data given")
         for name in ("crop", "batch", "steps", "eval_every", "eval_crops", "checkpoint_every"):
@@ -147,6 +152,7 @@ class TrainOptions:
         out = asdict(self)
         out["config"] = self.config.to_dict()
         out["data"] = list(self.data)
+        out["lr_scales"] = [list(pair) for pair in self.lr_scales]
         return out
 
     @classmethod
@@ -475,9 +481,23 @@ def _new_run(options: TrainOptions, device: torch.device, log: Callable[[str], N
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
     fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.99),
+    optimizer = torch.optim.AdamW(parameter_groups(model, options.lr_scales), lr=options.lr, betas=(0.9, 0.99),
                                   weight_decay=options.weight_decay, **fused)
     return _RunState(model, ema, optimizer, sessions=sessions, warm_start=warm)
+
+
+def parameter_groups(model: torch.nn.Module, lr_scales: tuple[tuple[str, float], ...]) -> list[dict]:
+    """AdamW parameter groups: a parameter whose name matches (`re.match`) the first pattern of
+    `lr_scales` trains at that multiple of the learning rate, the others at 1x (groups in
+    the order of the patterns, then the rest; empty groups left out)."""
+    import re
+
+    groups: dict[float, list] = {}
+    order = [scale for _, scale in lr_scales] + [1.0]
+    for name, parameter in model.named_parameters():
+        scale = next((s for pattern, s in lr_scales if re.match(pattern, name)), 1.0)
+        groups.setdefault(scale, []).append(parameter)
+    return [{"params": groups[s], "lr_scale": s} for s in dict.fromkeys(order) if s in groups]
 
 
 CALIBRATION_CROPS = 256
@@ -646,7 +666,7 @@ def _train_step(run: _RunState, objective: torch.nn.Module, autocast: Callable, 
         after DDP's averaging, is not finite or too large). One host sync per step.
     """
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # a checkpoint from before lr_scales has none
     with autocast():
         loss, nelbo_bits = objective(x, torch.tensor(beta, device=x.device))
     run.optimizer.zero_grad(set_to_none=True)
