@@ -55,7 +55,7 @@ def measure(loaded: registry.LoadedModel, images: list[np.ndarray], tile: int, r
             with torch.inference_mode():
                 features = net.sample_posterior(x, latents="mean").features
                 for k, step in enumerate(steps):
-                    rows, cols = slice(step.row, None, step.stride), slice(step.col, None, step.stride)
+                    rows, cols = step.window
                     params = net.step_params(features, lattice, k)  # on the step's own grid
                     values = lattice[:, step.stage, :, rows, cols].float()
                     nats = -mixture_log_prob(params, values).sum(1).double().numpy()

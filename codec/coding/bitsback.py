@@ -287,9 +287,9 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     decoded = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
     schedule = net.model.schedule
     for k, step in enumerate(schedule):
-        at = (Ellipsis, slice(step.row, None, step.stride), slice(step.col, None, step.stride))
+        at = (..., *step.window)
         mask = grid.stage_masks(indices, step.stage)[at]  # the step's own grid (n, h/stride, w/stride)
-        truth = _stage_values(lattice[:, :, :, at[1], at[2]], step.stage, mask) if encoding else None
+        truth = _stage_values(lattice[at], step.stage, mask) if encoding else None
         values = yield from _stage_steps(net, features, decoded, k, mask, params.fmt, truth)
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Generator, Optional, Protocol
 
 import numpy as np
@@ -82,10 +83,15 @@ class PixelStep:
         """(stride, row, col), or None for the whole grid (`fixedpoint.at_positions`)."""
         return None if self.stride == 1 else (self.stride, self.row, self.col)
 
+    @property
+    def window(self) -> tuple[slice, slice]:
+        """(rows, cols): the step's positions as slices of the last two axes of a grid."""
+        return slice(self.row, None, self.stride), slice(self.col, None, self.stride)
+
     def positions(self, height: int, width: int) -> np.ndarray:
         """(height, width) bool: the step's positions on its stage's grid."""
         mask = np.zeros((height, width), dtype=bool)
-        mask[self.row :: self.stride, self.col :: self.stride] = True
+        mask[self.window] = True
         return mask
 
 
@@ -102,6 +108,17 @@ def pixel_schedule(stage0_levels: int) -> tuple[PixelStep, ...]:
         stride, half = 2**level, 2 ** (level - 1)
         steps += [PixelStep(0, stride, i * half, j * half) for i, j in STAGE_OFFSETS[1:]]
     return tuple(steps) + tuple(PixelStep(s) for s in (1, 2, 3))
+
+
+@lru_cache(maxsize=None)
+def known_before(schedule: tuple[PixelStep, ...], step: int, height: int, width: int) -> torch.Tensor:
+    """(1, 1, height, width) float32: 1 where a step of the same stage before `step` codes."""
+    stage = schedule[step].stage
+    known = np.zeros((height, width), dtype=bool)
+    for st in schedule[:step]:
+        if st.stage == stage:
+            known |= st.positions(height, width)
+    return torch.from_numpy(known.astype(np.float32)).view(1, 1, height, width)
 
 
 @dataclass(frozen=True)
@@ -278,8 +295,7 @@ class PixelStage(nn.Module):
         return F.conv2d(h, self.mid1.weight, self.mid1.bias, stride, padding)
 
     def _at_step(self, h: torch.Tensor) -> torch.Tensor:
-        st = self.step
-        return h if st.stride == 1 else h[:, :, st.row :: st.stride, st.col :: st.stride]
+        return h if self.step.stride == 1 else h[(..., *self.step.window)]
 
     def forward(self, features: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.feat(features)
@@ -451,7 +467,6 @@ class HierarchicalVAE(nn.Module):
         self.schedule = pixel_schedule(config.stage0_levels)
         self.stages = nn.ModuleList([PixelStage(config, step, k == 0) for k, step in enumerate(self.schedule)])
         """One `PixelStage` per step of `schedule`."""
-        self._known: dict[tuple, torch.Tensor] = {}
         if self.fixed:  # the integer grids (`network.fixedpoint`): two residual streams
             self.encoder_stream, self.decoder_stream = Stream(w, stream_bits), Stream(w, stream_bits)
             self.pixel_entry = Requant(w, feature_bits, relu=False)
@@ -599,7 +614,7 @@ class HierarchicalVAE(nn.Module):
             if out is None:
                 n, p = part.shape[:2]
                 out = part.new_zeros(n, p, *features.shape[-2:])
-            out[:, :, st.row :: st.stride, st.col :: st.stride] = part
+            out[(..., *st.window)] = part
         return out
 
     def step_raw(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> torch.Tensor:
@@ -611,24 +626,24 @@ class HierarchicalVAE(nn.Module):
             context[:, : st.stage] = self._pixel_input(lattice[:, : st.stage])
             context = context.reshape(n, 4 * c, h, w)
         elif self.stages[step].context is not None:  # stage 0's pixels of the steps before
-            context = self._pixel_input(lattice[:, 0]) * self._known_before(step, h, w, features.device)
+            context = self._pixel_input(lattice[:, 0]) * known_before(self.schedule, step, h, w).to(features.device)
         else:
             context = None
         return self.stages[step](features, context)
 
-    def _known_before(self, step: int, h: int, w: int, device) -> torch.Tensor:
-        """(1, 1, h, w) float32: 1 where a step of the same stage before `step` codes (cached)."""
-        key = (step, h, w, str(device))
-        if key not in self._known:
-            stage = self.schedule[step].stage
-            known = np.zeros((h, w), dtype=bool)
-            for st in self.schedule[:step]:
-                if st.stage == stage:
-                    known |= st.positions(h, w)
-            self._known[key] = torch.from_numpy(known.astype(np.float32)).to(device).view(1, 1, h, w)
-        return self._known[key]
-
     # ---- fixed point -----------------------------------------------------
+    def calibrated_scales(self) -> set[str]:
+        """Names of the buffers `calibrate_fixed` chooses from data (streams' scales, the output
+        scales of requantisations and of convolutions into a ReLU); `wire_fixed` derives
+        every other grid from them."""
+        names = set()
+        for name, module in self.named_modules():
+            if isinstance(module, Stream):
+                names.add(f"{name}.scale")
+            elif isinstance(module, Requant) or (isinstance(module, FixedConv2d) and module.relu):
+                names.add(f"{name}.out_scale")
+        return names
+
     def calibrate_fixed(self, batches, headroom: float = 2.0) -> None:
         """Choose a fixed-point model's power-of-two activation scales from the ranges its
         float layers reach on `batches` (iterable of uint8 (N, C, H, W)), then `wire_fixed`.

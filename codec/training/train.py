@@ -490,8 +490,6 @@ def parameter_groups(model: torch.nn.Module, lr_scales: tuple[tuple[str, float],
     """AdamW parameter groups: a parameter whose name matches (`re.match`) the first pattern of
     `lr_scales` trains at that multiple of the learning rate, the others at 1x (groups in
     the order of the patterns, then the rest; empty groups left out)."""
-    import re
-
     groups: dict[float, list] = {}
     order = [scale for _, scale in lr_scales] + [1.0]
     for name, parameter in model.named_parameters():
@@ -507,10 +505,10 @@ CALIBRATION_CROPS = 256
 def _calibrate_fixed(run: _RunState, data: _Data, options: TrainOptions, log: Callable[[str], None]) -> None:
     """A new fixed-point run: activation scales from the (warm-started) float layers' ranges on
     training crops (`HierarchicalVAE.calibrate_fixed`), the same in the EMA copy; a run
-    warm-started from a fixed-point model keeps that model's scales (a new layer that
-    reads pixels, a stage-0 step's context, gets its grids from the wiring alone)."""
+    warm-started from a fixed-point model keeps that model's scales (a new layer whose grids
+    the wiring derives, e.g. a stage-0 step's context, is wired to them)."""
     new = run.warm_start.get("new", []) if run.warm_start is not None else None
-    if new is not None and not any(name.endswith(".in_scale") and ".context." not in name for name in new):
+    if new is not None and not run.model.calibrated_scales() & set(new):
         run.model.wire_fixed()
         run.ema.load_state_dict(run.model.state_dict())
         log("fixed point: activation scales kept from the warm-start model")
