@@ -3,7 +3,8 @@
 Each model is a registered name or a training run's weights and record (`OUT.pt`, read with
 `OUT.json`). Every image is measured whole, tiled as the coder tiles it, latents sampled with
 a fixed seed (`rates.model_bits`), so both models see the same tiles and the same noise.
-Totals are total bits over total subpixels.
+Totals are total bits over total subpixels. Gray models (one channel) are measured on the
+images converted to gray (Pillow's `convert("L")`, ITU-R 601 luma).
 
 With --files (two registered models) each image is also compressed with each model at the
 default effort (`vaezip.compress`, in this process), decoded and checked; the file bits per
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +39,19 @@ SETS = {
 }
 
 
+def pil_mode(config: ModelConfig) -> str:
+    """The Pillow mode a model codes: "L" for one channel, else "RGB"."""
+    return "L" if config.channels == 1 else "RGB"
+
+
 def load(model: str) -> registry.LoadedModel:
     """A registered model, or the weights OUT.pt of a run with its record OUT.json."""
     if not model.endswith(".pt"):
         return registry.load_model(model)
     record = registry.read_record(Path(model).with_suffix(".json"))
     spec = registry.ModelSpec(name=Path(model).stem, file=model, sha256=registry.sha256_file(model),
-                              config=ModelConfig.from_dict(record["config"]), modes=("RGB",))
+                              config=ModelConfig.from_dict(record["config"]))
+    spec = replace(spec, modes=(pil_mode(spec.config),))
     return registry.model_from_weights(spec, model)
 
 
@@ -54,13 +62,17 @@ def main() -> None:
     parser.add_argument("--json-out", default="/tmp/vaezip-compare.json")
     args = parser.parse_args()
     models = [load(m) for m in args.models]
+    modes = {pil_mode(lm.spec.config) for lm in models}
+    if len(modes) != 1:
+        raise SystemExit("the two models code different modes (gray and RGB)")
+    mode = modes.pop()
     out = {"models": args.models, "sets": {}, "load": os.getloadavg()}
     for set_name, paths in SETS.items():
         bits, file_bits = np.zeros(len(models)), np.zeros(len(models))
         subpixels = 0
         start = time.perf_counter()
         for path in paths:
-            pixels = np.asarray(PILImage.open(path).convert("RGB"))
+            pixels = np.asarray(PILImage.open(path).convert(mode))
             for k, lm in enumerate(models):
                 tile = tile_size(pixels.shape[0], pixels.shape[1], lm.spec.config.downsampling)
                 bits[k] += model_bits(lm, pixels, tile)[0]

@@ -5,9 +5,12 @@ subprocesses (wall time including interpreter and model start-up), a pixel-exact
 the decoded PNG (mode and pixels; the run aborts on any difference), the model's −ELBO on
 the same pixels with the tile size read from the .vz header, and the baselines of
 `vaezip.evaluation.baselines` (each checked lossless). Rates are bits per subpixel (H*W*C).
-Totals are total bits over total subpixels, not means of ratios.
+Totals are total bits over total subpixels, not means of ratios. With --gray every image is
+first converted to 8-bit gray (Pillow's `convert("L")`, ITU-R 601 luma) and written as a
+gray PNG, so the CLI codes it with the default gray model and the baselines see the same
+gray pixels.
 
-    .venv/bin/python benchmarks/kodak.py [--limit N] [--images kodim01.png ...]
+    .venv/bin/python benchmarks/kodak.py [--limit N] [--images kodim01.png ...] [--gray]
         [--json-out /tmp/vaezip-bench/kodak.json]
 
 Writes a JSON file and prints a markdown table to stdout.
@@ -61,6 +64,17 @@ def find_vaezip(given: str | None) -> str:
         return given
     beside = Path(sys.executable).parent / "vaezip"
     return str(beside) if beside.exists() else (shutil.which("vaezip") or "vaezip")
+
+
+def gray_copy(path: Path, folder: Path) -> Path:
+    """`path` converted to 8-bit gray (Pillow's luma), as a PNG of the same name in `folder`."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / (path.stem + ".png")
+    with Image.open(path) as image:
+        image.convert("L").save(out)
+    return out
 
 
 def cli_seconds(stdout: str) -> float | None:
@@ -197,7 +211,8 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines += [
         "",
-        f"Totals are total bits / total subpixels ({t['subpixels']} subpixels, {t['megapixels']:.3f} MP). "
+        ("Images: gray (luma) copies of the originals. " if result.get("gray") else "")
+        + f"Totals are total bits / total subpixels ({t['subpixels']} subpixels, {t['megapixels']:.3f} MP). "
         f"Overhead: total {_f(100 * t['overhead_total'], 2)} %, mean of per-image {_f(100 * t['overhead_mean'], 2)} % "
         f"(min {_f(100 * t['overhead_min'], 2)} %, max {_f(100 * t['overhead_max'], 2)} %).",
         f"Time per megapixel: vaezip encode {_f(t['encode_s_per_mp'], 2)} s, decode {_f(t['decode_s_per_mp'], 2)} s "
@@ -234,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N images")
     parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--vaezip", help="the vaezip executable (default: beside this python)")
+    parser.add_argument("--gray", action="store_true", help="code gray (luma) versions of the images")
     parser.add_argument("--code", choices=("head", "worktree", "installed"), default="head",
                         help="which code to run, copied once at start (default: git HEAD); see _snapshot.py")
     args = parser.parse_args(argv)
@@ -257,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": command, "cwd": os.getcwd(), "vaezip": vaezip, "code": _snapshot.public(code),
             "environment": environment(), "images": [],
         }
+        if args.gray:
+            paths = [gray_copy(path, Path(tmp) / "gray") for path in paths]
+        result["gray"] = args.gray
         for i, path in enumerate(paths, 1):
             row = bench_image(path, vaezip, Path(tmp), loaded, code["env"])
             row["loadavg_1min_after"] = os.getloadavg()[0]  # other jobs on the machine inflate the times

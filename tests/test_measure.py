@@ -170,6 +170,12 @@ def test_overhead_split_for_every_coding_path(tiny_model):
         assert r.iwae_bpd is not None and math.isfinite(r.iwae_bpd)
 
 
+def test_model_bits_takes_gray_as_two_dimensional(tiny_gray_model):
+    pixels = random_pixels("L", 24, 40, seed=4, smooth=True)
+    flat = pixels.reshape(24, 40)
+    assert api.model_bits(tiny_gray_model, flat, 16)[0] == api.model_bits(tiny_gray_model, flat[:, :, None], 16)[0]
+
+
 def test_api_reexports_measure():
     import vaezip
     import vaezip.evaluation.rates

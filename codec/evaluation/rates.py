@@ -234,7 +234,7 @@ def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, 
     """Reconstruction and per-group KL bits (and the K-sample IWAE) of an image, tiled as coded.
 
     Args:
-        loaded: the model; pixels: (H, W, C) uint8, C = the model's channels.
+        loaded: the model; pixels: (H, W, C) uint8, C = the model's channels ((H, W): gray).
         tile: tile side (as in the .vz header).
         samples: IWAE samples K (0: skip); any K runs in bounded memory.
         seed: seeds a private torch generator (no global RNG state is touched).
@@ -245,6 +245,8 @@ def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, 
     from vaezip.coding.tiles import TileGrid
 
     net = loaded.net
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
     grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
     generator = torch.Generator().manual_seed(seed)
     recon, kl = 0.0, np.zeros(len(net.groups))
@@ -282,6 +284,8 @@ def tile_log_weights(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int
     from vaezip.coding.tiles import TileGrid
 
     net = loaded.net
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
     grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
     generator = torch.Generator().manual_seed(seed)
     per_call = max(1, SAMPLE_PIXELS // (tile * tile))
