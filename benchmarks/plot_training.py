@@ -1,11 +1,20 @@
 """Plot the training curves stored in the model registry (held-out −ELBO, bits per subpixel).
 
+Two panels, because the two generations measure on different held-out crops:
+  left: the first models (one H200, 12 minutes each), on their held-out crops;
+  right: everything trained on the generation-2 photo bank (.carry/photos-gen2.npz), on its
+    held-out photos2 crops. A warm-started model continues its parent's line: the x axis
+    counts the crops seen on that bank along the whole chain of warm starts (earlier
+    sessions of the same model included), so one line per lineage reads left to right.
+
     python benchmarks/plot_training.py docs/training_curve.png
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from functools import lru_cache
 
 import matplotlib
 
@@ -13,23 +22,71 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from vaezip.network import registry  # noqa: E402
+from vaezip.training.campaign import CAMPAIGNS  # noqa: E402
+
+GEN2_BANK = ".carry/photos-gen2.npz"
+
+
+def on_gen2_bank(spec: registry.ModelSpec) -> bool:
+    return str(spec.training.get("heldout", "")).startswith(GEN2_BANK)
+
+
+def parent(spec: registry.ModelSpec) -> str | None:
+    """The registered model `spec` was warm-started from (a run file: its campaign's base)."""
+    source = (spec.training.get("warm_start") or {}).get("from", "")
+    match = re.match(r"registered model (\S+)", source)
+    if match:
+        return match.group(1)
+    campaign = CAMPAIGNS.get(spec.training.get("campaign", ""))
+    return campaign.base_model if campaign and source else None
+
+
+def session_crops(session: dict) -> int:
+    first, last = session["steps"]
+    return (last - first) * session["batch_per_rank"] * session.get("ranks", 1)
+
+
+@lru_cache(maxsize=None)
+def crops_before(name: str) -> int:
+    """Crops of the generation-2 bank seen along `name`'s warm-start chain, all its sessions included."""
+    spec = registry.get_spec(name)
+    if not on_gen2_bank(spec):
+        return 0
+    own = sum(session_crops(s) for s in spec.training.get("sessions", [])) or spec.training.get("crops_seen", 0)
+    return own + (crops_before(parent(spec)) if parent(spec) in registry.specs() else 0)
+
+
+def curve_start(spec: registry.ModelSpec) -> int:
+    """Crops seen before the first step of `spec`'s stored curve (its last session)."""
+    sessions = spec.training.get("sessions", [])
+    earlier = sum(session_crops(s) for s in sessions[:-1])
+    return earlier + (crops_before(parent(spec)) if parent(spec) in registry.specs() else 0)
 
 
 def main(out: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (gen1, gen2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for spec in registry.specs().values():
         curve = spec.training.get("curve", [])
-        if not curve:
+        if not curve or spec.name.startswith("mnist"):
             continue
-        steps = [row[0] for row in curve]
-        (line,) = ax.plot(steps, [row[2] for row in curve], marker="o", ms=3, label=f"{spec.name} held-out")
-        ax.plot(steps, [row[1] for row in curve], ls=":", color=line.get_color(), alpha=0.6, label=f"{spec.name} train")
-    ax.set_xlabel("step (batch 64)")
-    ax.set_ylabel("−ELBO, bits per subpixel")
-    ax.set_ylim(0, 6)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("vaezip training (one H200; learning-rate restart at the resume, ~step 8000)", fontsize=9)
+        batch = spec.training.get("batch", 64)
+        if on_gen2_bank(spec):
+            start = curve_start(spec)
+            x = [(start + row[0] * batch) / 1e3 for row in curve]
+            gen2.plot(x, [row[2] for row in curve], marker="o", ms=3, label=spec.name)
+        else:
+            x = [row[0] * batch / 1e3 for row in curve]
+            (line,) = gen1.plot(x, [row[2] for row in curve], marker="o", ms=3, label=f"{spec.name} held-out")
+            gen1.plot(x, [row[1] for row in curve], ls=":", color=line.get_color(), alpha=0.6,
+                      label=f"{spec.name} train")
+    gen1.set_title("generation 1: one H200, 12 minutes a model (own held-out crops)", fontsize=9)
+    gen1.set_ylim(3, 6)
+    gen2.set_title("generation-2 bank, 2 CPU cores (held-out photos2 crops)", fontsize=9)
+    for ax in (gen1, gen2):
+        ax.set_xlabel("crops seen (thousands)")
+        ax.set_ylabel("held-out −ELBO, bits per subpixel")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
