@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,24 +43,13 @@ def pil_mode(config: ModelConfig) -> str:
     return "L" if config.channels == 1 else "RGB"
 
 
-def load(model: str) -> registry.LoadedModel:
-    """A registered model, or the weights OUT.pt of a run with its record OUT.json."""
-    if not model.endswith(".pt"):
-        return registry.load_model(model)
-    record = registry.read_record(Path(model).with_suffix(".json"))
-    spec = registry.ModelSpec(name=Path(model).stem, file=model, sha256=registry.sha256_file(model),
-                              config=ModelConfig.from_dict(record["config"]))
-    spec = replace(spec, modes=(pil_mode(spec.config),))
-    return registry.model_from_weights(spec, model)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs=2, help="old and new: registered names or OUT.pt files")
     parser.add_argument("--files", action="store_true", help="also compress with each (registered) model")
     parser.add_argument("--json-out", default="/tmp/vaezip-compare.json")
     args = parser.parse_args()
-    models = [load(m) for m in args.models]
+    models = [registry.load_named_or_run(m) for m in args.models]
     modes = {pil_mode(lm.spec.config) for lm in models}
     if len(modes) != 1:
         raise SystemExit("the two models code different modes (gray and RGB)")

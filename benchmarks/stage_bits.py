@@ -5,7 +5,9 @@ teacher-forced pixel context, as `model_terms` measures): for every step of the 
 pixel schedule (`HierarchicalVAE.schedule`: stage 0's base and sub-lattice steps, then
 stages 1-3), -log2 p of its real subpixels, its share of the pixel bits, and the bits of
 the pixels within `--ring` pixels of a tile's edge against the interior. Reconstruction
-bits only (the latents' KL is not in the table).
+bits only (the latents' KL is not in the table). A model that reads the ring of neighbouring
+pixels around each tile (`pixel_halo`) reads it as the coder does (`bitsback.image_rings`,
+coding batches of `batch_limit` tiles). Models: registered names or a run's OUT.pt.
 
     python benchmarks/stage_bits.py --models photo-rgb-exact-2 photo-rgb-steps-1 \
         --images ../shared/data/kodak/kodim0{1..7}.png [--json out.json]
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaezip.coding.bitsback import batch_limit, image_rings
 from vaezip.coding.tiles import TileGrid, lattice_to_pixels, split_tiles
 from vaezip.imaging.images import read_image
 from vaezip.network import registry
@@ -35,9 +38,10 @@ def step_label(step) -> str:
     return f"stage 0 ({step.row},{step.col}) of {step.stride}x{step.stride}"
 
 
-def measure(loaded: registry.LoadedModel, images: list[np.ndarray], tile: int, ring: int, batch: int = 32) -> dict:
+def measure(loaded: registry.LoadedModel, images: list[np.ndarray], tile: int, ring: int) -> dict:
     """Per step: bits and subpixels; and ring/interior bits and subpixels, summed over `images`."""
     net = loaded.net
+    batch = batch_limit(tile)
     steps = net.schedule
     bits, counts = np.zeros(len(steps)), np.zeros(len(steps))
     edge = np.zeros(2)  # bits: ring, interior
@@ -52,11 +56,15 @@ def measure(loaded: registry.LoadedModel, images: list[np.ndarray], tile: int, r
             lattice = torch.from_numpy(split_tiles(pixels, grid, indices))
             x = torch.from_numpy(lattice_to_pixels(lattice.numpy()))
             real = split_lattice(torch.from_numpy(grid.pixel_masks(indices)))[:, :, 0].numpy()  # (n, 4, h, w)
+            context, available = lattice, None
+            if net.config.pixel_halo:
+                ringed, available = image_rings(pixels, grid, indices)
+                context = torch.from_numpy(ringed)
             with torch.inference_mode():
                 features = net.sample_posterior(x, latents="mean").features
                 for k, step in enumerate(steps):
                     rows, cols = step.window
-                    params = net.step_params(features, lattice, k)  # on the step's own grid
+                    params = net.step_params(features, context, k, available=available)  # on the step's own grid
                     values = lattice[:, step.stage, :, rows, cols].float()
                     nats = -mixture_log_prob(params, values).sum(1).double().numpy()
                     where = real[:, step.stage, rows, cols]
@@ -85,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for name in args.models:
-        loaded = registry.load_model(name)
+        loaded = registry.load_named_or_run(name)
         images = [read_image(p).pixels[:, :, : loaded.spec.config.channels] for p in args.images]
         result = measure(loaded, images, args.tile, args.ring)
         results.append(result)

@@ -64,11 +64,12 @@ def make_tiny_model(channels: int, name: str):
     return registry.model_from_weights(spec, state)
 
 
-def make_tiny_fixed_model(channels: int, name: str, stage0_levels: int = 0):
+def make_tiny_fixed_model(channels: int, name: str, stage0_levels: int = 0, pixel_halo: bool = False):
     """A fixed-point (format version 6) `LoadedModel`: seeded random weights, activation
     scales set to powers of two without data (`set_uniform_scales`), so the model is the
     same on every machine. With `stage0_levels` (format version 7) the stage-0 steps'
-    context layers, zero-initialised in a new model, get seeded random weights too."""
+    context layers, zero-initialised in a new model, get seeded random weights too; with
+    `pixel_halo` (format version 8) the context layers read the ring around the tile."""
     import torch
 
     from vaezip.network import registry
@@ -76,7 +77,7 @@ def make_tiny_fixed_model(channels: int, name: str, stage0_levels: int = 0):
     from vaezip.network.model import HierarchicalVAE
 
     cfg = ModelConfig(channels=channels, width=16, bottleneck=8, pixel_width=8, mixtures=2, latent_scales=TINY_SCALES,
-                      fixed_bits=(8, 10, 10, 16), stage0_levels=stage0_levels)
+                      fixed_bits=(8, 10, 10, 16), stage0_levels=stage0_levels, pixel_halo=pixel_halo)
     torch.manual_seed(0)
     net = HierarchicalVAE(cfg)
     with torch.no_grad():
@@ -112,6 +113,19 @@ def tiny_steps_model():
 def tiny_steps_gray_model():
     """Tiny fixed-point gray model whose stage 0 is split one level deep (format version 7)."""
     return make_tiny_fixed_model(1, "tiny-steps-gray-test", stage0_levels=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_halo_model():
+    """Tiny fixed-point RGB model, stage 0 split one level, reading the ring around each
+    tile (format version 8)."""
+    return make_tiny_fixed_model(3, "tiny-halo-test", stage0_levels=1, pixel_halo=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_halo_gray_model():
+    """Tiny fixed-point gray model reading the ring around each tile (format version 8)."""
+    return make_tiny_fixed_model(1, "tiny-halo-gray-test", stage0_levels=1, pixel_halo=True)
 
 
 @pytest.fixture(scope="session")

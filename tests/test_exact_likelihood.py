@@ -91,7 +91,8 @@ def model() -> registry.LoadedModel:
 
 def tile(pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(x uint8 (1, 1, 4, 4), mask bool (1, 1, 4, 4)) of a 2x2 image, as the coder tiles it."""
-    return _tile_tensors(pixels, TileGrid(2, 2, 4), range(1))
+    tiles = _tile_tensors(pixels, TileGrid(2, 2, 4), range(1))
+    return tiles.x, tiles.mask
 
 
 def latent_gaussians(net: HierarchicalVAE, x: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -111,7 +111,7 @@ def test_version_7_round_trips(tiny_steps_model, tiny_steps_gray_model, effort):
 
     for model, mode, (height, width) in ((tiny_steps_model, "RGB", (83, 50)), (tiny_steps_gray_model, "L", (40, 97))):
         pixels = random_pixels(mode, height, width, seed=effort, smooth=True)
-        data = vaezip.compress(pixels, loaded=model, effort=effort)
+        data = vaezip.compress(pixels, loaded=model, effort=effort, version=7)
         header, _ = container.unpack(data)
         assert header.version == 7 and header.effort == effort
         assert np.array_equal(vaezip.decompress(data, loaded=model), pixels.reshape(height, width, -1).squeeze())

@@ -19,7 +19,7 @@ from vaezip.evaluation import portability
 from vaezip.format import versions
 from vaezip.imaging.images import write_png
 
-VERSIONS = (5, 6, 7)
+VERSIONS = (5, 6, 7, 8)
 ISA_REASON = ("format version 5 sums with float kernels chosen by the instruction set "
               "(docs/PORTABILITY.md); version 6 must not")
 
@@ -36,11 +36,12 @@ def _cases(matrix):
 
 
 @pytest.fixture(scope="module")
-def coded(tmp_path_factory, tiny_model, tiny_fixed_model, tiny_steps_model):
+def coded(tmp_path_factory, tiny_model, tiny_fixed_model, tiny_steps_model, tiny_halo_model):
     """Per version: (folder, PNG path, .vz path, model file, pixels sha256, .vz sha256)."""
     from vaezip import api
 
     image = random_image("RGB", 24, 40, seed=3, smooth=True)
+    tiles = random_image("RGB", 40, 72, seed=3, smooth=True)  # several tiles: their rings hold neighbours
     cache = {}
 
     def get(version: int):
@@ -49,13 +50,15 @@ def coded(tmp_path_factory, tiny_model, tiny_fixed_model, tiny_steps_model):
                 pytest.skip(f"format version {version} is not in versions.FORMATS yet")
             fmt = versions.FORMATS[version]
             model = tiny_steps_model if fmt.stage0_steps else tiny_fixed_model if fmt.numerics.exact else tiny_model
-            data = api.compress(image, loaded=model, version=version)
+            picture = tiles if fmt.pixel_halo else image
+            model = tiny_halo_model if fmt.pixel_halo else model
+            data = api.compress(picture, loaded=model, version=version)
             folder = tmp_path_factory.mktemp(f"v{version}")
             png, vz = folder / "image.png", folder / "image.vz"
-            write_png(image, png)
+            write_png(picture, png)
             vz.write_bytes(data)
             model_file = portability.save_model(model, folder)
-            cache[version] = (folder, png, vz, model_file, portability.pixels_sha256(image),
+            cache[version] = (folder, png, vz, model_file, portability.pixels_sha256(picture),
                               portability.code_sha256(data))
         return cache[version]
 

@@ -176,9 +176,11 @@ class _Stage:
 def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> list[_Stage]:
     """Head outputs and true values of the real positions of evenly spread tiles, latents
     at the posterior mean, computed with the coding network `net` (`inference.Network`)."""
+    from vaezip.coding.bitsback import batch_limit, image_rings
     from vaezip.coding.tiles import TileGrid, lattice_to_pixels, split_tiles
 
     grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
+    limit = batch_limit(tile)  # a tile's coding batch, roughly: its rings' neighbours (`pixel_halo`)
     count = min(grid.count, settings.tiles)
     chosen = np.unique(np.linspace(0, grid.count - 1, count).round().astype(np.int64))
     raws: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
@@ -196,8 +198,13 @@ def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> li
         except StopIteration as done:
             features = done.value
         lattice, real = split_lattice(x), split_lattice(masks)[:, :, 0]  # (n, 4, C, h, w), (n, 4, h, w)
+        context, available = lattice, None
+        if net.model.config.pixel_halo:  # with the rings the coder reads (`bitsback.image_rings`)
+            rings = [image_rings(pixels, grid, range(i, i + 1), i // limit * limit) for i in indices]
+            context = torch.from_numpy(np.concatenate([r[0] for r in rings]))
+            available = torch.cat([r[1] for r in rings])
         for s in range(STAGES):
-            raw = net.stage_raw(features, lattice, s)  # (n, P, h, w)
+            raw = net.stage_raw(features, context, s, available)  # (n, P, h, w)
             if net.model.fixed:  # integers -> the float head's outputs
                 raw = net.model.head_raw(raw)
             keep = real[:, s]

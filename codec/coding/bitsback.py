@@ -54,7 +54,7 @@ from vaezip.errors import CorruptFileError
 from vaezip.format.container import DETERMINISTIC_FLAG
 from vaezip.format.versions import NEWEST_FLOAT, Format
 from vaezip.network.inference import Network
-from vaezip.network.model import Gaussian
+from vaezip.network.model import Gaussian, ring_mask
 
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
 MAX_BATCH_PIXELS = MAX_BATCH * 64 * 64  # the same bound for smaller tiles (tile sets of small images)
@@ -117,14 +117,19 @@ def exact_latent_params(g: Gaussian, params: CodingParams) -> tuple[np.ndarray, 
 
 
 def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, step: int, mask: np.ndarray,
-                 fmt: Format, truth: Optional[np.ndarray] = None) -> coders.Steps:
+                 fmt: Format, truth: Optional[np.ndarray] = None, ring: Optional["TileRing"] = None) -> coders.Steps:
     """Steps of the real subpixels (m, C) of one pixel step (`HierarchicalVAE.schedule`: a
     sub-lattice stage, or part of stage 0), in pop order; returns them (int64).
 
     With `fmt.scale_offsets` the step's log-scale offsets (`calibrate`) pop first;
-    the encoder chooses them for its true values `truth` (None on the decoder).
+    the encoder chooses them for its true values `truth` (None on the decoder). With a
+    `ring` (format version 8) the step also reads the neighbouring tiles' pixels around
+    each tile.
     """
-    params = net.step_params(features, torch.from_numpy(lattice), step)
+    if ring is None:
+        params = net.step_params(features, torch.from_numpy(lattice), step)
+    else:
+        params = net.step_params(features, torch.from_numpy(ring.lattice(lattice)), step, ring.available)
     q = quantize.quantize_mixture(params, mask, fmt)
     channels = lattice.shape[2]
     if fmt.scale_offsets:
@@ -182,6 +187,100 @@ def _row_chunks(net: Network, count: int, build: Callable[[slice], np.ndarray]) 
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     return Codec(push, pop)
+
+
+def _ring_slices(direction: int, half: int) -> tuple[slice, slice]:
+    """(in the ring-padded grid, in the neighbour's grid) along one axis, for a neighbour
+    before (-1), beside (0) or after (+1) the tile (`HALO` = 1 sample)."""
+    return {-1: (slice(0, 1), slice(half - 1, half)), 0: (slice(1, half + 1), slice(0, half)),
+            1: (slice(half + 1, half + 2), slice(0, 1))}[direction]
+
+
+class TileRing:
+    """The ring of neighbouring pixels around each tile of a batch (format version 8, a
+    `ModelConfig.pixel_halo` model): one sample (two pixels) on every side of the tile's
+    (tile/2) grids, holding a neighbour's lattice where the decoder has it when it codes this
+    batch: a neighbour in the same batch (decoded in lockstep: its steps before, as the
+    tile's own) or in a later one (the decoder pops batches last first: all of it); nothing
+    beyond the image or in an earlier batch (`available` is 0 there). The encoder sees the
+    same: its rings depend on the batch's first tile, never on the batch's size.
+
+    Args:
+        layout: the `TileGrid` or `TileSequence` the batch belongs to.
+        indices: the batch's tiles.
+        source: global tile index -> its lattice (4, C, tile/2, tile/2) uint8, for tiles of
+            later batches (the encoder's image; the decoder's images as decoded so far).
+        batch_start: the first tile of the coding batch `indices` belongs to, if it starts
+            earlier (the −ELBO of `evaluation.rates` runs a coding batch in several calls).
+    """
+
+    def __init__(self, layout: "TileGrid | TileSequence", indices: range, source: Callable[[int], np.ndarray],
+                 batch_start: Optional[int] = None):
+        batch_start = indices.start if batch_start is None else batch_start
+        grids, starts = (layout.grids, layout.starts) if isinstance(layout, TileSequence) else ([layout], [0])
+        half = layout.tile // 2
+        self._inside: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        self._outside: list[tuple[int, int, int, int]] = []  # (tile, dr, dc, global neighbour)
+        neighbours = np.zeros((len(indices), 3, 3), dtype=bool)
+        for t, index in enumerate(indices):
+            image = int(np.searchsorted(starts, index, side="right")) - 1
+            grid = grids[image]
+            r, c = divmod(index - starts[image], grid.cols)
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if (dr, dc) == (0, 0) or not (0 <= rr < grid.rows and 0 <= cc < grid.cols):
+                        continue
+                    j = starts[image] + rr * grid.cols + cc
+                    if j < batch_start:
+                        continue
+                    neighbours[t, dr + 1, dc + 1] = True
+                    if indices.start <= j < indices.stop:
+                        pairs = self._inside.setdefault((dr, dc), ([], []))
+                        pairs[0].append(t)
+                        pairs[1].append(j - indices.start)
+                    else:
+                        self._outside.append((t, dr, dc, j))
+        self._half, self._source = half, source
+        self._static: Optional[np.ndarray] = None
+        self.available = ring_mask(torch.from_numpy(neighbours), half, half)
+        """(n, 1, tile/2 + 2, tile/2 + 2) float32: 1 inside the tile and where the ring holds a neighbour."""
+
+    def _later_batches(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The ring's part from tiles of later batches (fixed for the batch), built once."""
+        if self._static is None:
+            n, stages, channels, h, w = shape
+            static = np.zeros((n, stages, channels, h + 2, w + 2), dtype=np.uint8)
+            cache: dict[int, np.ndarray] = {}
+            for t, dr, dc, j in self._outside:
+                if j not in cache:
+                    cache[j] = self._source(j)
+                (rows, src_rows), (cols, src_cols) = _ring_slices(dr, self._half), _ring_slices(dc, self._half)
+                static[t, :, :, rows, cols] = cache[j][:, :, src_rows, src_cols]
+            self._static = static
+        return self._static
+
+    def lattice(self, decoded: np.ndarray) -> np.ndarray:
+        """The batch's lattices (n, 4, C, tile/2, tile/2), as far as decoded, with their rings:
+        (n, 4, C, tile/2 + 2, tile/2 + 2) uint8."""
+        out = self._later_batches(decoded.shape).copy()
+        half = self._half
+        out[..., 1 : half + 1, 1 : half + 1] = decoded
+        for (dr, dc), (tiles, sources) in self._inside.items():
+            (rows, src_rows), (cols, src_cols) = _ring_slices(dr, half), _ring_slices(dc, half)
+            out[tiles, :, :, rows, cols] = decoded[sources][:, :, :, src_rows, src_cols]
+        return out
+
+
+def image_rings(pixels: np.ndarray, grid: TileGrid, indices: range, batch_start: Optional[int] = None
+                ) -> tuple[np.ndarray, torch.Tensor]:
+    """The tiles `indices` of an (H, W, C) image with their rings, all of every neighbour
+    there (`TileRing` of the coding batch that starts at `batch_start`; default: at
+    indices.start): (n, 4, C, tile/2 + 2, tile/2 + 2) uint8 and the availability. For
+    measuring a `pixel_halo` model as it codes (−ELBO, the encoder's fits): it reads only
+    what the decoder has."""
+    ring = TileRing(grid, indices, lambda j: split_tiles(pixels, grid, range(j, j + 1))[0], batch_start)
+    return ring.lattice(split_tiles(pixels, grid, indices)), ring.available
 
 
 def _stage_values(lattice: np.ndarray, stage: int, mask: np.ndarray) -> np.ndarray:
@@ -246,7 +345,8 @@ class TileSequence:
 
 
 def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, channels: int,
-                 params: CodingParams, deterministic: bool, lattice: Optional[np.ndarray] = None) -> coders.Steps:
+                 params: CodingParams, deterministic: bool, lattice: Optional[np.ndarray] = None,
+                 ring_source: Optional[Callable[[int], np.ndarray]] = None) -> coders.Steps:
     """One batch of tiles as steps in decode order (`coders.Steps`), for both directions.
 
     Decode order: each latent group top-down, popped with its prior; the pixels step by
@@ -254,7 +354,8 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     posterior, last group first (`coders.Return`: gives back the borrowed bits).
     The encoder passes the true `lattice` (n, 4, C, tile/2, tile/2); it knows each
     posterior as it walks down, and its latent is the one it pops with it
-    (`coders.Borrow`) or, deterministic, the rounded posterior mean.
+    (`coders.Borrow`) or, deterministic, the rounded posterior mean. A `pixel_halo` model
+    reads each tile's ring (`TileRing`) from `ring_source` and the batch itself.
 
     Returns:
         The lattices (n, 4, C, tile/2, tile/2) uint8, and for the encoder of a
@@ -285,12 +386,17 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     except StopIteration as done:
         features = done.value
     decoded = np.zeros((n, 4, channels, half, half), dtype=np.uint8)
+    ring = None
+    if net.model.config.pixel_halo:
+        if ring_source is None:
+            raise ValueError("a pixel_halo model codes a batch with the tiles around it (ring_source)")
+        ring = TileRing(grid, indices, ring_source)
     schedule = net.model.schedule
     for k, step in enumerate(schedule):
         at = (..., *step.window)
         mask = grid.stage_masks(indices, step.stage)[at]  # the step's own grid (n, h/stride, w/stride)
         truth = _stage_values(lattice[at], step.stage, mask) if encoding else None
-        values = yield from _stage_steps(net, features, decoded, k, mask, params.fmt, truth)
+        values = yield from _stage_steps(net, features, decoded, k, mask, params.fmt, truth, ring)
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
         decoded[:, step.stage][at].transpose(0, 2, 3, 1)[mask] = values  # a view: writes into decoded
@@ -305,7 +411,8 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
 
 
 def encode_batch(net: Network, ans: AnsCoder, lattice: np.ndarray, grid: "TileGrid | TileSequence",
-                 indices: range, params: CodingParams, deterministic: bool) -> int:
+                 indices: range, params: CodingParams, deterministic: bool,
+                 ring_source: Optional[Callable[[int], np.ndarray]] = None) -> int:
     """Push one batch of tiles (`_batch_steps`); returns the bits its posterior pops borrow.
 
     For a deterministic batch nothing is borrowed and the return value is the
@@ -316,7 +423,7 @@ def encode_batch(net: Network, ans: AnsCoder, lattice: np.ndarray, grid: "TileGr
     then left half-used and the caller rolls back to its own snapshot.
     """
     bits_before = ans.num_bits()
-    steps = _batch_steps(net, grid, indices, lattice.shape[2], params, deterministic, lattice)
+    steps = _batch_steps(net, grid, indices, lattice.shape[2], params, deterministic, lattice, ring_source)
     recorded, (_, entropy) = coders.record_steps(ans, steps)
     if not deterministic and ans.num_valid_bits() < SAFETY_BITS:
         raise _StackTooShallow
@@ -326,12 +433,14 @@ def encode_batch(net: Network, ans: AnsCoder, lattice: np.ndarray, grid: "TileGr
 
 
 def decode_batch(net: Network, ans: AnsCoder, grid: "TileGrid | TileSequence", indices: range,
-                 channels: int, params: CodingParams, deterministic: bool) -> np.ndarray:
+                 channels: int, params: CodingParams, deterministic: bool,
+                 ring_source: Optional[Callable[[int], np.ndarray]] = None) -> np.ndarray:
     """Pop one batch of tiles (`_batch_steps`); returns lattices (n, 4, C, tile/2, tile/2) uint8.
 
     Stack before: as `encode_batch` left it. After: as before `encode_batch`.
     """
-    return coders.pop_steps(ans, _batch_steps(net, grid, indices, channels, params, deterministic))[0]
+    steps = _batch_steps(net, grid, indices, channels, params, deterministic, ring_source=ring_source)
+    return coders.pop_steps(ans, steps)[0]
 
 
 def _latent_tensor(k: np.ndarray, shape: torch.Size, params: CodingParams) -> torch.Tensor:
@@ -398,7 +507,8 @@ def encode_tile_sets(net: Network, ans: AnsCoder, images: Sequence[np.ndarray], 
             lattice = sequence.split(images, indices)
             snapshot = None if deterministic else ans.clone()
             try:
-                borrowed = encode_batch(net, ans, lattice, sequence, indices, params, deterministic)
+                borrowed = encode_batch(net, ans, lattice, sequence, indices, params, deterministic,
+                                        lambda j: sequence.split(images, range(j, j + 1))[0])
                 break
             except _StackTooShallow:
                 ans = snapshot  # roll back, retry smaller or without borrowing
@@ -430,7 +540,8 @@ def decode_tile_sets(net: Network, ans: AnsCoder, shapes: Sequence[tuple[int, in
         indices = range(int(start), int(start) + size)
         if ans.is_empty():  # every batch left a non-empty stack; bounds a hostile file's work
             raise CorruptFileError("corrupt payload: ran out of data")
-        lattice = decode_batch(net, ans, sequence, indices, channels, params, bool(entry & DETERMINISTIC_FLAG))
+        lattice = decode_batch(net, ans, sequence, indices, channels, params, bool(entry & DETERMINISTIC_FLAG),
+                               lambda j: sequence.split(outs, range(j, j + 1))[0])
         sequence.merge(lattice, indices, outs)
         progress(size)
     return outs

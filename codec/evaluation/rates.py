@@ -195,38 +195,84 @@ def _batches(count: int, size: int) -> Iterator[range]:
         yield range(start, min(start + size, count))
 
 
-def _tile_tensors(pixels: np.ndarray, grid, indices: range):
-    """(x uint8 (n, C, T, T), mask bool (n, 1, T, T)) of the tiles as coded."""
+def _calls(net, count: int, size: int, tile: int) -> Iterator[tuple[range, Optional[int]]]:
+    """(tiles of one network call, first tile of its coding batch): calls of at most `size`
+    tiles. Only a `pixel_halo` model's rings depend on the coding batches: for it the calls
+    lie inside batches of `bitsback.batch_limit(tile)` tiles (a file's schedule starts with
+    smaller ones); for any other model the batch is None."""
+    from vaezip.coding.bitsback import batch_limit
+
+    if not net.config.pixel_halo:
+        yield from ((indices, None) for indices in _batches(count, size))
+        return
+    limit = batch_limit(tile)
+    for batch in _batches(count, limit):
+        for start in range(batch.start, batch.stop, size):
+            yield range(start, min(start + size, batch.stop)), batch.start
+
+
+@dataclass
+class _Tiles:
+    """Network inputs of some tiles, as coded: x uint8 (n, C, T, T), mask bool (n, 1, T, T);
+    for a `pixel_halo` model also the tiles with their rings (n, C, T + 4, T + 4) and
+    availability (n, 1, T/2 + 2, T/2 + 2) (`bitsback.TileRing`), else None."""
+
+    x: "torch.Tensor"
+    mask: "torch.Tensor"
+    x_ring: Optional["torch.Tensor"] = None
+    available: Optional["torch.Tensor"] = None
+
+    def pixels(self) -> "torch.Tensor":
+        """What `pixel_log_prob` reads: the tiles, with their rings if they have them."""
+        return self.x if self.x_ring is None else self.x_ring
+
+    def repeated(self, k: int) -> "_Tiles":
+        """Each tile `k` times in a row (importance samples)."""
+        def rep(t):
+            return None if t is None else t.repeat_interleave(k, 0)
+
+        return _Tiles(rep(self.x), rep(self.mask), rep(self.x_ring), rep(self.available))
+
+
+def _tile_tensors(pixels: np.ndarray, grid, indices: range, batch_start: Optional[int] = None) -> _Tiles:
+    """The tiles `indices` as coded; with their rings (a `pixel_halo` model) when
+    `batch_start`, the first tile of their coding batch, is given."""
     import torch
 
+    from vaezip.coding.bitsback import image_rings
     from vaezip.coding.tiles import lattice_to_pixels, split_tiles
+    from vaezip.network.model import merge_lattice
 
-    tiles = lattice_to_pixels(split_tiles(pixels, grid, indices))
-    return torch.from_numpy(tiles), torch.from_numpy(grid.pixel_masks(indices))
+    lattice = split_tiles(pixels, grid, indices)
+    tiles = _Tiles(torch.from_numpy(lattice_to_pixels(lattice)), torch.from_numpy(grid.pixel_masks(indices)))
+    if batch_start is not None:
+        ringed, tiles.available = image_rings(pixels, grid, indices, batch_start)
+        tiles.x_ring = merge_lattice(torch.from_numpy(ringed))
+    return tiles
 
 
-def _elbo_pass(net, x: "torch.Tensor", mask: "torch.Tensor", latents: str, generator):
+def _elbo_pass(net, tiles: _Tiles, latents: str, generator):
     """One top-down pass (`HierarchicalVAE.sample_posterior`); returns (log p(x|z) nats
     (n, 4, C, T/2, T/2) masked, list over groups of KL maps in nats (n, coded channels, T/f, T/f)).
 
     latents: "sample" (one posterior sample, the usual −ELBO) or "mean" (posterior means).
     """
-    sample = net.sample_posterior(x, latents=latents, generator=generator)
-    return net.pixel_log_prob(sample.features, x, mask), sample.kl_nats
+    sample = net.sample_posterior(tiles.x, latents=latents, generator=generator)
+    return net.pixel_log_prob(sample.features, tiles.pixels(), tiles.mask, tiles.available), sample.kl_nats
 
 
-def _log_weights(net, x: "torch.Tensor", mask: "torch.Tensor", acts: dict, k: int, generator) -> "torch.Tensor":
+def _log_weights(net, tiles: _Tiles, acts: dict, k: int, generator) -> "torch.Tensor":
     """(n, k) log-weights log p(x, z) − log q(z | x) in nats, z drawn from the posterior."""
     import torch
 
-    xr, mr = x.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    rep = tiles.repeated(k)
     acts_r = {f: a.repeat_interleave(k, 0) for f, a in acts.items()}
-    sample = net.sample_posterior(xr, generator=generator, acts=acts_r)
-    log_ratio = torch.zeros(xr.shape[0], dtype=torch.float64)
+    sample = net.sample_posterior(rep.x, generator=generator, acts=acts_r)
+    log_ratio = torch.zeros(rep.x.shape[0], dtype=torch.float64)
     for ratio in sample.log_ratios():
         log_ratio = log_ratio + ratio.to(torch.float64)
-    log_prob = net.pixel_log_prob(sample.features, xr, mr).sum(dim=(1, 2, 3, 4))
-    return (log_prob.to(torch.float64) + log_ratio).reshape(x.shape[0], k)
+    log_prob = net.pixel_log_prob(sample.features, rep.pixels(), rep.mask, rep.available).sum(dim=(1, 2, 3, 4))
+    return (log_prob.to(torch.float64) + log_ratio).reshape(tiles.x.shape[0], k)
 
 
 def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, samples: int = 0,
@@ -251,9 +297,8 @@ def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, 
     generator = torch.Generator().manual_seed(seed)
     recon, kl = 0.0, np.zeros(len(net.groups))
     with torch.inference_mode():
-        for indices in _batches(grid.count, NELBO_BATCH):
-            x, mask = _tile_tensors(pixels, grid, indices)
-            log_prob, kls = _elbo_pass(net, x, mask, latents, generator)
+        for indices, batch_start in _calls(net, grid.count, NELBO_BATCH, tile):
+            log_prob, kls = _elbo_pass(net, _tile_tensors(pixels, grid, indices, batch_start), latents, generator)
             recon -= float(log_prob.to(torch.float64).sum()) / LN2
             kl += np.array([float(k.to(torch.float64).sum()) for k in kls]) / LN2
         iwae = None
@@ -262,10 +307,10 @@ def model_terms(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int, *, 
             per_call = max(1, SAMPLE_PIXELS // (tile * tile))  # (tile, sample) pairs per network call
             chunk = min(samples, per_call)
             iwae = 0.0
-            for indices in _batches(grid.count, max(1, per_call // chunk)):
-                x, mask = _tile_tensors(pixels, grid, indices)
-                acts = net.bottom_up(x)
-                log_px = chunked_iwae(lambda k: _log_weights(net, x, mask, acts, k, iwae_gen), samples, chunk)
+            for indices, batch_start in _calls(net, grid.count, max(1, per_call // chunk), tile):
+                tiles = _tile_tensors(pixels, grid, indices, batch_start)
+                acts = net.bottom_up(tiles.x)
+                log_px = chunked_iwae(lambda k: _log_weights(net, tiles, acts, k, iwae_gen), samples, chunk)
                 iwae -= float(log_px.sum()) / LN2  # tiles are independent: log p(image) = Σ log p(tile)
     return ModelTerms(recon, kl, iwae)
 
@@ -292,11 +337,11 @@ def tile_log_weights(loaded: registry.LoadedModel, pixels: np.ndarray, tile: int
     chunk = min(samples, per_call)
     rows = []
     with torch.inference_mode():
-        for indices in _batches(grid.count, max(1, per_call // chunk)):
-            x, mask = _tile_tensors(pixels, grid, indices)
-            acts = net.bottom_up(x)
+        for indices, batch_start in _calls(net, grid.count, max(1, per_call // chunk), tile):
+            tiles = _tile_tensors(pixels, grid, indices, batch_start)
+            acts = net.bottom_up(tiles.x)
             sizes = [min(chunk, samples - s) for s in range(0, samples, chunk)]
-            rows.append(torch.cat([_log_weights(net, x, mask, acts, k, generator) for k in sizes], dim=1))
+            rows.append(torch.cat([_log_weights(net, tiles, acts, k, generator) for k in sizes], dim=1))
     return torch.cat(rows).numpy()
 
 
@@ -540,9 +585,8 @@ def heatmap(image: "ImageLike", model: Optional[str] = None, *,
     grid = TileGrid(img.height, img.width, tile)
     out = np.zeros((img.height, img.width))
     with torch.inference_mode():
-        for indices in _batches(grid.count, NELBO_BATCH):
-            x, mask = _tile_tensors(pixels, grid, indices)
-            log_prob, kls = _elbo_pass(net, x, mask, "mean", None)
+        for indices, batch_start in _calls(net, grid.count, NELBO_BATCH, tile):
+            log_prob, kls = _elbo_pass(net, _tile_tensors(pixels, grid, indices, batch_start), "mean", None)
             recon = -merge_lattice(log_prob).to(torch.float64).sum(dim=1).numpy() / LN2  # (n, T, T)
             kl_maps = [k.to(torch.float64).sum(dim=1).numpy() / LN2 for k in kls]
             for k, index in enumerate(indices):

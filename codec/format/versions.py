@@ -17,6 +17,8 @@ Torch-free: the byte-level format (`container`, `archive`) reads it too.
              by integer arithmetic
     7        as 6, and the pixels in the model's schedule: stage 0 split into sub-lattice
              steps when the model has them (`ModelConfig.stage0_levels`), a step at a time
+    8        as 7, and a model with `ModelConfig.pixel_halo` reads the ring of neighbouring
+             pixels around each tile (the neighbours in the same or a later batch)
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class Format:
             the tiles, a per-image adaptation of the pixel heads (`coding.adapt`).
         stage0_steps: the pixels are coded in the model's schedule (`model.pixel_schedule`),
             stage 0 in several steps when the model splits it (else the model must not).
+        pixel_halo: a model's pixel steps may read the ring around each tile
+            (`ModelConfig.pixel_halo`, `bitsback.TileRing`; else the model must not).
     """
 
     version: int
@@ -80,6 +84,7 @@ class Format:
     archive_columns: bool
     adaptation: bool = False
     stage0_steps: bool = False
+    pixel_halo: bool = False
 
 
 _NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
@@ -103,10 +108,14 @@ _V6 = Format(6, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
 _V7 = Format(7, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
              modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True, stage0_steps=True)
 
-FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7)}
+_V8 = Format(8, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
+             modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True, stage0_steps=True,
+             pixel_halo=True)
+
+FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)}
 """Every version this build reads, by number."""
 KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
-CURRENT: Format = _V7
+CURRENT: Format = _V8
 """The version this build writes with a fixed-point model (`ModelConfig.fixed_bits`)."""
 NEWEST_FLOAT: Format = _V5
 """The version this build writes with a float model (versions 1-5 run float networks)."""

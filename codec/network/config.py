@@ -38,6 +38,10 @@ class ModelConfig:
             2x2 sub-lattice stages this many levels deep (`model.pixel_schedule`), so only
             1/4^(levels+1) of the pixels are coded from the latents alone; 0: the whole
             quarter is (format versions 1-6 code only such models).
+        pixel_halo: the pixel steps' context layers also read a ring one sample wide (two
+            pixels) around the tile: the neighbouring tiles' pixels of the steps before, where
+            the decoder already has them (`model.HALO`; format version 8); False: zeros
+            there, as in versions 1-7. Needs stage0_levels <= 1 (wider dilations).
     """
 
     channels: int = 3
@@ -50,6 +54,7 @@ class ModelConfig:
     active_latents: Optional[tuple[tuple[int, ...], ...]] = None
     fixed_bits: Optional[tuple[int, int, int, int]] = None
     stage0_levels: int = 0
+    pixel_halo: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_scales", tuple(tuple(s) for s in self.latent_scales))
@@ -68,6 +73,8 @@ class ModelConfig:
                 raise ModelError("fixed_bits needs four bit widths in 2..16 and a power-of-two latent grid")
         if self.stage0_levels not in (0, 1, 2, 3):
             raise ModelError(f"stage0_levels must be 0..3, got {self.stage0_levels}")
+        if self.pixel_halo and self.stage0_levels > 1:
+            raise ModelError("pixel_halo needs stage0_levels 0 or 1 (a one-sample ring)")
         if self.channels not in (1, 3):
             raise ModelError(f"channels must be 1 or 3, got {self.channels}")
         factors = [s[0] for s in self.latent_scales]
@@ -81,7 +88,7 @@ class ModelConfig:
         return max(self.latent_scales[0][0], 4, 2 ** (self.stage0_levels + 1))
 
     def to_dict(self) -> dict:
-        """The fields as a dict; `fixed_bits` and `stage0_levels` only when set, so an
+        """The fields as a dict; `fixed_bits`, `stage0_levels` and `pixel_halo` only when set, so an
         older model's dict (and the model identity in its files,
         `registry.ModelSpec.hash_prefix`) is as before."""
         data = asdict(self)
@@ -89,6 +96,8 @@ class ModelConfig:
             del data["fixed_bits"]
         if data["stage0_levels"] == 0:
             del data["stage0_levels"]
+        if not data["pixel_halo"]:
+            del data["pixel_halo"]
         return data
 
     @classmethod

@@ -161,22 +161,31 @@ class Network:
         return [Gaussian(_cat([p[g].mean for p in parts]), _cat([p[g].log_std for p in parts]))
                 for g in range(len(parts[0]))]
 
-    def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> torch.Tensor:
+    def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int,
+                  available: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`HierarchicalVAE.stage_raw` on the whole batch (no adaptation): what `adapt.fit` fits."""
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
-        return _cat(self._map(lambda s: self.model.stage_raw(features[s], lattice[s], stage), slices))
+        return _cat(self._map(lambda s: self.model.stage_raw(features[s], lattice[s], stage, _part(available, s)),
+                              slices))
 
-    def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> MixtureParams:
+    def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int,
+                     available: Optional[torch.Tensor] = None) -> MixtureParams:
         """`HierarchicalVAE.stage_params` on the whole batch, with this network's adaptation."""
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
         return _cat_params(self._map(lambda s: self.model.stage_params(features[s], lattice[s], stage,
-                                                                       self.adaptation), slices))
+                                                                       self.adaptation, _part(available, s)), slices))
 
-    def step_params(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> MixtureParams:
-        """`HierarchicalVAE.step_params` on the whole batch, with this network's adaptation."""
+    def step_params(self, features: torch.Tensor, lattice: torch.Tensor, step: int,
+                    available: Optional[torch.Tensor] = None) -> MixtureParams:
+        """`HierarchicalVAE.step_params` on the whole batch, with this network's adaptation;
+        `lattice` with the ring and `available` for a `pixel_halo` model (`bitsback.TileRing`)."""
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
         return _cat_params(self._map(lambda s: self.model.step_params(features[s], lattice[s], step,
-                                                                      self.adaptation), slices))
+                                                                      self.adaptation, _part(available, s)), slices))
+
+
+def _part(t: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+    return None if t is None else t[rows]
 
 
 def _cat_params(parts: list[MixtureParams]) -> MixtureParams:
@@ -228,6 +237,9 @@ def coding_network(model: HierarchicalVAE, fmt: Format, workers: Optional[int] =
         raise ModelError(f"format version {fmt.version} codes stage 0 in one step; this model splits it "
                          f"(stage0_levels {model.config.stage0_levels}), which a fixed-point model codes "
                          "in version 7")
+    if model.config.pixel_halo and not fmt.pixel_halo:
+        raise ModelError(f"format version {fmt.version} codes tiles without the ring around them; this model "
+                         "reads it (pixel_halo), which version 8 codes")
     if numerics.exact:
         exact_torch_settings()
     previous = torch.backends.mkldnn.enabled, torch.get_num_threads()

@@ -66,6 +66,33 @@ def latent_units(latent_grid: float) -> tuple[float, float]:
 # Order of the 2x2 sub-lattice positions (row, col): diagonals first, so the
 # later stages see neighbours on all four sides.
 STAGE_OFFSETS = ((0, 0), (1, 1), (0, 1), (1, 0))
+HALO = 1
+"""A `pixel_halo` model's ring around a tile's (H/2, W/2) grids, in samples (2 pixels)."""
+RING_TRAINING_AVAILABILITY = 0.75
+"""Training: each of the 8 neighbours (`ring_mask`) is there with this probability. When
+coding, a neighbour is there when it lies in the image and in the same or a later batch
+(the decoder pops batches last first): most of them, except the top row for a batch's
+first tile row and the image's borders."""
+RING_EVALUATION_NEIGHBOURS = ((False, False, False), (True, True, True), (True, True, True))
+"""Held-out evaluation: every neighbour but the top row (a batch's first tile row)."""
+
+
+def ring_mask(neighbours: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 1, height + 2 HALO, width + 2 HALO) float32 availability of a tile's ring
+    (`HierarchicalVAE.stage_params`) from (N, 3, 3) bool: which neighbours are there,
+    [row][col] with the tile at [1][1] (always there)."""
+    regions = neighbours.clone()
+    regions[:, 1, 1] = True
+    rows = torch.tensor([HALO, height, HALO], device=neighbours.device)
+    cols = torch.tensor([HALO, width, HALO], device=neighbours.device)
+    mask = regions.repeat_interleave(rows, dim=1).repeat_interleave(cols, dim=2)
+    return mask[:, None].to(torch.float32)
+
+
+def random_ring_mask(n: int, height: int, width: int, device=None, generator=None) -> torch.Tensor:
+    """`ring_mask` with each neighbour there with probability RING_TRAINING_AVAILABILITY."""
+    draw = torch.rand(n, 3, 3, device=device, generator=generator)
+    return ring_mask(draw < RING_TRAINING_AVAILABILITY, height, width)
 
 
 @dataclass(frozen=True)
@@ -111,13 +138,14 @@ def pixel_schedule(stage0_levels: int) -> tuple[PixelStep, ...]:
 
 
 @lru_cache(maxsize=None)
-def known_before(schedule: tuple[PixelStep, ...], step: int, height: int, width: int) -> torch.Tensor:
-    """(1, 1, height, width) float32: 1 where a step of the same stage before `step` codes."""
+def known_before(schedule: tuple[PixelStep, ...], step: int, height: int, width: int, ring: int = 0) -> torch.Tensor:
+    """(1, 1, height, width) float32: 1 where a step of the same stage before `step` codes,
+    on a grid whose first `ring` rows and columns lie outside the tile (a halo)."""
     stage = schedule[step].stage
     known = np.zeros((height, width), dtype=bool)
     for st in schedule[:step]:
         if st.stage == stage:
-            known |= st.positions(height, width)
+            known[(st.row + ring) % st.stride :: st.stride, (st.col + ring) % st.stride :: st.stride] = True
     return torch.from_numpy(known.astype(np.float32)).view(1, 1, height, width)
 
 
@@ -277,6 +305,8 @@ class PixelStage(nn.Module):
                 nn.Conv2d(c, p, 3, padding=dilation, dilation=dilation)
             nn.init.zeros_(self.context.weight)
             nn.init.zeros_(self.context.bias)
+        if self.context is not None and cfg.pixel_halo:
+            self.context.padding = (0, 0)  # its input carries the ring (`HierarchicalVAE.step_raw`)
         self.mid1, self.mid2 = _conv(p, p, 3, fixed), _conv(p, p, 1, fixed)
         self.head = _conv(p, params_per_position(cfg), 1, fixed)
         self.trunk = self.mid_entry = self.head_entry = None
@@ -566,7 +596,8 @@ class HierarchicalVAE(nn.Module):
 
     # ---- pixels ----------------------------------------------------------
     def stage_params(self, features: torch.Tensor, lattice: torch.Tensor, stage: int,
-                     adaptation: Optional["HeadAdaptation"] = None) -> MixtureParams:
+                     adaptation: Optional["HeadAdaptation"] = None,
+                     available: Optional[torch.Tensor] = None) -> MixtureParams:
         """Mixture parameters of sub-lattice `stage` given the stages before it (its steps
         given the steps before them, from `lattice`'s true values).
 
@@ -574,17 +605,24 @@ class HierarchicalVAE(nn.Module):
             features: (N, pixel_width, H/2, W/2) from `top_down`.
             lattice: (N, 4, C, H/2, W/2) uint8 pixels split by 2x2 position in
                 STAGE_OFFSETS order; only what comes before the stage's positions is read.
+                A `pixel_halo` model also takes (N, 4, C, H/2 + 2 HALO, W/2 + 2 HALO): the
+                tile with its ring of neighbouring pixels.
             adaptation: per-image changes of the stage heads' outputs (format
                 version 5, `vaezip.coding.adapt`), or None.
+            available: with a ring, (N, 1, H/2 + 2 HALO, W/2 + 2 HALO) float32, 1 where the
+                ring holds a neighbour's pixels (the interior is 1), 0 where it holds nothing;
+                None: all of it.
         """
-        return self._params(self.stage_raw(features, lattice, stage), stage, adaptation)
+        return self._params(self.stage_raw(features, lattice, stage, available), stage, adaptation)
 
     def step_params(self, features: torch.Tensor, lattice: torch.Tensor, step: int,
-                    adaptation: Optional["HeadAdaptation"] = None) -> MixtureParams:
+                    adaptation: Optional["HeadAdaptation"] = None,
+                    available: Optional[torch.Tensor] = None) -> MixtureParams:
         """Mixture parameters of `schedule[step]` at its positions only, on its own grid
-        (N, ., H/2/stride, W/2/stride); `lattice` as in `stage_params`, read only where
-        earlier steps are. What coding runs, one step at a time."""
-        return self._params(self.step_raw(features, lattice, step), self.schedule[step].stage, adaptation)
+        (N, ., H/2/stride, W/2/stride); `lattice` and `available` as in `stage_params`, read
+        only where earlier steps are. What coding runs, one step at a time."""
+        return self._params(self.step_raw(features, lattice, step, available), self.schedule[step].stage,
+                            adaptation)
 
     def _params(self, raw: torch.Tensor, stage: int, adaptation: Optional["HeadAdaptation"]) -> MixtureParams:
         if adaptation is not None:
@@ -601,35 +639,60 @@ class HierarchicalVAE(nn.Module):
                                for v in head_grid(self.config))
         return (out - offset) / scale
 
-    def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int) -> torch.Tensor:
+    def stage_raw(self, features: torch.Tensor, lattice: torch.Tensor, stage: int,
+                  available: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The head output (N, `params_per_position`, H/2, W/2) of `stage_params`, before
         any adaptation and before `split_params` bounds it: each of the stage's steps at
         its positions."""
         steps = [k for k, st in enumerate(self.schedule) if st.stage == stage]
         if len(steps) == 1:
-            return self.step_raw(features, lattice, steps[0])
+            return self.step_raw(features, lattice, steps[0], available)
         out = None
         for k in steps:
-            part, st = self.step_raw(features, lattice, k), self.schedule[k]
+            part, st = self.step_raw(features, lattice, k, available), self.schedule[k]
             if out is None:
                 n, p = part.shape[:2]
                 out = part.new_zeros(n, p, *features.shape[-2:])
             out[(..., *st.window)] = part
         return out
 
-    def step_raw(self, features: torch.Tensor, lattice: torch.Tensor, step: int) -> torch.Tensor:
+    def step_raw(self, features: torch.Tensor, lattice: torch.Tensor, step: int,
+                 available: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The head output of `schedule[step]` at its positions only (N, P, H/2/stride, W/2/stride)."""
         st = self.schedule[step]
+        ring = 0
+        if self.config.pixel_halo:
+            lattice, available = self._with_halo(lattice, available, features.shape[-2:])
+            ring = HALO
         n, _, c, h, w = lattice.shape
         if st.stage > 0:
             context = torch.zeros(n, 4, c, h, w, dtype=torch.float32, device=features.device)
             context[:, : st.stage] = self._pixel_input(lattice[:, : st.stage])
             context = context.reshape(n, 4 * c, h, w)
         elif self.stages[step].context is not None:  # stage 0's pixels of the steps before
-            context = self._pixel_input(lattice[:, 0]) * known_before(self.schedule, step, h, w).to(features.device)
+            known = known_before(self.schedule, step, h, w, ring).to(features.device)
+            context = self._pixel_input(lattice[:, 0]) * known
         else:
             context = None
+        if context is not None and available is not None:
+            context = context * available
         return self.stages[step](features, context)
+
+    @staticmethod
+    def _with_halo(lattice: torch.Tensor, available: Optional[torch.Tensor],
+                   size: tuple[int, int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A `pixel_halo` model's (lattice with its ring, availability): a lattice of the
+        features' size gets an empty ring (what models without a halo read as padding)."""
+        h, w = size
+        if lattice.shape[-2:] == (h + 2 * HALO, w + 2 * HALO):
+            return lattice, available
+        if lattice.shape[-2:] != (h, w):
+            raise ValueError(f"lattice {tuple(lattice.shape[-2:])} fits neither the tile {h}x{w} nor its ring")
+        n = lattice.shape[0]
+        padded = F.pad(lattice.reshape(n, -1, h, w), (HALO,) * 4).reshape(*lattice.shape[:3], h + 2 * HALO,
+                                                                            w + 2 * HALO)
+        empty = F.pad(torch.ones(1, 1, h, w, device=lattice.device), (HALO,) * 4)
+        return padded, empty
 
     # ---- fixed point -----------------------------------------------------
     def calibrated_scales(self) -> set[str]:
@@ -762,29 +825,34 @@ class HierarchicalVAE(nn.Module):
         features = self.top_down(n, height, width, choose, self.bottom_up(x) if acts is None else acts)
         return PosteriorSample(features, priors, posteriors, chosen, kls)
 
-    def nelbo(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> NelboTerms:
+    def nelbo(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              available: Optional[torch.Tensor] = None) -> NelboTerms:
         """Single-sample negative ELBO with analytic KLs, in bits per image.
 
         Args:
-            x: uint8 (N, C, H, W).
+            x: uint8 (N, C, H, W); with `available`, (N, C, H + 4 HALO, W + 4 HALO): the
+                tile inside its ring of neighbouring pixels (a `pixel_halo` model).
             mask: optional bool (N, 1, H, W); only True pixels count in the
                 reconstruction term (tile padding is not coded).
+            available: (N, 1, H/2 + 2 HALO, W/2 + 2 HALO), as in `stage_params`.
         """
-        sample = self.sample_posterior(x)
-        log_prob = self.pixel_log_prob(sample.features, x, mask)
+        inner = x if available is None else x[..., 2 * HALO : -2 * HALO, 2 * HALO : -2 * HALO]
+        sample = self.sample_posterior(inner)
+        log_prob = self.pixel_log_prob(sample.features, x, mask, available)
         recon = -log_prob.sum(dim=(1, 2, 3, 4)) / LN2
         kl_bits = torch.stack([kl.sum(dim=(1, 2, 3)) for kl in sample.kl_nats], dim=1) / LN2
         return NelboTerms(recon + kl_bits.sum(1), recon, kl_bits)
 
     def pixel_log_prob(self, features: torch.Tensor, x: torch.Tensor,
-                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       mask: Optional[torch.Tensor] = None, available: Optional[torch.Tensor] = None) -> torch.Tensor:
         """log p(x | z) in nats, (N, 4, C, H/2, W/2) by sub-lattice stage; 0 where
-        `mask` (bool (N, 1, H, W), optional) is False."""
+        `mask` (bool (N, 1, H, W), optional) is False. x and `available` as in `nelbo`."""
         lattice = split_lattice(x)
+        inner = lattice if available is None else lattice[..., HALO:-HALO, HALO:-HALO]
         out = []
         for s in range(4):
-            params = self.stage_params(features, lattice, s)
-            out.append(mixture_log_prob(params, lattice[:, s].float()))
+            params = self.stage_params(features, lattice, s, available=available)
+            out.append(mixture_log_prob(params, inner[:, s].float()))
         log_prob = torch.stack(out, dim=1)
         return log_prob if mask is None else log_prob * split_lattice(mask)
 

@@ -143,6 +143,17 @@ def model_from_weights(spec: ModelSpec, path_or_state) -> LoadedModel:
     return LoadedModel(spec, net)
 
 
+def load_named_or_run(model: str) -> LoadedModel:
+    """A registered model, or the weights OUT.pt of a training run with its record OUT.json
+    (for measuring a run before it is registered)."""
+    if not model.endswith(".pt"):
+        return load_model(model)
+    config = ModelConfig.from_dict(read_record(Path(model).with_suffix(".json"))["config"])
+    spec = ModelSpec(name=Path(model).stem, file=model, sha256=sha256_file(model), config=config,
+                     modes=("L",) if config.channels == 1 else ("RGB",))
+    return model_from_weights(spec, model)
+
+
 def read_record(path: str | Path) -> dict:
     """A training run's JSON record (config + training record), as `vaezip train` writes it."""
     try:

@@ -44,7 +44,7 @@ import torch
 from vaezip.errors import InputError, OutputExistsError, VaezipError
 from vaezip.files import atomic_write
 from vaezip.network.config import ModelConfig, unknown_keys
-from vaezip.network.model import HierarchicalVAE
+from vaezip.network.model import HALO, RING_EVALUATION_NEIGHBOURS, HierarchicalVAE, random_ring_mask, ring_mask
 from vaezip.training import data as datasets
 from vaezip.training.warmstart import remap_pixel_steps, source_state, warm_start
 
@@ -308,27 +308,46 @@ def _load_data(options: TrainOptions) -> tuple[list[np.ndarray], list[np.ndarray
     return images[:-carve], images[-carve:], f"last {carve} of the {len(images)} training images (not trained on)"
 
 
+def crop_side(options: TrainOptions) -> int:
+    """Side of the crops a run cuts: the tile, with a `pixel_halo` model's two-pixel ring around it."""
+    return options.crop + (4 * HALO if options.config.pixel_halo else 0)
+
+
 def _heldout_crops(images: list[np.ndarray], options: TrainOptions) -> torch.Tensor:
-    """Fixed evaluation crops (n, C, S, S) uint8, the same for every run with this crop size."""
-    array = datasets.evaluation_crops(images, options.crop, options.eval_crops, EVAL_SEED)
+    """Fixed evaluation crops (n, C, S, S) uint8 (`crop_side`), the same for every run with this side."""
+    array = datasets.evaluation_crops(images, crop_side(options), options.eval_crops, EVAL_SEED)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
 @torch.no_grad()
-def evaluate_bpd(model: HierarchicalVAE, crops: torch.Tensor, batch: int, device: torch.device) -> float:
+def evaluate_bpd(model: HierarchicalVAE, crops: torch.Tensor, batch: int, device: torch.device,
+                 ring: bool = False) -> float:
     """-ELBO of `crops` (n, C, S, S) uint8 in bits per subpixel, with fixed latent noise
     (the global RNG is forked, so training's random stream is untouched). float32; the
-    model's train/eval mode is left as it was (a cached registry model stays in eval)."""
+    model's train/eval mode is left as it was (a cached registry model stays in eval).
+
+    ring: the crops carry a two-pixel ring around the tile; a `pixel_halo` model reads it
+    with RING_EVALUATION_NEIGHBOURS there, any other model codes the tile alone. Bits are
+    per subpixel of the tile."""
     was_training = model.training
     model.eval()
     total = 0.0
+    margin = 2 * HALO if ring else 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED)
         for start in range(0, len(crops), batch):
             x = crops[start : start + batch].to(device)
-            total += float(model.nelbo(x).nelbo_bits.double().sum())
+            available = None
+            if ring and model.config.pixel_halo:
+                half = (x.shape[-1] - 2 * margin) // 2
+                neighbours = torch.tensor(RING_EVALUATION_NEIGHBOURS, device=device).expand(len(x), 3, 3)
+                available = ring_mask(neighbours, half, half)
+            elif ring:
+                x = x[..., margin:-margin, margin:-margin]
+            total += float(model.nelbo(x, available=available).nelbo_bits.double().sum())
     model.train(was_training)
-    return total / crops.numel()
+    inner = crops.shape[-1] - 2 * margin
+    return total / (crops.shape[0] * crops.shape[1] * inner * inner)
 
 
 def _update_ema(ema: HierarchicalVAE, model: HierarchicalVAE, decay: float) -> None:
@@ -436,12 +455,12 @@ class _Data:
 def _setup_data(options: TrainOptions, device: torch.device, ranks: _Ranks, log: Callable[[str], None]) -> _Data:
     t_load = time.monotonic()
     images, heldout_images, heldout_text = _load_data(options)
-    sampler = datasets.TensorCrops(images, options.crop, device=device, seed=ranks.seed(options.seed))
+    sampler = datasets.TensorCrops(images, crop_side(options), device=device, seed=ranks.seed(options.seed))
     data = _Data(images, sampler, _heldout_crops(heldout_images, options).to(device), heldout_text)
     log(
         f"data: {len(images)} training images, {sum(im.shape[0] * im.shape[1] for im in images) / 1e6:.1f} Mpx "
         f"({sampler.pixels.numel() / 1e6:.1f} MB on {device}); "
-        f"held-out: {heldout_text}, {len(data.eval_crops)} crops of {options.crop}; "
+        f"held-out: {heldout_text}, {len(data.eval_crops)} crops of {crop_side(options)}; "
         f"loaded in {time.monotonic() - t_load:.1f} s; device {hardware_name(device)}"
         + (f"; {ranks.world} ranks" if ranks.distributed else "")
     )
@@ -515,6 +534,8 @@ def _calibrate_fixed(run: _RunState, data: _Data, options: TrainOptions, log: Ca
         return
     t = time.monotonic()
     batches = [data.sampler.sample(options.batch) for _ in range(max(1, CALIBRATION_CROPS // options.batch))]
+    if options.config.pixel_halo:  # the ranges of the tiles, without their rings
+        batches = [b[..., 2 * HALO : -2 * HALO, 2 * HALO : -2 * HALO] for b in batches]
     run.model.calibrate_fixed(batches)
     run.ema.load_state_dict(run.model.state_dict())
     log(f"fixed point: activation scales from {len(batches) * options.batch} training crops "
@@ -604,7 +625,11 @@ class _Objective(torch.nn.Module):
         self.model, self.dims = model, dims
 
     def forward(self, x: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        terms = self.model.nelbo(x)
+        available = None
+        if self.model.config.pixel_halo:  # x carries the ring: random neighbours there
+            half = (x.shape[-1] - 4 * HALO) // 2
+            available = random_ring_mask(x.shape[0], half, half, device=x.device)
+        terms = self.model.nelbo(x, available=available)
         loss = (terms.recon_bits + beta * terms.kl_bits.sum(1)).mean() / self.dims
         return loss, terms.nelbo_bits.detach()
 
@@ -827,7 +852,7 @@ def _train(options: TrainOptions, progress, log, ranks: _Ranks, device: torch.de
         """Held-out -ELBO of the EMA weights, added to the curve (rank 0; nan elsewhere)."""
         if not ranks.writer:
             return float("nan")
-        bpd = evaluate_bpd(run.ema, data.eval_crops, options.batch, device)
+        bpd = evaluate_bpd(run.ema, data.eval_crops, options.batch, device, ring=options.config.pixel_halo)
         run.curve.append([run.step, window.mean_bpd(), bpd])
         return bpd
 
