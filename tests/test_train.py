@@ -73,6 +73,36 @@ def test_resume_is_exact(bank, straight_run, tmp_path):
     assert [row[0] for row in curve] == [10, 20]
 
 
+def test_a_killed_session_keeps_its_row_up_to_its_last_checkpoint(bank, tmp_path):
+    out = tmp_path / "killed"
+
+    def kill_at_step_7(event):
+        if event.kind == "step" and event.step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_options(bank, out, checkpoint_every=5), kill_at_step_7, log=None)
+    ckpt = out.with_suffix(".ckpt")
+    assert torch.load(ckpt, weights_only=False)["open_session"]["steps"] == [0, 5]
+    ended = train(_options(bank, out, resume=str(ckpt), stop_step=5), log=None)  # only writes the outputs
+    sessions = json.loads(ended.record.read_text())["training"]["sessions"]
+    assert len(sessions) == 1 and sessions[0]["steps"] == [0, 5] and "killed" in sessions[0]["note"]
+    assert sessions[0]["seconds"] > 0
+
+
+def test_a_model_with_rings_trains_on_wider_crops(bank, tmp_path):
+    from dataclasses import replace
+
+    from vaezip.training.train import crop_side
+
+    config = replace(TINY, fixed_bits=(8, 10, 10, 16), latent_grid=1 / 64, pixel_halo=True)
+    options = _options(bank, tmp_path / "ring", config=config, steps=2, eval_every=2, eval_crops=4)
+    assert crop_side(options) == 20  # the 16-pixel tile and its two-pixel ring
+    lines = []
+    result = train(options, log=lines.append)
+    assert math.isfinite(result.heldout_bpd) and any("4 crops of 20" in line for line in lines)
+
+
 def test_refuses_overwrite_and_kodak(bank, straight_run):
     with pytest.raises(OutputExistsError):
         train(_options(bank, straight_run[0].weights), log=None)

@@ -575,6 +575,9 @@ def _resume(run: _RunState, sampler: datasets.TensorCrops, options: TrainOptions
     run.elapsed_before = float(state["elapsed_s"])
     run.curve = [list(row) for row in state["curve"]]
     run.sessions = list(state.get("sessions", []))
+    if state.get("open_session"):  # that session was killed after this checkpoint: its row ends here
+        run.sessions.append({**state["open_session"], "note": "ended without writing its outputs (killed); "
+                                                               "its row runs to its last checkpoint"})
     run.warm_start = state.get("warm_start")
     rank_states = state.get("rank_states") or []
     if len(rank_states) == ranks.world:
@@ -590,9 +593,22 @@ def _resume(run: _RunState, sampler: datasets.TensorCrops, options: TrainOptions
             f"{ranks.world}: crop and noise streams restart from new seeds")
 
 
+def _session_row(options: TrainOptions, device: torch.device, ranks: _Ranks, steps: list[int], seconds: float,
+                 crops: int) -> dict:
+    """One invocation's row of the training record's `sessions`."""
+    return {
+        "steps": steps, "seconds": round(seconds, 1), "crops_per_s": round(crops / max(seconds, 1e-9), 1),
+        "hardware": hardware_name(device), "ranks": ranks.world, "batch_per_rank": options.batch,
+        "precision": options.precision, "channels_last": options.channels_last, "compile": options.compile,
+        "torch_version": str(torch.__version__),
+    }
+
+
 def _save_checkpoint(run: _RunState, sampler: datasets.TensorCrops, options: TrainOptions, device: torch.device,
-                     ranks: _Ranks, elapsed_s: float, path: Path) -> None:
-    """Rank 0 writes OUT.ckpt with every rank's random streams; every rank must call this."""
+                     ranks: _Ranks, elapsed_s: float, path: Path, open_session: Optional[dict] = None) -> None:
+    """Rank 0 writes OUT.ckpt with every rank's random streams; every rank must call this.
+    `open_session`: the row of the session still running (a resume of a run killed after
+    this checkpoint closes it), None once its row is in `run.sessions`."""
     rank_states = _gather(_rank_state(sampler, device), ranks)
     if not ranks.writer:
         return
@@ -610,6 +626,7 @@ def _save_checkpoint(run: _RunState, sampler: datasets.TensorCrops, options: Tra
             "elapsed_s": elapsed_s,
             "curve": run.curve,
             "sessions": run.sessions,
+            "open_session": open_session,
             "warm_start": run.warm_start,
         },
         path,
@@ -890,7 +907,9 @@ def _train(options: TrainOptions, progress, log, ranks: _Ranks, device: torch.de
             emit("eval", train_bpd, rate)
             window = _Window()
         if run.step % options.checkpoint_every == 0 or due:
-            _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path)
+            running = _session_row(options, device, ranks, [first_step, run.step], time.monotonic() - start,
+                                   run.crops_seen - first_crops)
+            _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path, running)
             last_checkpoint = time.monotonic()
             emit("checkpoint", train_bpd, rate)
 
@@ -898,13 +917,9 @@ def _train(options: TrainOptions, progress, log, ranks: _Ranks, device: torch.de
     if last_eval_step != run.step:
         heldout_bpd = evaluate()
         log(_eval_line(run, options, window, heldout_bpd, "", "  final"))
-    run.sessions.append({
-        "steps": [first_step, run.step], "seconds": round(seconds, 1),
-        "crops_per_s": round((run.crops_seen - first_crops) / max(seconds, 1e-9), 1),
-        "hardware": hardware_name(device), "ranks": ranks.world, "batch_per_rank": options.batch,
-        "precision": options.precision, "channels_last": options.channels_last, "compile": options.compile,
-        "torch_version": str(torch.__version__),
-    })
+    if run.step > first_step or not run.sessions:  # a resume that only writes the outputs adds no row
+        run.sessions.append(_session_row(options, device, ranks, [first_step, run.step], seconds,
+                                         run.crops_seen - first_crops))
     _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path)
     rank_weights = _gather(weights_sha256(run.model), ranks)
     if len(set(rank_weights)) != 1:
