@@ -69,7 +69,7 @@ def make_tiny_fixed_model(channels: int, name: str, stage0_levels: int = 0, pixe
     scales set to powers of two without data (`set_uniform_scales`), so the model is the
     same on every machine. With `stage0_levels` (format version 7) the stage-0 steps'
     context layers, zero-initialised in a new model, get seeded random weights too; with
-    `pixel_halo` (format version 8) the context layers read the ring around the tile."""
+    `pixel_halo` (format version 8) so do the layers that read the ring around the tile."""
     import torch
 
     from vaezip.network import registry
@@ -84,6 +84,8 @@ def make_tiny_fixed_model(channels: int, name: str, stage0_levels: int = 0, pixe
         for stage, step in zip(net.stages, net.schedule):
             if step.stage == 0 and stage.context is not None:
                 stage.context.weight.normal_(0.0, 0.05)
+            if stage.ring is not None:
+                stage.ring.weight.normal_(0.0, 0.05)
     net.set_uniform_scales()
     state = net.state_dict()
     mode = "RGB" if channels == 3 else "L"

@@ -18,9 +18,10 @@ from vaezip.network.model import HALO, known_before, ring_mask, split_lattice
 
 
 def _without_ring(loaded: registry.LoadedModel) -> registry.LoadedModel:
-    """The same weights as a model that reads no ring."""
+    """The same weights as a model that reads no ring (without the layers that read it)."""
     spec = replace(loaded.spec, name=loaded.spec.name + "-plain", config=replace(loaded.spec.config, pixel_halo=False))
-    return registry.model_from_weights(spec, loaded.net.state_dict())
+    state = {k: v for k, v in loaded.net.state_dict().items() if ".ring." not in k}
+    return registry.model_from_weights(spec, state)
 
 
 def _tiles_with_rings(net, size: int = 32, seed: int = 0):
@@ -160,6 +161,27 @@ def test_the_elbo_reads_the_rings_as_the_coder_does(tiny_halo_model):
     assert np.isfinite(with_ring) and with_ring != without
     single = random_pixels("RGB", 32, 32, seed=5, smooth=True)  # one tile: no neighbours
     assert api.model_bits(tiny_halo_model, single, 32)[0] == api.model_bits(_without_ring(tiny_halo_model), single, 32)[0]
+
+
+def test_a_warm_start_reads_the_ring_from_zero(tiny_steps_gray_model):
+    """A model without a ring starts one with it at exactly its own numbers, whatever the ring holds."""
+    from vaezip.network.model import HierarchicalVAE
+    from vaezip.training.warmstart import warm_start
+
+    old = tiny_steps_gray_model.net
+    new = HierarchicalVAE(replace(old.config, pixel_halo=True))
+    report = warm_start(new, old.state_dict())
+    assert report.new and all(".ring." in name for name in report.new) and not report.unused
+    new.wire_fixed()
+    x = torch.from_numpy(np.stack([random_pixels("L", 36, 36, i, smooth=True) for i in range(2)])).permute(0, 3, 1, 2)
+    inner = x[..., 2:-2, 2:-2].contiguous()
+    ringed = split_lattice(x.contiguous())
+    everyone = ring_mask(torch.ones(2, 3, 3, dtype=torch.bool), 16, 16)
+    with torch.inference_mode():
+        features = old.sample_posterior(inner, latents="mean").features
+        for k in range(len(old.schedule)):
+            assert torch.equal(new.step_raw(features, ringed, k, everyone),
+                               old.step_raw(features, split_lattice(inner), k)), k
 
 
 def test_a_halo_model_needs_at_most_one_level_of_stage_0():

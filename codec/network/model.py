@@ -305,8 +305,17 @@ class PixelStage(nn.Module):
                 nn.Conv2d(c, p, 3, padding=dilation, dilation=dilation)
             nn.init.zeros_(self.context.weight)
             nn.init.zeros_(self.context.bias)
+        self.ring = None
         if self.context is not None and cfg.pixel_halo:
-            self.context.padding = (0, 0)  # its input carries the ring (`HierarchicalVAE.step_raw`)
+            # The input carries the ring (`HierarchicalVAE.step_raw`): `context` reads the tile
+            # (the ring zeroed: what it was trained on), `ring` the ring, from zero weights, so a
+            # warm start computes the model without a ring whatever the ring holds.
+            self.context.padding = (0, 0)
+            cin, dilation = self.context.in_channels, self.context.dilation[0]
+            self.ring = FixedConv2d(cin, p, 3, dilation) if fixed else nn.Conv2d(cin, p, 3, dilation=dilation)
+            self.ring.padding = (0, 0)
+            nn.init.zeros_(self.ring.weight)
+            nn.init.zeros_(self.ring.bias)
         self.mid1, self.mid2 = _conv(p, p, 3, fixed), _conv(p, p, 1, fixed)
         self.head = _conv(p, params_per_position(cfg), 1, fixed)
         self.trunk = self.mid_entry = self.head_entry = None
@@ -329,7 +338,10 @@ class PixelStage(nn.Module):
 
     def forward(self, features: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.feat(features)
-        if self.context is not None:
+        if self.ring is not None:
+            inner = context * F.pad(context.new_ones(1, 1, *features.shape[-2:]), (HALO,) * 4)
+            h = h + self.context(inner) + self.ring(context - inner)
+        elif self.context is not None:
             h = h + self.context(context)
         if self.trunk is not None:
             h = self.trunk.observe(h)
@@ -780,9 +792,10 @@ class HierarchicalVAE(nn.Module):
             trunk, limit = stage.trunk.scale, stage.trunk.limit
             stage.feat.set_input(features.scale, feature)
             stage.feat.set_output(trunk, -limit, limit)
-            if stage.context is not None:
-                stage.context.set_input(255.0, 255.0)
-                stage.context.set_output(trunk, -limit, limit)
+            for context in (stage.context, stage.ring):
+                if context is not None:
+                    context.set_input(255.0, 255.0)
+                    context.set_output(trunk, -limit, limit)
             stage.mid_entry.in_scale.copy_(trunk)
             stage.mid1.set_input(stage.mid_entry.out_scale, stage.mid_entry.largest)
             stage.mid1.set_output(stage.mid1.out_scale.clone(), 0, (1 << act_bits) - 1)
