@@ -85,12 +85,16 @@ EXACT_MODELS = {"photo-rgb-1": "photo-rgb-exact-1", "photo-gray-1": "photo-gray-
 """Format version 6 codes with fixed-point models: the case's model there."""
 STEPS_MODELS = {**EXACT_MODELS, "photo-rgb-1": "photo-rgb-pyramid-1"}
 """Format version 7 codes a split stage 0 (`ModelConfig.stage0_levels`): the case's model there."""
+RING_MODELS = {**STEPS_MODELS, "photo-gray-1": "photo-gray-pyramid-1"}
+"""Format version 8 (`ModelConfig.pixel_halo` models read the ring around each tile): the case's model there."""
 
 
 def case_model(name: str, version: int) -> str:
     """The model a case's file of `version` names ("" for images coded without one)."""
     model = CASES[name][1]
     fmt = versions.get(version)
+    if fmt.pixel_halo:
+        return RING_MODELS.get(model, model)
     if fmt.stage0_steps:
         return STEPS_MODELS.get(model, model)
     return EXACT_MODELS.get(model, model) if fmt.numerics.exact else model
