@@ -3,7 +3,8 @@
 Two panels, because the two generations measure on different held-out crops:
   left: the first models (one H200, 12 minutes each), on their held-out crops;
   right: everything trained on the generation-2 photo bank (.carry/photos-gen2.npz), on its
-    held-out photos2 crops. A warm-started model continues its parent's line: the x axis
+    held-out photos2 crops (a model that reads the ring around each tile on crops 4 px wider, a
+    different sample: dashed). A warm-started model continues its parent's line: the x axis
     counts the crops seen on that bank along the whole chain of warm starts (earlier
     sessions of the same model included), so one line per lineage reads left to right.
 
@@ -73,7 +74,11 @@ def main(out: str) -> None:
         if on_gen2_bank(spec):
             start = curve_start(spec)
             x = [(start + row[0] * batch) / 1e3 for row in curve]
-            gen2.plot(x, [row[2] for row in curve], marker="o", ms=3, label=spec.name)
+            if spec.config.pixel_halo:  # its held-out crops are 68 px (the ring): another sample of the photos
+                gen2.plot(x, [row[2] for row in curve], marker="o", ms=3, ls="--",
+                          label=f"{spec.name} (other crops: 68 px with the ring)")
+            else:
+                gen2.plot(x, [row[2] for row in curve], marker="o", ms=3, label=spec.name)
         else:
             x = [row[0] * batch / 1e3 for row in curve]
             (line,) = gen1.plot(x, [row[2] for row in curve], marker="o", ms=3, label=f"{spec.name} held-out")

@@ -85,7 +85,7 @@ EXACT_MODELS = {"photo-rgb-1": "photo-rgb-exact-1", "photo-gray-1": "photo-gray-
 """Format version 6 codes with fixed-point models: the case's model there."""
 STEPS_MODELS = {**EXACT_MODELS, "photo-rgb-1": "photo-rgb-pyramid-1"}
 """Format version 7 codes a split stage 0 (`ModelConfig.stage0_levels`): the case's model there."""
-RING_MODELS = {**STEPS_MODELS, "photo-gray-1": "photo-gray-pyramid-1"}
+RING_MODELS = {**STEPS_MODELS, "photo-rgb-1": "photo-rgb-halo-1", "photo-gray-1": "photo-gray-pyramid-1"}
 """Format version 8 (`ModelConfig.pixel_halo` models read the ring around each tile): the case's model there."""
 
 
