@@ -108,6 +108,11 @@ CAMPAIGNS = {
                           recipe=datasets.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
                           warmup_steps=100, lr_scales=((r"stages\.\d+\.ring\.", 10.0),),
                           precision={"cuda": "fp32", "cpu": "fp32"}),
+    # the same ring for the gray model
+    "gen2-gray-halo": Campaign("gen2-gray-halo", base_model="photo-gray-pyramid-1", bank=".carry/photos-gen2.npz",
+                               recipe=datasets.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
+                               warmup_steps=100, lr_scales=((r"stages\.\d+\.ring\.", 10.0),),
+                               precision={"cuda": "fp32", "cpu": "fp32"}),
 }
 
 
