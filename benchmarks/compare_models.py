@@ -29,18 +29,12 @@ import vaezip
 from vaezip.coding.imagecodec import tile_size
 from vaezip.evaluation.rates import model_bits
 from vaezip.network import registry
-from vaezip.network.config import ModelConfig
 
 DATA = Path(os.environ.get("VAEZIP_DATA", "/work/shared/data"))
 SETS = {
     "kodak": [DATA / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)],
     "wikiphotos 041-049": [DATA / "wikiphotos" / f"{i:03d}.png" for i in range(41, 50)],
 }
-
-
-def pil_mode(config: ModelConfig) -> str:
-    """The Pillow mode a model codes: "L" for one channel, else "RGB"."""
-    return "L" if config.channels == 1 else "RGB"
 
 
 def main() -> None:
@@ -50,7 +44,7 @@ def main() -> None:
     parser.add_argument("--json-out", default="/tmp/vaezip-compare.json")
     args = parser.parse_args()
     models = [registry.load_named_or_run(m) for m in args.models]
-    modes = {pil_mode(lm.spec.config) for lm in models}
+    modes = {registry.image_mode(lm.spec.config) for lm in models}
     if len(modes) != 1:
         raise SystemExit("the two models code different modes (gray and RGB)")
     mode = modes.pop()

@@ -89,6 +89,12 @@ def ring_mask(neighbours: torch.Tensor, height: int, width: int) -> torch.Tensor
     return mask[:, None].to(torch.float32)
 
 
+@lru_cache(maxsize=16)
+def _interior(height: int, width: int) -> torch.Tensor:
+    """(1, 1, height + 2 HALO, width + 2 HALO) float32: 1 in the tile, 0 on its ring."""
+    return F.pad(torch.ones(1, 1, height, width), (HALO,) * 4)
+
+
 def random_ring_mask(n: int, height: int, width: int, device=None, generator=None) -> torch.Tensor:
     """`ring_mask` with each neighbour there with probability RING_TRAINING_AVAILABILITY."""
     draw = torch.rand(n, 3, 3, device=device, generator=generator)
@@ -339,7 +345,7 @@ class PixelStage(nn.Module):
     def forward(self, features: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.feat(features)
         if self.ring is not None:
-            inner = context * F.pad(context.new_ones(1, 1, *features.shape[-2:]), (HALO,) * 4)
+            inner = context * _interior(*features.shape[-2:]).to(context.device)
             h = h + self.context(inner) + self.ring(context - inner)
         elif self.context is not None:
             h = h + self.context(context)
@@ -703,8 +709,7 @@ class HierarchicalVAE(nn.Module):
         n = lattice.shape[0]
         padded = F.pad(lattice.reshape(n, -1, h, w), (HALO,) * 4).reshape(*lattice.shape[:3], h + 2 * HALO,
                                                                             w + 2 * HALO)
-        empty = F.pad(torch.ones(1, 1, h, w, device=lattice.device), (HALO,) * 4)
-        return padded, empty
+        return padded, _interior(h, w).to(lattice.device)
 
     # ---- fixed point -----------------------------------------------------
     def calibrated_scales(self) -> set[str]:

@@ -143,6 +143,11 @@ def model_from_weights(spec: ModelSpec, path_or_state) -> LoadedModel:
     return LoadedModel(spec, net)
 
 
+def image_mode(config: ModelConfig) -> str:
+    """The 8-bit image mode a model codes: "L" for one channel, else "RGB"."""
+    return "L" if config.channels == 1 else "RGB"
+
+
 def load_named_or_run(model: str) -> LoadedModel:
     """A registered model, or the weights OUT.pt of a training run with its record OUT.json
     (for measuring a run before it is registered)."""
@@ -150,7 +155,7 @@ def load_named_or_run(model: str) -> LoadedModel:
         return load_model(model)
     config = ModelConfig.from_dict(read_record(Path(model).with_suffix(".json"))["config"])
     spec = ModelSpec(name=Path(model).stem, file=model, sha256=sha256_file(model), config=config,
-                     modes=("L",) if config.channels == 1 else ("RGB",))
+                     modes=(image_mode(config),))
     return model_from_weights(spec, model)
 
 
