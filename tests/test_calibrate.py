@@ -85,3 +85,66 @@ def test_chosen_offsets_code_smaller_and_decode_exactly(true_log_scale):
         sizes[label] = ans.num_bits()
         assert np.array_equal(coders.pop_steps(ans, _subpixel_steps(net, shifted, 3)), values) and ans.is_empty()
     assert sizes["chosen"] < 0.9 * sizes["none"], sizes
+
+
+# ---- format version 9: each tile's change of its batch's offsets ----------------------
+
+
+def _tiles(log_scales: list[float], rows: int = 1000) -> tuple[quantize.QuantizedMixture, np.ndarray, np.ndarray]:
+    """Tiles of `rows` positions each (the model says scale e^1 everywhere), the values of
+    tile t with scale e^log_scales[t]; returns (q, values, counts)."""
+    parts = [_mixture(3, s, seed=t) for t, s in enumerate(log_scales)]
+    q = quantize.QuantizedMixture(*(np.concatenate([getattr(p[0], f)[:rows] for p in parts])
+                                    for f in ("logits", "means", "log_scales", "coeffs")), fmt=versions.get(9))
+    values = np.concatenate([p[1][:rows] for p in parts])
+    return q, values, np.full(len(parts), rows)
+
+
+def test_tile_deltas_round_trip_through_the_coder():
+    deltas = np.array([[calibrate.DELTA_LIMIT, 0, -calibrate.DELTA_LIMIT], [1, -1, 2]])
+    for sent in (deltas, np.zeros_like(deltas)):
+        ans = coders.new_coder()
+        calibrate.delta_codec(2, 3).push(ans, sent)
+        assert np.array_equal(calibrate.delta_codec(2, 3).pop(ans), sent) and ans.is_empty()
+    ans = coders.new_coder()
+    calibrate.delta_codec(2, 3).push(ans, np.zeros_like(deltas))
+    assert ans.num_bits() <= 32  # the flag alone (one word of the stack)
+
+
+def test_delta_table_is_exact_powers_of_two():
+    p = calibrate.delta_probabilities()
+    assert p.sum() == pytest.approx(1.0) and p[calibrate.DELTA_LIMIT] == 1 / (3 - 2**-15)  # 1 + 2 (1 - 2^-16)
+    assert p[calibrate.DELTA_LIMIT + 1] * 2 == p[calibrate.DELTA_LIMIT]
+
+
+def test_each_tile_gets_the_change_its_values_need():
+    """Batch offset 0 (scale e^1); the tiles' values have e^0.5, e^1 and e^2: the changes are
+    about 16 * (true - 1) steps, within the search's reach of 1 nat, and code smaller."""
+    q, values, counts = _tiles([0.5, 1.0, 2.0])
+    deltas = calibrate.tile_deltas(q, values, np.zeros(3, np.int64), counts)
+    assert deltas.shape == (3, 3) and deltas.dtype == np.int64
+    expected = np.array([-8, 0, 16])[:, None]
+    assert np.all(np.abs(deltas - expected) <= 3), deltas
+    net = inference.Network(model=None, numerics=versions.get(9).numerics, pool=None)
+    sizes = {}
+    for label, d in (("batch", np.zeros_like(deltas)), ("tiles", deltas)):
+        shifted = q.with_scale_offsets(calibrate.row_offsets(np.zeros(3, np.int64), d, counts))
+        ans = coders.new_coder()
+        coders.push_steps(ans, _subpixel_steps(net, shifted, 3, values))
+        sizes[label] = ans.num_bits()
+        assert np.array_equal(coders.pop_steps(ans, _subpixel_steps(net, shifted, 3)), values) and ans.is_empty()
+    assert sizes["tiles"] < 0.97 * sizes["batch"], sizes
+
+
+def test_tiles_alike_change_nothing():
+    """Tiles whose values all fit the batch's offset: no change is worth its code."""
+    q, values, counts = _tiles([1.0, 1.0, 1.0, 1.0])
+    assert not calibrate.tile_deltas(q, values, np.zeros(3, np.int64), counts).any()
+
+
+def test_row_offsets_follow_the_tiles():
+    rows = calibrate.row_offsets(np.array([1, 2]), np.array([[0, 0], [3, -1]]), np.array([2, 1]))
+    assert np.array_equal(rows, [[1, 2], [1, 2], [4, 1]])
+    q, _ = _mixture(2, 1.0)
+    shifted = q.rows(slice(0, 3)).with_scale_offsets(rows)
+    assert np.array_equal(shifted.log_scales[:, :, 0], 16 + rows)

@@ -51,7 +51,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x08\x00",  # version (the current one; 6 to 8 have 5's layout)
+            b"\x09\x00",  # version (the current one; 6 to 9 have 5's layout)
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",

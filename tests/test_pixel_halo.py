@@ -110,17 +110,18 @@ def test_a_ring_holds_the_neighbours_of_the_same_and_later_batches(start):
                 assert np.array_equal(region, source[:, :, src[dr], src[dc]]), (index, dr, dc)
 
 
-def test_version_8_round_trips_and_reads_the_rings(tiny_halo_model, tiny_halo_gray_model):
+@pytest.mark.parametrize("version", [8, 9])
+def test_versions_8_and_9_round_trip_and_read_the_rings(tiny_halo_model, tiny_halo_gray_model, version):
     import vaezip
     from vaezip.format import container
 
     for model, mode, (height, width) in ((tiny_halo_model, "RGB", (150, 130)), (tiny_halo_gray_model, "L", (70, 97))):
         pixels = random_pixels(mode, height, width, seed=2, smooth=True)
-        data = vaezip.compress(pixels, loaded=model)
+        data = vaezip.compress(pixels, loaded=model, version=version)
         header, words = container.unpack(data)
-        assert header.version == 8 and len(header.schedule) > 1
+        assert header.version == version and len(header.schedule) > 1
         assert np.array_equal(vaezip.decompress(data, loaded=model), pixels.reshape(height, width, -1).squeeze())
-        plain = vaezip.compress(pixels, loaded=_without_ring(model))
+        plain = vaezip.compress(pixels, loaded=_without_ring(model), version=version)
         assert container.unpack(plain)[1].tobytes() != words.tobytes()  # the rings changed the code
 
 
@@ -202,3 +203,20 @@ def test_version_8_codes_a_model_without_rings_as_version_7(tiny_steps_gray_mode
     assert container.unpack(v8)[0].version == 8
     assert container.unpack(v8)[1].tobytes() == container.unpack(v7)[1].tobytes()
     assert np.array_equal(vaezip.decompress(v8, loaded=tiny_steps_gray_model), pixels[:, :, 0])
+
+
+def test_version_9_codes_each_tiles_change_of_the_offsets(tiny_halo_model, monkeypatch):
+    """Tiles of one batch with different grain: the encoder codes changes of the batch's
+    scale offsets for them, and the decoder reproduces the image from them."""
+    import vaezip
+    from vaezip.coding import calibrate
+
+    chosen = []
+    choose = calibrate.tile_deltas
+    monkeypatch.setattr(calibrate, "tile_deltas", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    pixels = random_pixels("RGB", 128, 192, seed=5, smooth=True)
+    grain = np.random.default_rng(5).integers(-40, 41, (128, 64, 3))
+    pixels[:, 128:] = np.clip(pixels[:, 128:].astype(np.int64) + grain, 0, 255).astype(np.uint8)
+    data = vaezip.compress(pixels, loaded=tiny_halo_model, version=9)
+    assert chosen and any(d.any() for d in chosen)
+    assert np.array_equal(vaezip.decompress(data, loaded=tiny_halo_model), pixels)

@@ -12,6 +12,7 @@ give the same code (the `runtime` header field, which names the CPU dispatch, as
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import random_image
 
@@ -19,7 +20,7 @@ from vaezip.evaluation import portability
 from vaezip.format import versions
 from vaezip.imaging.images import write_png
 
-VERSIONS = (5, 6, 7, 8)
+VERSIONS = (5, 6, 7, 8, 9)
 ISA_REASON = ("format version 5 sums with float kernels chosen by the instruction set "
               "(docs/PORTABILITY.md); version 6 must not")
 
@@ -42,6 +43,9 @@ def coded(tmp_path_factory, tiny_model, tiny_fixed_model, tiny_steps_model, tiny
 
     image = random_image("RGB", 24, 40, seed=3, smooth=True)
     tiles = random_image("RGB", 40, 72, seed=3, smooth=True)  # several tiles: their rings hold neighbours
+    grainy = random_image("RGB", 40, 72, seed=3, smooth=True)  # tiles of other grain: version 9 codes their changes
+    grain = np.random.default_rng(3).integers(-40, 41, (40, 36, 3))
+    grainy.pixels[:, 36:] = np.clip(grainy.pixels[:, 36:].astype(np.int64) + grain, 0, 255).astype(np.uint8)
     cache = {}
 
     def get(version: int):
@@ -50,7 +54,7 @@ def coded(tmp_path_factory, tiny_model, tiny_fixed_model, tiny_steps_model, tiny
                 pytest.skip(f"format version {version} is not in versions.FORMATS yet")
             fmt = versions.FORMATS[version]
             model = tiny_steps_model if fmt.stage0_steps else tiny_fixed_model if fmt.numerics.exact else tiny_model
-            picture = tiles if fmt.pixel_halo else image
+            picture = grainy if fmt.tile_offsets else tiles if fmt.pixel_halo else image
             model = tiny_halo_model if fmt.pixel_halo else model
             data = api.compress(picture, loaded=model, version=version)
             folder = tmp_path_factory.mktemp(f"v{version}")

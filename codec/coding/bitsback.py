@@ -121,8 +121,9 @@ def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, step
     """Steps of the real subpixels (m, C) of one pixel step (`HierarchicalVAE.schedule`: a
     sub-lattice stage, or part of stage 0), in pop order; returns them (int64).
 
-    With `fmt.scale_offsets` the step's log-scale offsets (`calibrate`) pop first;
-    the encoder chooses them for its true values `truth` (None on the decoder). With a
+    With `fmt.scale_offsets` the step's log-scale offsets (`calibrate`) pop first, with
+    `fmt.tile_offsets` then each tile's change of them; the encoder chooses them for its
+    true values `truth` (None on the decoder). With a
     `ring` (format version 8) the step also reads the neighbouring tiles' pixels around
     each tile.
     """
@@ -134,6 +135,12 @@ def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, step
     channels = lattice.shape[2]
     if fmt.scale_offsets:
         offsets = yield calibrate.offset_codec(channels), None if truth is None else calibrate.choose_offsets(q, truth)
+        counts = mask.reshape(len(mask), -1).sum(axis=1)
+        counts = counts[counts > 0]  # the tiles with positions in this step, in row order
+        if fmt.tile_offsets and counts.size:
+            deltas = yield (calibrate.delta_codec(counts.size, channels),
+                            None if truth is None else calibrate.tile_deltas(q, truth, offsets, counts))
+            offsets = calibrate.row_offsets(offsets, deltas, counts)
         q = q.with_scale_offsets(offsets)
     return (yield from _subpixel_steps(net, q, channels, truth))
 

@@ -92,8 +92,10 @@ class QuantizedMixture:
 
     def with_scale_offsets(self, offsets: np.ndarray) -> "QuantizedMixture":
         """These parameters with channel c's log-scales shifted by offsets[c] grid steps
-        (clamped to the grid), as format version 3 codes them (`calibrate`)."""
-        shift = np.asarray(offsets, dtype=np.int32)[None, :, None]
+        (clamped to the grid), as format version 3 codes them (`calibrate`); offsets
+        (m, C) shift each position by its own (version 9's tiles)."""
+        offsets = np.asarray(offsets, dtype=np.int32)
+        shift = offsets[None, :, None] if offsets.ndim == 1 else offsets[:, :, None]
         log_scales = np.clip(self.log_scales + shift, SCALE_LO, SCALE_HI).astype(np.int32)
         shifted = QuantizedMixture(self.logits, self.means, log_scales, self.coeffs, self.fmt)
         shifted._weights = self._weights  # the weights do not depend on the scales

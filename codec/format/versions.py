@@ -19,6 +19,7 @@ Torch-free: the byte-level format (`container`, `archive`) reads it too.
              steps when the model has them (`ModelConfig.stage0_levels`), a step at a time
     8        as 7, and a model with `ModelConfig.pixel_halo` reads the ring of neighbouring
              pixels around each tile (the neighbours in the same or a later batch)
+    9        as 8, and each tile of a batch codes its own change to the batch's scale offsets
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Format:
             stage 0 in several steps when the model splits it (else the model must not).
         pixel_halo: a model's pixel steps may read the ring around each tile
             (`ModelConfig.pixel_halo`, `bitsback.TileRing`; else the model must not).
+        tile_offsets: each tile codes, after its batch's scale offsets of a pixel step, a
+            change to them for its own positions (`calibrate.tile_deltas`).
     """
 
     version: int
@@ -85,6 +88,7 @@ class Format:
     adaptation: bool = False
     stage0_steps: bool = False
     pixel_halo: bool = False
+    tile_offsets: bool = False
 
 
 _NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
@@ -112,10 +116,14 @@ _V8 = Format(8, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
              modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True, stage0_steps=True,
              pixel_halo=True)
 
-FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)}
+_V9 = Format(9, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
+             modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True, stage0_steps=True,
+             pixel_halo=True, tile_offsets=True)
+
+FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)}
 """Every version this build reads, by number."""
 KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
-CURRENT: Format = _V8
+CURRENT: Format = _V9
 """The version this build writes with a fixed-point model (`ModelConfig.fixed_bits`)."""
 NEWEST_FLOAT: Format = _V5
 """The version this build writes with a float model (versions 1-5 run float networks)."""
