@@ -46,7 +46,7 @@ DELTA_LIMIT = 16
 """A tile's change of its batch's offset, in log-scale steps: |delta| <= 1 nat."""
 TILE_SAMPLE_POSITIONS = 256
 """Positions per tile, on average, that `tile_deltas` evaluates (a strided sample of the step)."""
-_DELTA_COARSE = (-16, -8, -4, 0, 4, 8, 16)
+_DELTA_PROBE = 4
 _STEP = 8
 _FLOOR = np.float32(2.0**-40)
 
@@ -153,9 +153,14 @@ def choose_offsets(q: QuantizedMixture, values: np.ndarray) -> np.ndarray:
 def tile_deltas(q: QuantizedMixture, values: np.ndarray, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Each tile's change (T, C) int64 of the step's `offsets` (C,) that codes its `values`
     (m, C; `counts` (T,) rows per tile, tile by tile) in the fewest bits, its own code
-    included, estimated on a strided sample of about `TILE_SAMPLE_POSITIONS` rows a tile:
-    the coarse changes `_DELTA_COARSE`, then 2 and 1 steps around the best. All 0 (`delta_codec` then codes only its flag) unless they save more than
-    their code costs."""
+    included, estimated on a strided sample of about `TILE_SAMPLE_POSITIONS` rows a tile.
+
+    Each tile's bits at changes -`_DELTA_PROBE`, 0 and +`_DELTA_PROBE` fix the model
+    bits(t) = n t + A e^-t + c of residuals with a scale e^t (`_model_minimum`); its
+    minimum (rounded, within ±`DELTA_LIMIT`) is evaluated too, and the cheapest of the four,
+    code included, is chosen. All 0 (`delta_codec` then codes only its flag) unless they
+    save more than their code costs.
+    """
     m, channels = values.shape
     tiles = len(counts)
     tile_of_row = np.repeat(np.arange(tiles), counts)
@@ -164,31 +169,42 @@ def tile_deltas(q: QuantizedMixture, values: np.ndarray, offsets: np.ndarray, co
     sampled_tiles = tile_of_row[rows]
     sampled = np.bincount(sampled_tiles, minlength=tiles)
     scale_up = (counts / np.maximum(sampled, 1))[:, None]  # (T, 1)
-    code_bits = -np.log2(delta_probabilities())
 
-    def cost(deltas: np.ndarray) -> np.ndarray:
-        """Estimated bits (D, T, C) of each tile with changes (D, T, C)."""
-        row_bits = edges.bits(offsets[None, None, :] + deltas[:, sampled_tiles, :])  # (D, n, C)
-        per_tile = np.stack([np.stack([np.bincount(sampled_tiles, weights=row_bits[d, :, c], minlength=tiles)
-                                       for c in range(channels)], axis=1) for d in range(len(deltas))])
-        return per_tile * scale_up + code_bits[deltas + DELTA_LIMIT]
+    def data_bits(deltas: np.ndarray) -> np.ndarray:
+        """Estimated bits (D, T, C) of each tile's values with changes (D, T, C), code not included."""
+        row_bits = edges.bits(offsets + deltas[:, sampled_tiles, :])  # (D, n, C)
+        d = len(deltas)
+        cell = (np.arange(d)[:, None, None] * tiles + sampled_tiles[None, :, None]) * channels \
+            + np.arange(channels)[None, None, :]
+        sums = np.bincount(np.broadcast_to(cell, row_bits.shape).ravel(), weights=row_bits.ravel(),
+                           minlength=d * tiles * channels)
+        return sums.reshape(d, tiles, channels) * scale_up
 
-    coarse = np.broadcast_to(np.array(_DELTA_COARSE)[:, None, None], (len(_DELTA_COARSE), tiles, channels))
-    costs = cost(coarse)
-    unchanged = costs[_DELTA_COARSE.index(0)] - code_bits[DELTA_LIMIT]  # (T, C) bits without any change coded
-    best, best_cost = coarse[costs.argmin(0), 0, 0], costs.min(0)
-    step = 2
-    while step >= 1:
-        candidates = np.clip(np.stack([best - step, best + step]), -DELTA_LIMIT, DELTA_LIMIT)
-        costs = cost(candidates)
-        better = costs.min(0) < best_cost
-        chosen = np.take_along_axis(candidates, costs.argmin(0)[None], 0)[0]
-        best, best_cost = np.where(better, chosen, best), np.minimum(costs.min(0), best_cost)
-        step //= 2
+    probes = np.broadcast_to(np.array([-_DELTA_PROBE, 0, _DELTA_PROBE])[:, None, None], (3, tiles, channels))
+    below, unchanged, above = data_bits(probes)
+    vertex = np.clip(np.rint(_model_minimum(below, unchanged, above)), -DELTA_LIMIT, DELTA_LIMIT).astype(np.int64)
+    candidates = np.concatenate([probes, vertex[None]])
+    totals = np.stack([below, unchanged, above, data_bits(vertex[None])[0]]) \
+        - np.log2(delta_probabilities())[candidates + DELTA_LIMIT]
+    best = np.take_along_axis(candidates, totals.argmin(0)[None], 0)[0]
     best = np.where(sampled[:, None] > 0, best, 0).astype(np.int64)
-    if best_cost.sum() >= unchanged.sum():
+    if totals.min(0).sum() >= unchanged.sum():
         return np.zeros_like(best)
     return best
+
+
+def _model_minimum(below: np.ndarray, unchanged: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """Where bits(t) = n t + A e^-t + c is least, in log-scale steps, given its values at
+    -h, 0 and +h (h = `_DELTA_PROBE` steps): A = (f(h) + f(-h) - 2 f(0)) / (2 cosh h - 2),
+    n = (f(h) - f(-h) + 2 A sinh h) / 2h, minimum at log(A / n). Without a minimum (A or n
+    not positive): the end of the range the bits fall towards."""
+    h = _DELTA_PROBE / LOG_SCALE_STEPS
+    slope = above - below
+    a = (below + above - 2 * unchanged) / (2 * np.cosh(h) - 2)
+    n = (slope + 2 * a * np.sinh(h)) / (2 * h)
+    found = (a > 0) & (n > 0)
+    minimum = np.log(np.where(found, a, 1.0) / np.where(found, n, 1.0)) * LOG_SCALE_STEPS
+    return np.where(found, minimum, np.where(slope > 0, -DELTA_LIMIT, DELTA_LIMIT))
 
 
 class _Edges:
