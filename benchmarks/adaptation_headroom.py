@@ -110,6 +110,18 @@ def fit(model, data, form: str, steps: int) -> tuple[float, float, int]:
     return before / math.log(2), after / math.log(2), count
 
 
+TABLE_HEAD = ("| image | form | pixel bits | after fit | saved | values | side information (8 bits a value) | net |\n"
+              "|---|---|---|---|---|---|---|---|")
+
+
+def table_row(path: str, form: str, before: float, after: float, count: int) -> str:
+    """One markdown row of `TABLE_HEAD`: bits before and after a fit of `count` values."""
+    side = 8 * count
+    return (f"| {str(path).split('/')[-1]} | {form} | {before / 1e6:.4f} Mbit | {after / 1e6:.4f} Mbit | "
+            f"{1 - after / before:.2%} | {count} | {side / 1e3:.1f} kbit ({side / before:.2%}) | "
+            f"{1 - (after + side) / before:.2%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+")
@@ -122,16 +134,12 @@ def main() -> None:
         raise SystemExit("give a float model: the fit runs on the float head")
     if len(model.schedule) != STAGES:
         raise SystemExit("give a four-stage model: the fit hooks one head per stage")
-    print("| image | form | pixel bits | after fit | saved | side information (8 bits a value) | net |")
-    print("|---|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     for path in args.images:
         data = head_data(model, read_image(path).pixels)
         for form in FORMS:
             before, after, count = fit(model, data, form, args.steps)
-            side = 8 * count
-            print(f"| {path.split('/')[-1]} | {form} | {before / 1e6:.3f} Mbit | {after / 1e6:.3f} Mbit | "
-                  f"{1 - after / before:.2%} | {side / 1e3:.1f} kbit ({side / before:.2%}) | "
-                  f"{1 - (after + side) / before:.2%} |", flush=True)
+            print(table_row(path, form, before, after, count), flush=True)
 
 
 if __name__ == "__main__":

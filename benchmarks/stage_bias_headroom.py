@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from adaptation_headroom import TABLE_HEAD, table_row
 
 from vaezip.coding.bitsback import batch_limit, image_rings
 from vaezip.coding.tiles import TileGrid, lattice_to_pixels, split_tiles
@@ -122,16 +123,13 @@ def main() -> None:
     model = registry.load_model(args.model).net
     if not (model.fixed and model.config.pixel_halo):
         raise SystemExit("give a fixed-point model with a ring (format version 8)")
-    print("| image | form | pixel bits | after fit | saved | values | side information (8 bits a value) | net | fit s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    head, rule = TABLE_HEAD.split("\n")
+    print(f"{head} fit s |\n{rule}---|")
     for path in args.images:
         batches = tile_data(model, read_image(path).pixels)
         for form in FORMS:
             before, after, count, seconds = fit(model, batches, form, args.steps, args.lr)
-            side = 8 * count
-            print(f"| {path.split('/')[-1]} | {form} | {before / 1e6:.4f} Mbit | {after / 1e6:.4f} Mbit | "
-                  f"{1 - after / before:.2%} | {count} | {side / 1e3:.1f} kbit ({side / before:.2%}) | "
-                  f"{1 - (after + side) / before:.2%} | {seconds:.0f} |", flush=True)
+            print(f"{table_row(path, form, before, after, count)} {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
