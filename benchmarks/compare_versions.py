@@ -14,39 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
+from exact_vs_float import SETS, code
 from PIL import Image as PILImage
 
-import vaezip
-from vaezip.imaging.images import Image, read_image
-
-DATA = Path(os.environ.get("VAEZIP_DATA", "/work/shared/data"))
-SETS = {
-    "kodak": [DATA / "kodak" / f"kodim{i:02d}.png" for i in range(1, 25)],
-    "wiki": [DATA / "wikiphotos" / f"{i:03d}.png" for i in range(41, 50)],
-}
+from vaezip.imaging.images import Image, from_pil, read_image
 
 
 def load(path: Path, gray: bool) -> Image:
     if not gray:
         return read_image(path)
     with PILImage.open(path) as im:
-        return Image("L", np.asarray(im.convert("RGB").convert("L"))[:, :, None])
-
-
-def code(image: Image, version: int) -> tuple[int, float, float]:
-    """(file bytes, compress s, decompress s); raises if the decoded pixels differ."""
-    start = time.perf_counter()
-    data = vaezip.compress(image, version=version)
-    middle = time.perf_counter()
-    out = vaezip.decompress(data)
-    end = time.perf_counter()
-    if not np.array_equal(out.reshape(image.pixels.shape), image.pixels):
-        raise SystemExit(f"version {version}: decoded pixels differ")
-    return len(data), middle - start, end - middle
+        return from_pil(im.convert("L"))
 
 
 def main() -> None:
@@ -61,13 +42,13 @@ def main() -> None:
     totals = {v: np.zeros(3) for v in args.versions}
     rows, subpixels = [], 0
     print(f"load before: {os.getloadavg()[0]:.2f}")
-    code(load(paths[0], args.gray), args.versions[0])  # warm-up: model load, thread pool
+    code(load(paths[0], args.gray), None, args.versions[0])  # warm-up: model load, thread pool
     for i, path in enumerate(paths):
         image = load(path, args.gray)
         subpixels += image.pixels.size
         row = {"image": path.name}
         for v in (args.versions if i % 2 == 0 else args.versions[::-1]):
-            result = code(image, v)
+            result = code(image, None, v)  # the default model of the image's mode
             totals[v] += result
             row[str(v)] = {"bpd": result[0] * 8 / image.pixels.size, "compress_s": result[1], "decompress_s": result[2]}
         rows.append(row)

@@ -135,12 +135,13 @@ def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, step
     channels = lattice.shape[2]
     if fmt.scale_offsets:
         offsets = yield calibrate.offset_codec(channels), None if truth is None else calibrate.choose_offsets(q, truth)
-        counts = mask.reshape(len(mask), -1).sum(axis=1)
-        counts = counts[counts > 0]  # the tiles with positions in this step, in row order
-        if fmt.tile_offsets and counts.size:
-            deltas = yield (calibrate.delta_codec(counts.size, channels),
-                            None if truth is None else calibrate.tile_deltas(q, truth, offsets, counts))
-            offsets = calibrate.row_offsets(offsets, deltas, counts)
+        if fmt.tile_offsets:
+            counts = mask.reshape(len(mask), -1).sum(axis=1)
+            counts = counts[counts > 0]  # the tiles with positions in this step, in row order
+            if counts.size:
+                deltas = yield (calibrate.delta_codec(counts.size, channels),
+                                None if truth is None else calibrate.tile_deltas(q, truth, offsets, counts))
+                offsets = calibrate.row_offsets(offsets, deltas, counts)
         q = q.with_scale_offsets(offsets)
     return (yield from _subpixel_steps(net, q, channels, truth))
 

@@ -186,8 +186,8 @@ def tile_deltas(q: QuantizedMixture, values: np.ndarray, offsets: np.ndarray, co
     candidates = np.concatenate([probes, vertex[None]])
     totals = np.stack([below, unchanged, above, data_bits(vertex[None])[0]]) \
         - np.log2(delta_probabilities())[candidates + DELTA_LIMIT]
-    best = np.take_along_axis(candidates, totals.argmin(0)[None], 0)[0]
-    best = np.where(sampled[:, None] > 0, best, 0).astype(np.int64)
+    # A tile without sampled rows costs only the code of its change there: 0 wins.
+    best = np.take_along_axis(candidates, totals.argmin(0)[None], 0)[0].astype(np.int64)
     if totals.min(0).sum() >= unchanged.sum():
         return np.zeros_like(best)
     return best

@@ -24,7 +24,7 @@ Torch-free: the byte-level format (`container`, `archive`) reads it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from vaezip.errors import UnsupportedVersionError
@@ -116,9 +116,7 @@ _V8 = Format(8, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
              modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True, stage0_steps=True,
              pixel_halo=True)
 
-_V9 = Format(9, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
-             modes=EIGHT_BIT_MODES + OTHER_DEPTH_MODES, archive_columns=True, adaptation=True, stage0_steps=True,
-             pixel_halo=True, tile_offsets=True)
+_V9 = replace(_V8, version=9, tile_offsets=True)
 
 FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)}
 """Every version this build reads, by number."""
