@@ -10,7 +10,12 @@ bias for every output of the stage head's last layer (`HierarchicalVAE.stage_raw
 
 by a few Adam steps on the image's own subpixels (latents at the posterior mean,
 teacher-forced context: the outputs of the head are computed once, only the
-affine map on them is fitted, so a step costs no network call). The fitted
+affine map on them is fitted, so a step costs no network call). The coder then
+calibrates the log-scales per tile (`calibrate`, versions 3 and 9), so the fit
+does too: every fitted tile, stage and channel gets a free log-scale offset,
+searched first alone (the calibrated baseline) and then with the gains and biases,
+which so learn only what calibration cannot do; the adaptation is kept only if
+it beats that baseline by more than its own bits. The fitted
 values are rounded to the integer grid, coded in the payload
 (`adaptation_steps`: a flag, then the integers) and counted in the file; the
 encoder then codes the tiles with exactly the rounded values, which the decoder
@@ -45,6 +50,11 @@ LIMIT = 512
 SPREAD = 16
 """The integers' code: P(k) proportional to 2^(-|k| / SPREAD): 0 costs 5.5 bits, |k| = 16 costs 6.5."""
 STAGES = 4
+OFFSET_GRID = tuple(np.arange(-2.0, 3.01, 1.0))
+"""Log-scale offsets (nats) the fit's calibration tries per tile, stage and channel
+before refining to 1/8 nat."""
+OFFSET_LR = 0.05
+"""Adam learning rate of those offsets while the adaptation is fitted, in nats."""
 
 
 @dataclass(frozen=True)
@@ -167,10 +177,12 @@ def adaptation_steps(config: ModelConfig, truth: Optional[Adaptation] = None) ->
 
 @dataclass
 class _Stage:
-    """One stage's fitting data: head outputs (P, M) float32 and true values (C, M) float32."""
+    """One stage's fitting data: head outputs (P, M) float32, true values (C, M) float32
+    and the fitted tile (M,) int64 (0..tiles-1) each position belongs to."""
 
     raw: torch.Tensor
     values: torch.Tensor
+    tiles: torch.Tensor
 
 
 def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> list[_Stage]:
@@ -185,6 +197,7 @@ def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> li
     chosen = np.unique(np.linspace(0, grid.count - 1, count).round().astype(np.int64))
     raws: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
     values: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
+    tiles: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
     for start in range(0, len(chosen), 16):
         indices = chosen[start : start + 16]
         x = torch.from_numpy(np.concatenate([lattice_to_pixels(split_tiles(pixels, grid, range(i, i + 1))) for i in indices]))
@@ -210,23 +223,60 @@ def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> li
             keep = real[:, s]
             raws[s].append(raw.permute(1, 0, 2, 3)[:, keep])
             values[s].append(lattice[:, s].permute(1, 0, 2, 3)[:, keep].float())
+            tiles[s].append((start + torch.arange(len(indices)))[:, None, None].expand_as(keep)[keep])
     with torch.inference_mode(False):  # normal tensors: autograd may save them
-        return [_Stage(torch.cat(r, dim=1).clone(), torch.cat(v, dim=1).clone()) for r, v in zip(raws, values)]
+        return [_Stage(torch.cat(r, dim=1).clone(), torch.cat(v, dim=1).clone(), torch.cat(t).clone())
+                for r, v, t in zip(raws, values, tiles)]
 
 
-def _nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch.Tensor,
-          rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """−log p of the stage's values (of positions `rows`, all when None) in nats, summed."""
-    raw, values = (stage.raw, stage.values) if rows is None else (stage.raw[:, rows], stage.values[:, rows])
+def _position_nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch.Tensor,
+                   offsets: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """−log p (C, m) in nats of the stage's values at positions `rows` (all when None), with
+    the head outputs mapped by `gain` and `bias` (P,) and each position's log-scales shifted
+    by its tile's `offsets` (tiles, C), in nats."""
+    raw, values, tiles = (stage.raw, stage.values, stage.tiles) if rows is None else (
+        stage.raw[:, rows], stage.values[:, rows], stage.tiles[rows])
     adapted = raw * (1.0 + gain[:, None]) + bias[:, None]
     float_config = replace(model.config, fixed_bits=None)  # the fit is float (the file holds integers)
     params = split_params(adapted.T[:, :, None, None], float_config)  # positions as a batch of 1x1 images
-    return -mixture_log_prob(params, values.T[:, :, None, None]).sum()
+    params = replace(params, log_scales=params.log_scales + offsets[tiles][:, :, None, None, None])
+    return -mixture_log_prob(params, values.T[:, :, None, None])[:, :, 0, 0].T
+
+
+def _nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor,
+          rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`_position_nats` summed."""
+    return _position_nats(model, stage, gain, bias, offsets, rows).sum()
+
+
+def _calibrated_offsets(model: HierarchicalVAE, stage: _Stage, tiles: int, rows: torch.Tensor) -> torch.Tensor:
+    """Each tile's best log-scale offsets (tiles, C) for the model as shipped, on positions
+    `rows`: a walk over `OFFSET_GRID` (each channel's cost depends on its own offset only),
+    then halves of its step around the best, as the coder's calibration searches."""
+    channels = model.config.channels
+    zero = torch.zeros(stage.raw.shape[0])
+    where = stage.tiles[rows]
+
+    def costs(candidates: torch.Tensor) -> torch.Tensor:  # (K, tiles, C) -> nats (K, tiles, C)
+        out = torch.zeros_like(candidates)
+        for k, offsets in enumerate(candidates):
+            out[k].index_add_(0, where, _position_nats(model, stage, zero, zero, offsets, rows).T)
+        return out
+
+    grid = torch.tensor(OFFSET_GRID)[:, None, None].expand(-1, tiles, channels)
+    best = grid.gather(0, costs(grid).argmin(0, keepdim=True))[0]
+    step = float(OFFSET_GRID[1] - OFFSET_GRID[0])
+    for _ in range(3):  # to 1/8 nat
+        step /= 2
+        around = torch.stack([best - step, best, best + step])
+        best = around.gather(0, costs(around).argmin(0, keepdim=True))[0]
+    return best
 
 
 def fit(net, pixels: np.ndarray, tile: int, effort: int) -> Optional[Adaptation]:
     """The encoder's adaptation for an (H, W, C) uint8 image at `effort`, or None (none
-    fitted, or the rounded fit would not pay for its own bits on the fitted subpixels).
+    fitted, or the rounded fit would not pay for its own bits on the fitted subpixels
+    against the calibrated baseline, scaled to the image).
 
     Args:
         net: the coding network (`inference.coding_network` of the format version).
@@ -235,42 +285,63 @@ def fit(net, pixels: np.ndarray, tile: int, effort: int) -> Optional[Adaptation]
     settings = EFFORT_SETTINGS[effort]
     if settings.steps == 0:
         return None
-    model = net.model
-    outputs = params_per_position(model.config)
     data = _stage_data(net, pixels, tile, settings)
-    if not sum(d.values.shape[1] for d in data):
+    fitted = sum(d.values.shape[1] for d in data)
+    if not fitted:
         return None
+    adaptation, saved_nats = _fit(net.model, data, settings, net.map_threads)
+    scale = pixels.shape[0] * pixels.shape[1] / 4 / (fitted / STAGES)  # fitted tiles -> image
+    if not adaptation.active or saved_nats * scale / np.log(2) <= adaptation.bits():
+        return None
+    return adaptation
+
+
+def _fit(model: HierarchicalVAE, data: list[_Stage], settings: FitSettings, map_stages) -> tuple[Adaptation, float]:
+    """The rounded adaptation fitted to `data`, and the nats it saves there against the
+    calibrated baseline (the per-tile offsets fitted alone).
+
+    `map_stages(fn, stages)` runs `fn` on each stage (`inference.Network.map_threads`);
+    the gradients are summed in stage order, so the result does not depend on it.
+    """
+    outputs = params_per_position(model.config)
+    tiles = 1 + max(int(d.tiles.max()) for d in data if len(d.tiles))
     rng = np.random.default_rng(0)
     with torch.inference_mode(False), torch.enable_grad():
         gains = torch.zeros(STAGES, outputs, requires_grad=True)
         biases = torch.zeros(STAGES, outputs, requires_grad=True)
-        optimizer = torch.optim.Adam([gains, biases], lr=settings.lr)
-        for _ in range(settings.steps):
-            samples = [torch.from_numpy(rng.choice(d.values.shape[1], min(settings.positions, d.values.shape[1]),
-                                                   replace=False)) for d in data]
+        offsets = torch.zeros(STAGES, tiles, model.config.channels, requires_grad=True)
 
-            def stage_grads(s: int):
-                loss = _nats(model, data[s], gains[s], biases[s], samples[s]) / max(1, len(samples[s]))
-                return torch.autograd.grad(loss, [gains, biases])
+        def descend(fitted: list[torch.Tensor], optimizer: torch.optim.Optimizer, steps: int) -> None:
+            for _ in range(steps):
+                samples = [torch.from_numpy(rng.choice(d.values.shape[1], min(settings.positions, d.values.shape[1]),
+                                                       replace=False)) for d in data]
 
-            grads = net.map_threads(stage_grads, list(range(STAGES)))
-            optimizer.zero_grad(set_to_none=False)
-            gains.grad = sum(g[0] for g in grads)  # summed in stage order: the same on any thread count
-            biases.grad = sum(g[1] for g in grads)
-            optimizer.step()
-        adaptation = Adaptation(_rounded(gains), _rounded(biases))
-        zero = torch.zeros(outputs)
-        saved_nats = 0.0
+                def stage_grads(s: int):
+                    loss = _nats(model, data[s], gains[s], biases[s], offsets[s], samples[s]) / max(1, len(samples[s]))
+                    return torch.autograd.grad(loss, fitted)
+
+                grads = map_stages(stage_grads, list(range(STAGES)))
+                for i, tensor in enumerate(fitted):
+                    tensor.grad = sum(g[i] for g in grads)  # summed in stage order: the same on any thread count
+                optimizer.step()
+
+        def total_nats(adaptation: Adaptation) -> float:
+            with torch.no_grad():
+                return sum(float(_nats(model, d, torch.from_numpy(adaptation.gains[s] / GRID).float(),
+                                       torch.from_numpy(adaptation.biases[s] / GRID).float(), offsets[s]))
+                           for s, d in enumerate(data))
+
         with torch.no_grad():
             for s, d in enumerate(data):
-                g = torch.from_numpy(adaptation.gains[s] / GRID).float()
-                b = torch.from_numpy(adaptation.biases[s] / GRID).float()
-                saved_nats += float(_nats(model, d, zero, zero) - _nats(model, d, g, b))
-    pixels_fitted = sum(d.values.shape[1] for d in data)
-    scale = pixels.shape[0] * pixels.shape[1] / 4 / max(1, pixels_fitted / STAGES)  # fitted tiles -> image
-    if not adaptation.active or saved_nats * scale / np.log(2) <= adaptation.bits():
-        return None
-    return adaptation
+                rows = torch.arange(0, d.values.shape[1], max(1, d.values.shape[1] // settings.positions))
+                offsets[s] = _calibrated_offsets(model, d, tiles, rows)
+        none = Adaptation.zeros(model.config)
+        baseline = total_nats(none)
+        descend([gains, biases, offsets], torch.optim.Adam([{"params": [gains, biases], "lr": settings.lr},
+                                                            {"params": [offsets], "lr": OFFSET_LR}]), settings.steps)
+        adaptation = Adaptation(_rounded(gains), _rounded(biases))
+        # The offsets moved with the adaptation: the baseline is the better of both sets.
+        return adaptation, min(baseline, total_nats(none)) - total_nats(adaptation)
 
 
 def _rounded(values: torch.Tensor) -> np.ndarray:
