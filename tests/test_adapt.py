@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,34 @@ def test_fit_leaves_scale_changes_to_calibration(tiny_model):
     k, c = config.mixtures, config.channels
     mean_biases = adaptation.biases[:, k : k + c * k]
     assert (mean_biases > 0).all()  # raw means are in units of 127.5: about +20 / 127.5 * GRID
+
+
+def test_adam_is_torch_optims_update():
+    torch.manual_seed(0)
+    ours = torch.randn(7, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    mine, reference = adapt._Adam([ours], [0.01]), torch.optim.Adam([theirs], lr=0.01)
+    for _ in range(30):
+        gradient = torch.randn(7)
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        mine.step()
+        reference.step()
+    assert torch.equal(ours, theirs)
+
+
+def test_high_effort_does_not_import_the_compiler(tiny_model, tmp_path):
+    """torch.optim's first optimizer imports torch._dynamo and sympy (1.3 s a process)."""
+    import subprocess
+    import sys
+
+    image = random_image("RGB", 40, 40, seed=2, smooth=True)
+    np.save(tmp_path / "pixels.npy", image.pixels)
+    script = (
+        "import sys, numpy as np\n"
+        "from conftest import make_tiny_model\n"
+        "from vaezip import api\n"
+        f"pixels = np.load({str(tmp_path / 'pixels.npy')!r})\n"
+        "api.compress(pixels, loaded=make_tiny_model(3, 'tiny-test'), effort=9)\n"
+        "assert 'torch._dynamo' not in sys.modules and 'sympy' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parent)
