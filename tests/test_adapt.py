@@ -172,7 +172,9 @@ def _synthetic_stages(config, log_scale_shift, mean_shift: float = 0.0, per_tile
 
 
 def _fit_pays(config, stages, settings: adapt.FitSettings) -> tuple[adapt.Adaptation, bool]:
-    adaptation, saved_nats = adapt._fit(config_model(config), stages, settings, lambda fn, items: [fn(i) for i in items])
+    adaptation, saved_nats, positions = adapt._fit(config_model(config), stages, settings,
+                                                   lambda fn, items: [fn(i) for i in items])
+    assert positions == sum(s.values.shape[1] for s in stages)
     return adaptation, adaptation.active and saved_nats / np.log(2) > adaptation.bits()
 
 

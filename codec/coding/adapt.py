@@ -63,7 +63,8 @@ class FitSettings:
 
     Attributes:
         steps: Adam steps (0: no adaptation, the file codes the model as shipped).
-        tiles: at most this many tiles (evenly spread) give the fit its subpixels.
+        tiles: at most this many tiles (evenly spread) give the fit its subpixels, and as
+            many others (where the image has them) judge whether it pays.
         positions: positions of each stage per step (a fixed random sample).
         lr: Adam learning rate, in units of the fitted values (a gain of 1 doubles an output).
         verify: also code the tiles without the adaptation and keep the smaller
@@ -185,16 +186,24 @@ class _Stage:
     tiles: torch.Tensor
 
 
-def _stage_data(net, pixels: np.ndarray, tile: int, settings: FitSettings) -> list[_Stage]:
-    """Head outputs and true values of the real positions of evenly spread tiles, latents
-    at the posterior mean, computed with the coding network `net` (`inference.Network`)."""
+def _tile_choice(count: int, settings: FitSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The tiles (indices of `count`, raster order) the fit uses and the other tiles its
+    result is judged on: evenly spread, alternating, up to `settings.tiles` each; nothing
+    to judge on (judged in-sample) when the image has no more tiles than that."""
+    if count <= settings.tiles:
+        return np.arange(count), np.arange(0)
+    spread = np.unique(np.linspace(0, count - 1, min(count, 2 * settings.tiles)).round().astype(np.int64))
+    return spread[0::2], spread[1::2]
+
+
+def _stage_data(net, pixels: np.ndarray, tile: int, chosen: np.ndarray) -> list[_Stage]:
+    """Head outputs and true values of the real positions of tiles `chosen`, latents at
+    the posterior mean, computed with the coding network `net` (`inference.Network`)."""
     from vaezip.coding.bitsback import batch_limit, image_rings
     from vaezip.coding.tiles import TileGrid, lattice_to_pixels, split_tiles
 
     grid = TileGrid(pixels.shape[0], pixels.shape[1], tile)
     limit = batch_limit(tile)  # a tile's coding batch, roughly: its rings' neighbours (`pixel_halo`)
-    count = min(grid.count, settings.tiles)
-    chosen = np.unique(np.linspace(0, grid.count - 1, count).round().astype(np.int64))
     raws: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
     values: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
     tiles: list[list[torch.Tensor]] = [[] for _ in range(STAGES)]
@@ -249,56 +258,95 @@ def _nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch
     return _position_nats(model, stage, gain, bias, offsets, rows).sum()
 
 
-def _calibrated_offsets(model: HierarchicalVAE, stage: _Stage, tiles: int, rows: torch.Tensor) -> torch.Tensor:
-    """Each tile's best log-scale offsets (tiles, C) for the model as shipped, on positions
-    `rows`: a walk over `OFFSET_GRID` (each channel's cost depends on its own offset only),
-    then halves of its step around the best, as the coder's calibration searches."""
+def _calibrated_offsets(model: HierarchicalVAE, stage: _Stage, tiles: int, rows: torch.Tensor,
+                        adaptation: Optional[Adaptation] = None, index: int = 0) -> tuple[torch.Tensor, float]:
+    """Each tile's best log-scale offsets (tiles, C) on positions `rows` for the model as
+    shipped (or with stage `index` of `adaptation`), and their nats there: a walk over
+    `OFFSET_GRID` (each channel's cost depends on its own offset only), then halves of its
+    step around the best, as the coder's calibration searches."""
     channels = model.config.channels
-    zero = torch.zeros(stage.raw.shape[0])
+    gain, bias = torch.zeros(stage.raw.shape[0]), torch.zeros(stage.raw.shape[0])
+    if adaptation is not None:
+        gain = torch.from_numpy(adaptation.gains[index] / GRID).float()
+        bias = torch.from_numpy(adaptation.biases[index] / GRID).float()
     where = stage.tiles[rows]
 
     def costs(candidates: torch.Tensor) -> torch.Tensor:  # (K, tiles, C) -> nats (K, tiles, C)
         out = torch.zeros_like(candidates)
         for k, offsets in enumerate(candidates):
-            out[k].index_add_(0, where, _position_nats(model, stage, zero, zero, offsets, rows).T)
+            out[k].index_add_(0, where, _position_nats(model, stage, gain, bias, offsets, rows).T)
         return out
 
     grid = torch.tensor(OFFSET_GRID)[:, None, None].expand(-1, tiles, channels)
-    best = grid.gather(0, costs(grid).argmin(0, keepdim=True))[0]
+    cost = costs(grid)
+    best = grid.gather(0, cost.argmin(0, keepdim=True))[0]
     step = float(OFFSET_GRID[1] - OFFSET_GRID[0])
     for _ in range(3):  # to 1/8 nat
         step /= 2
         around = torch.stack([best - step, best, best + step])
-        best = around.gather(0, costs(around).argmin(0, keepdim=True))[0]
-    return best
+        cost = costs(around)
+        best = around.gather(0, cost.argmin(0, keepdim=True))[0]
+    return best, float(cost.min(0).values.sum())
+
+
+def _sample_rows(stage: _Stage, positions: int) -> torch.Tensor:
+    """A strided sample of at most about `positions` of the stage's positions."""
+    return torch.arange(0, stage.values.shape[1], max(1, stage.values.shape[1] // positions))
 
 
 def fit(net, pixels: np.ndarray, tile: int, effort: int) -> Optional[Adaptation]:
     """The encoder's adaptation for an (H, W, C) uint8 image at `effort`, or None (none
-    fitted, or the rounded fit would not pay for its own bits on the fitted subpixels
-    against the calibrated baseline, scaled to the image).
+    fitted, or the rounded fit would not pay for its own bits against the calibrated
+    model, judged on tiles it was not fitted on where the image has them, scaled to the
+    image).
 
     Args:
         net: the coding network (`inference.coding_network` of the format version).
         tile: the tile side the image is coded with.
     """
+    from vaezip.coding.tiles import TileGrid
+
     settings = EFFORT_SETTINGS[effort]
     if settings.steps == 0:
         return None
-    data = _stage_data(net, pixels, tile, settings)
-    fitted = sum(d.values.shape[1] for d in data)
-    if not fitted:
+    fitted_tiles, judge_tiles = _tile_choice(TileGrid(pixels.shape[0], pixels.shape[1], tile).count, settings)
+    data = _stage_data(net, pixels, tile, fitted_tiles)
+    if not sum(d.values.shape[1] for d in data):
         return None
-    adaptation, saved_nats = _fit(net.model, data, settings, net.map_threads)
-    scale = pixels.shape[0] * pixels.shape[1] / 4 / (fitted / STAGES)  # fitted tiles -> image
-    if not adaptation.active or saved_nats * scale / np.log(2) <= adaptation.bits():
+    adaptation, saved_nats, judged = _fit(net.model, data, settings, net.map_threads)
+    if not adaptation.active:
+        return None
+    if len(judge_tiles):
+        data = _stage_data(net, pixels, tile, judge_tiles)
+        saved_nats, judged = _judged_saving(net.model, data, adaptation, settings.positions)
+    scale = pixels.shape[0] * pixels.shape[1] / 4 / max(1, judged / STAGES)  # judged positions -> image
+    if saved_nats * scale / np.log(2) <= adaptation.bits():
         return None
     return adaptation
 
 
-def _fit(model: HierarchicalVAE, data: list[_Stage], settings: FitSettings, map_stages) -> tuple[Adaptation, float]:
-    """The rounded adaptation fitted to `data`, and the nats it saves there against the
-    calibrated baseline (the per-tile offsets fitted alone).
+def _judged_saving(model: HierarchicalVAE, data: list[_Stage], adaptation: Adaptation,
+                   positions: int) -> tuple[float, int]:
+    """The nats `adaptation` saves on a sample of about `positions` a stage of `data`
+    (tiles it was not fitted on), each side with its own best per-tile offsets, and the
+    number of positions judged."""
+    saved, judged = 0.0, 0
+    with torch.no_grad():
+        for s, d in enumerate(data):
+            tiles = 1 + int(d.tiles.max()) if len(d.tiles) else 0
+            if not tiles:
+                continue
+            rows = _sample_rows(d, positions)
+            saved += _calibrated_offsets(model, d, tiles, rows)[1]
+            saved -= _calibrated_offsets(model, d, tiles, rows, adaptation, s)[1]
+            judged += len(rows)
+    return saved, judged
+
+
+def _fit(model: HierarchicalVAE, data: list[_Stage], settings: FitSettings,
+         map_stages) -> tuple[Adaptation, float, int]:
+    """The rounded adaptation fitted to `data`, the nats it saves there against the
+    calibrated baseline (the per-tile offsets searched alone) and the positions of `data`.
 
     `map_stages(fn, stages)` runs `fn` on each stage (`inference.Network.map_threads`);
     the gradients are summed in stage order, so the result does not depend on it.
@@ -333,15 +381,15 @@ def _fit(model: HierarchicalVAE, data: list[_Stage], settings: FitSettings, map_
 
         with torch.no_grad():
             for s, d in enumerate(data):
-                rows = torch.arange(0, d.values.shape[1], max(1, d.values.shape[1] // settings.positions))
-                offsets[s] = _calibrated_offsets(model, d, tiles, rows)
+                offsets[s] = _calibrated_offsets(model, d, tiles, _sample_rows(d, settings.positions))[0]
         none = Adaptation.zeros(model.config)
         baseline = total_nats(none)
         descend([gains, biases, offsets], _Adam([gains, biases, offsets], [settings.lr, settings.lr, OFFSET_LR]),
                 settings.steps)
         adaptation = Adaptation(_rounded(gains), _rounded(biases))
         # The offsets moved with the adaptation: the baseline is the better of both sets.
-        return adaptation, min(baseline, total_nats(none)) - total_nats(adaptation)
+        saved = min(baseline, total_nats(none)) - total_nats(adaptation)
+        return adaptation, saved, sum(d.values.shape[1] for d in data)
 
 
 class _Adam:
