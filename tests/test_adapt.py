@@ -239,3 +239,31 @@ def test_high_effort_does_not_import_the_compiler(tiny_model, tmp_path):
         "assert 'torch._dynamo' not in sys.modules and 'sympy' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parent)
+
+
+def test_tile_choice_judges_on_other_tiles_when_there_are_any():
+    settings = adapt.FitSettings(steps=1, tiles=16, positions=64)
+    fitted, judged = adapt._tile_choice(12, settings)
+    assert list(fitted) == list(range(12)) and len(judged) == 0  # small image: judged in-sample
+    fitted, judged = adapt._tile_choice(96, settings)
+    assert len(fitted) == 16 and 0 < len(judged) <= 16 and not set(fitted) & set(judged)
+    assert fitted.min() == 0 and max(fitted.max(), judged.max()) == 95  # spread over the image
+
+
+def test_judged_saving_counts_what_calibration_cannot_do(tiny_model):
+    config = tiny_model.spec.config
+    k, c = config.mixtures, config.channels
+    shifted = adapt.Adaptation.zeros(config)
+    biases = shifted.biases.copy()
+    biases[:, k : k + c * k] = round(20 / 127.5 * adapt.GRID)  # means +20 pixel values
+    shifted = adapt.Adaptation(shifted.gains, biases)
+    wider = adapt.Adaptation.zeros(config)
+    biases = wider.biases.copy()
+    biases[:, k + c * k : k + 2 * c * k] = adapt.GRID  # log-scales +1 nat everywhere
+    wider = adapt.Adaptation(wider.gains, biases)
+    model = config_model(config)
+    with_shift = _synthetic_stages(config, [0.5, 1.5], mean_shift=20.0, per_tile=512, seed=4)
+    saved, judged = adapt._judged_saving(model, with_shift, shifted, 4096)
+    assert judged == 4 * 1024 and saved > 0.1 * judged
+    saved, _ = adapt._judged_saving(model, _synthetic_stages(config, [0.5, 1.5], per_tile=512, seed=4), wider, 4096)
+    assert abs(saved) < 0.01 * judged  # per-tile calibration does the widening itself
