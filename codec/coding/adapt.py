@@ -265,10 +265,7 @@ def _calibrated_offsets(model: HierarchicalVAE, stage: _Stage, tiles: int, rows:
     `OFFSET_GRID` (each channel's cost depends on its own offset only), then halves of its
     step around the best, as the coder's calibration searches."""
     channels = model.config.channels
-    gain, bias = torch.zeros(stage.raw.shape[0]), torch.zeros(stage.raw.shape[0])
-    if adaptation is not None:
-        gain = torch.from_numpy(adaptation.gains[index] / GRID).float()
-        bias = torch.from_numpy(adaptation.biases[index] / GRID).float()
+    gain, bias = _affine(adaptation or Adaptation.zeros(model.config), index)
     where = stage.tiles[rows]
 
     def costs(candidates: torch.Tensor) -> torch.Tensor:  # (K, tiles, C) -> nats (K, tiles, C)
@@ -287,6 +284,12 @@ def _calibrated_offsets(model: HierarchicalVAE, stage: _Stage, tiles: int, rows:
         cost = costs(around)
         best = around.gather(0, cost.argmin(0, keepdim=True))[0]
     return best, float(cost.min(0).values.sum())
+
+
+def _affine(adaptation: Adaptation, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage `stage`'s gains and biases (P,) float32 of `adaptation`, as fractions."""
+    return (torch.from_numpy(adaptation.gains[stage] / GRID).float(),
+            torch.from_numpy(adaptation.biases[stage] / GRID).float())
 
 
 def _sample_rows(stage: _Stage, positions: int) -> torch.Tensor:
@@ -359,33 +362,29 @@ def _fit(model: HierarchicalVAE, data: list[_Stage], settings: FitSettings,
         biases = torch.zeros(STAGES, outputs, requires_grad=True)
         offsets = torch.zeros(STAGES, tiles, model.config.channels, requires_grad=True)
 
-        def descend(fitted: list[torch.Tensor], optimizer: "_Adam", steps: int) -> None:
-            for _ in range(steps):
-                samples = [torch.from_numpy(rng.choice(d.values.shape[1], min(settings.positions, d.values.shape[1]),
-                                                       replace=False)) for d in data]
-
-                def stage_grads(s: int):
-                    loss = _nats(model, data[s], gains[s], biases[s], offsets[s], samples[s]) / max(1, len(samples[s]))
-                    return torch.autograd.grad(loss, fitted)
-
-                grads = map_stages(stage_grads, list(range(STAGES)))
-                for i, tensor in enumerate(fitted):
-                    tensor.grad = sum(g[i] for g in grads)  # summed in stage order: the same on any thread count
-                optimizer.step()
-
         def total_nats(adaptation: Adaptation) -> float:
             with torch.no_grad():
-                return sum(float(_nats(model, d, torch.from_numpy(adaptation.gains[s] / GRID).float(),
-                                       torch.from_numpy(adaptation.biases[s] / GRID).float(), offsets[s]))
-                           for s, d in enumerate(data))
+                return sum(float(_nats(model, d, *_affine(adaptation, s), offsets[s])) for s, d in enumerate(data))
 
         with torch.no_grad():
             for s, d in enumerate(data):
                 offsets[s] = _calibrated_offsets(model, d, tiles, _sample_rows(d, settings.positions))[0]
         none = Adaptation.zeros(model.config)
         baseline = total_nats(none)
-        descend([gains, biases, offsets], _Adam([gains, biases, offsets], [settings.lr, settings.lr, OFFSET_LR]),
-                settings.steps)
+        fitted = [gains, biases, offsets]
+        optimizer = _Adam(fitted, [settings.lr, settings.lr, OFFSET_LR])
+        for _ in range(settings.steps):
+            samples = [torch.from_numpy(rng.choice(d.values.shape[1], min(settings.positions, d.values.shape[1]),
+                                                   replace=False)) for d in data]
+
+            def stage_grads(s: int, samples: list[torch.Tensor] = samples):
+                loss = _nats(model, data[s], gains[s], biases[s], offsets[s], samples[s]) / max(1, len(samples[s]))
+                return torch.autograd.grad(loss, fitted)
+
+            grads = map_stages(stage_grads, list(range(STAGES)))
+            for i, tensor in enumerate(fitted):
+                tensor.grad = sum(g[i] for g in grads)  # summed in stage order: the same on any thread count
+            optimizer.step()
         adaptation = Adaptation(_rounded(gains), _rounded(biases))
         # The offsets moved with the adaptation: the baseline is the better of both sets.
         saved = min(baseline, total_nats(none)) - total_nats(adaptation)
