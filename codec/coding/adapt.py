@@ -259,13 +259,12 @@ def _nats(model: HierarchicalVAE, stage: _Stage, gain: torch.Tensor, bias: torch
 
 
 def _calibrated_offsets(model: HierarchicalVAE, stage: _Stage, tiles: int, rows: torch.Tensor,
-                        adaptation: Optional[Adaptation] = None, index: int = 0) -> tuple[torch.Tensor, float]:
-    """Each tile's best log-scale offsets (tiles, C) on positions `rows` for the model as
-    shipped (or with stage `index` of `adaptation`), and their nats there: a walk over
+                        gain: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Each tile's best log-scale offsets (tiles, C) on positions `rows` with the head
+    outputs mapped by `gain` and `bias` (`_affine`), and their nats there: a walk over
     `OFFSET_GRID` (each channel's cost depends on its own offset only), then halves of its
     step around the best, as the coder's calibration searches."""
     channels = model.config.channels
-    gain, bias = _affine(adaptation or Adaptation.zeros(model.config), index)
     where = stage.tiles[rows]
 
     def costs(candidates: torch.Tensor) -> torch.Tensor:  # (K, tiles, C) -> nats (K, tiles, C)
@@ -336,12 +335,11 @@ def _judged_saving(model: HierarchicalVAE, data: list[_Stage], adaptation: Adapt
     saved, judged = 0.0, 0
     with torch.no_grad():
         for s, d in enumerate(data):
-            tiles = 1 + int(d.tiles.max()) if len(d.tiles) else 0
-            if not tiles:
+            if not len(d.tiles):
                 continue
-            rows = _sample_rows(d, positions)
-            saved += _calibrated_offsets(model, d, tiles, rows)[1]
-            saved -= _calibrated_offsets(model, d, tiles, rows, adaptation, s)[1]
+            tiles, rows = 1 + int(d.tiles.max()), _sample_rows(d, positions)
+            saved += _calibrated_offsets(model, d, tiles, rows, *_affine(Adaptation.zeros(model.config), s))[1]
+            saved -= _calibrated_offsets(model, d, tiles, rows, *_affine(adaptation, s))[1]
             judged += len(rows)
     return saved, judged
 
@@ -366,10 +364,11 @@ def _fit(model: HierarchicalVAE, data: list[_Stage], settings: FitSettings,
             with torch.no_grad():
                 return sum(float(_nats(model, d, *_affine(adaptation, s), offsets[s])) for s, d in enumerate(data))
 
+        none = Adaptation.zeros(model.config)
         with torch.no_grad():
             for s, d in enumerate(data):
-                offsets[s] = _calibrated_offsets(model, d, tiles, _sample_rows(d, settings.positions))[0]
-        none = Adaptation.zeros(model.config)
+                offsets[s] = _calibrated_offsets(model, d, tiles, _sample_rows(d, settings.positions),
+                                                 *_affine(none, s))[0]
         baseline = total_nats(none)
         fitted = [gains, biases, offsets]
         optimizer = _Adam(fitted, [settings.lr, settings.lr, OFFSET_LR])
