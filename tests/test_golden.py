@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import pytest
 from conftest import kodak_crop, random_image, to_gray
 
 from vaezip import api
+from vaezip.coding import imagecodec
+from vaezip.errors import CorruptFileError, DecodeMismatchError
 from vaezip.format import archive, container, versions
 from vaezip.imaging.images import Image, encode_transparency, pixels_equal, read_image, write_png
 
@@ -87,6 +90,32 @@ STEPS_MODELS = {**EXACT_MODELS, "photo-rgb-1": "photo-rgb-pyramid-1"}
 """Format version 7 codes a split stage 0 (`ModelConfig.stage0_levels`): the case's model there."""
 RING_MODELS = {**STEPS_MODELS, "photo-rgb-1": "photo-rgb-halo-1", "photo-gray-1": "photo-gray-pyramid-1"}
 """Format version 8 (`ModelConfig.pixel_halo` models read the ring around each tile): the case's model there."""
+
+
+FLOAT_GOLDEN_VENDORS = ("AuthenticAMD",)
+"""CPU vendors on which the golden files of the float-network versions (1-5, written on AMD
+EPYC machines) were checked to decode and re-encode exactly. MKL and oneDNN choose kernels by
+vendor and model too: on an Intel Xeon with AVX-512 and AMX every model-coded float file fails
+its checksum (docs/PORTABILITY.md). There these tests accept the loud failure (an xfail that
+names it), never a wrong image, and check that this machine's own file round-trips.
+Fixed-point versions (6 on) are exact everywhere and checked strictly everywhere."""
+
+
+def float_kernels_may_differ(version: int) -> bool:
+    """True when `version` runs a float network and this CPU is not one its files were checked on."""
+    return not versions.get(version).numerics.exact and imagecodec.cpu_vendor() not in FLOAT_GOLDEN_VENDORS
+
+
+@contextmanager
+def float_kernels_xfail(version: int, *expected: type[BaseException]):
+    """Turns the `expected` exceptions into an xfail where `float_kernels_may_differ(version)`."""
+    try:
+        yield
+    except expected as exc:
+        if not float_kernels_may_differ(version):
+            raise
+        pytest.xfail(f"float network (version {version}) on a {imagecodec.cpu_vendor()} CPU: "
+                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
 
 def case_model(name: str, version: int) -> str:
@@ -167,7 +196,8 @@ def test_golden_file_decodes_to_its_png(name, version):
     data = (GOLDEN / f"v{version}" / f"{name}.vz").read_bytes()
     header, _ = container.unpack(data)
     assert header.model_name == case_model(name, version) and header.version == version
-    back = api.decompress_image(data)
+    with float_kernels_xfail(version, DecodeMismatchError, CorruptFileError):  # loud, never a wrong image
+        back = api.decompress_image(data)
     assert pixels_equal(back, expected)
     if name.startswith("rgb_strip"):
         assert len(header.schedule) > 1 and not all(e & container.DETERMINISTIC_FLAG for e in header.schedule), header.schedule
@@ -223,7 +253,11 @@ def test_reencoding_gives_identical_bytes(name, version, monkeypatch):
         assert pixels_equal(api.decompress_image(fresh), read_image(GOLDEN / f"{name}.png"))
         chosen = golden_adaptation(golden, name, version)
         monkeypatch.setattr(adapt, "fit", lambda *args, **kwargs: chosen)
-    _assert_same_code(golden, compress_case(name, version))
+    fresh = compress_case(name, version)
+    if float_kernels_may_differ(version):  # whatever this CPU's kernels give, its own file round-trips
+        assert pixels_equal(api.decompress_image(fresh), read_image(GOLDEN / f"{name}.png"))
+    with float_kernels_xfail(version, AssertionError):
+        _assert_same_code(golden, fresh)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -233,7 +267,8 @@ def test_golden_archive_unpacks_and_repacks_identically(version):
     assert contents.version == version
     assert [e.joined for e in contents.entries] == [False, True, False, False, False, False]
     items = set_items()
-    back = api.unpack(golden)
+    with float_kernels_xfail(version, DecodeMismatchError, CorruptFileError):
+        back = api.unpack(golden)
     assert [name for name, _ in back] == [name for name, _ in items]
     for (_, image), (_, expected) in zip(back, items):
         assert pixels_equal(image, expected)

@@ -16,8 +16,10 @@ API (`api`) and the measurements (`rates`) both code through here.
 
 from __future__ import annotations
 
+import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -146,7 +148,9 @@ def runtime() -> str:
 
 
 def _instruction_sets() -> str:
-    """torch's CPU capability and numpy's highest x86 SIMD level, e.g. "AVX2/X86_V3"."""
+    """torch's CPU capability, numpy's highest x86 SIMD level and the CPU's vendor, e.g.
+    "AVX2/X86_V3/AuthenticAMD": MKL and oneDNN also choose kernels by vendor and model, so
+    an AVX-512 Intel and an AVX-512 AMD machine can differ (docs/PORTABILITY.md)."""
     import torch
 
     try:
@@ -154,7 +158,21 @@ def _instruction_sets() -> str:
     except ImportError:  # pragma: no cover - numpy moved its private module
         features = {}
     level = next((name for name in ("X86_V4", "X86_V3", "X86_V2") if features.get(name)), "baseline")
-    return f"{torch.backends.cpu.get_cpu_capability()}/{level}"
+    return f"{torch.backends.cpu.get_cpu_capability()}/{level}/{cpu_vendor()}"
+
+
+@lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD"; Linux's /proc/cpuinfo), else
+    the machine name (`platform.machine()`, e.g. "arm64")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
 
 
 def mismatch_note(written_by: str) -> str:
