@@ -14,7 +14,7 @@ from conftest import make_tiny_model, random_image
 
 from vaezip.cli.main import main
 from vaezip.imaging.images import write_png
-from vaezip.network import registry
+from vaezip.network import packing, registry
 from vaezip.network.config import ModelConfig
 
 
@@ -57,13 +57,13 @@ def test_registry_add(run_files, models_dir):
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert printed == {"name": "tiny-gray-9", "file": "tiny-gray-9.pt", "sha256": sha256, "modes": ["L"]}
-    assert (models_dir / "tiny-gray-9.pt").read_bytes() == weights.read_bytes()
+    assert printed == {"name": "tiny-gray-9", "file": "tiny-gray-9.ptz", "sha256": sha256, "modes": ["L"]}
+    assert packing.read_weights(models_dir / "tiny-gray-9.ptz") == weights.read_bytes()  # stored packed
     after = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"]
     assert after[:-1] == before
     assert after[-1]["training"] == {"steps": 7} and after[-1]["sha256"] == sha256
     assert ModelConfig.from_dict(after[-1]["config"]) == ModelConfig.from_dict(json.loads(meta.read_text())["config"])
-    assert sorted(p.name for p in models_dir.iterdir()) == [registry.REGISTRY_FILE, "tiny-gray-9.pt"]
+    assert sorted(p.name for p in models_dir.iterdir()) == [registry.REGISTRY_FILE, "tiny-gray-9.ptz"]
 
     # Names are never reused; bad inputs are one line, nothing written.
     _one_line_error(_run("registry", "add", "tiny-gray-9", weights, meta), "never reused")
@@ -71,7 +71,7 @@ def test_registry_add(run_files, models_dir):
     meta.write_text("{not json")
     _one_line_error(_run("registry", "add", "tiny-gray-10", weights, meta), "JSON")
     assert json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"] == after
-    assert sorted(p.name for p in models_dir.iterdir()) == [registry.REGISTRY_FILE, "tiny-gray-9.pt"]
+    assert sorted(p.name for p in models_dir.iterdir()) == [registry.REGISTRY_FILE, "tiny-gray-9.ptz"]
 
 
 def test_registry_add_default_mode_is_rgb(run_files, models_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from conftest import KODAK, make_tiny_model, random_pixels
 from vaezip import api
 from vaezip.coding import imagecodec
 from vaezip.errors import ModelError
-from vaezip.network import registry
+from vaezip.network import packing, registry
 from vaezip.network.config import ModelConfig
 
 NAMES = sorted(registry.specs())
@@ -43,13 +44,17 @@ def test_entry_file_hash_and_strict_load(name):
     assert ModelConfig.from_dict(spec.config.to_dict()) == spec.config
     path = Path(str(registry._models_dir() / spec.file))
     assert path.is_file(), path
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == spec.sha256
+    assert path.suffix == packing.SUFFIX  # stored packed; the sha256 is that of the unpacked bytes
+    raw = packing.read_weights(path)
+    assert hashlib.sha256(raw).hexdigest() == spec.sha256
     loaded = registry.load_model(name)
     assert loaded.spec == spec
     assert not loaded.net.training
     # Strict: the file holds exactly the network's parameters, nothing more or less.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     assert set(state) == set(loaded.net.state_dict())
+    for key, value in state.items():
+        assert torch.equal(loaded.net.state_dict()[key], value)
     assert registry.load_model(name) is loaded  # loaded once per process
 
 
@@ -73,9 +78,14 @@ def test_tampered_weights_fail_the_hash_check(tmp_path, monkeypatch):
     source = Path(str(registry._models_dir() / spec.file))
     folder = _copy_models_dir(tmp_path, monkeypatch)
     data = bytearray(source.read_bytes())
-    data[len(data) // 2] ^= 1  # one bit in the middle of the weights
+    data[len(data) // 2] ^= 1  # one bit in the middle of the packed weights: zlib's check fails
     (folder / spec.file).write_bytes(bytes(data))
     load = registry.load_model.__wrapped__  # past the per-process cache
+    with pytest.raises(ModelError, match="corrupt"):
+        load("photo-gray-1")
+    raw = bytearray(packing.read_weights(source))
+    raw[len(raw) // 2] ^= 1  # one bit of the weights themselves, packed again: the sha256 fails
+    (folder / spec.file).write_bytes(packing.pack(bytes(raw)))
     with pytest.raises(ModelError, match="sha256"):
         load("photo-gray-1")
     (folder / spec.file).unlink()

@@ -1,8 +1,10 @@
 """Model registry: name -> `ModelSpec` (file, sha256, config, training record).
 
 Entries live in `models/registry.json`, weights beside it as package data found
-through `importlib.resources`, so a non-editable install works. The full sha256
-is checked before `torch.load(..., weights_only=True)`; loading is strict.
+through `importlib.resources`, so a non-editable install works. Weights are stored
+packed (`NAME.ptz`, see `packing`); the entry's sha256 is that of the unpacked
+`torch.save` bytes and is checked in full before `torch.load(..., weights_only=True)`;
+loading is strict.
 A retrain gets a new name; old names stay so old files still decode.
 
 Add an entry (prints it and writes registry.json, no hand-typed hashes):
@@ -12,8 +14,8 @@ Add an entry (prints it and writes registry.json, no hand-typed hashes):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -22,6 +24,7 @@ from typing import Optional
 
 from vaezip.errors import InputError, ModelError
 from vaezip.files import atomic_write
+from vaezip.network import packing
 from vaezip.network.config import ModelConfig
 
 REGISTRY_FILE = "registry.json"
@@ -29,7 +32,8 @@ REGISTRY_FILE = "registry.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registered model. `sha256` is the hex digest of the weights file."""
+    """One registered model. `sha256` is the hex digest of the weights' `torch.save` bytes
+    (of the file, once unpacked where it is stored packed)."""
 
     name: str
     file: str
@@ -120,21 +124,28 @@ def load_model(name: str) -> LoadedModel:
     with resources.as_file(resource) as path:
         if not Path(path).is_file():
             raise ModelError(f"weights of model {name!r} are missing ({spec.file})")
-        if sha256_file(path) != spec.sha256:
-            raise ModelError(f"weights of model {name!r} fail the sha256 check ({spec.file})")
-        return model_from_weights(spec, path)
+        try:
+            raw = packing.read_weights(path)
+        except packing.PackError as exc:
+            raise ModelError(f"weights of model {name!r} are corrupt ({spec.file}: {exc})") from None
+    if hashlib.sha256(raw).hexdigest() != spec.sha256:
+        raise ModelError(f"weights of model {name!r} fail the sha256 check ({spec.file})")
+    return model_from_weights(spec, raw)
 
 
-def model_from_weights(spec: ModelSpec, path_or_state) -> LoadedModel:
-    """Build the network of `spec` and load weights strictly (path or state dict)."""
+def model_from_weights(spec: ModelSpec, weights) -> LoadedModel:
+    """Build the network of `spec` and load weights strictly (a path, `torch.save` bytes or a
+    state dict)."""
     import torch
 
     from vaezip.network.model import HierarchicalVAE
 
     net = HierarchicalVAE(spec.config)
-    state = path_or_state
-    if not isinstance(state, dict):
-        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+    state = weights
+    if isinstance(state, bytes):
+        state = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
+    elif not isinstance(state, dict):
+        state = torch.load(state, map_location="cpu", weights_only=True)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -178,7 +189,7 @@ def source_models_dir() -> Path:
 
 
 def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
-    """Copy weights into the checkout's models/ and add (or refuse to replace) a registry entry."""
+    """Pack weights into the checkout's models/ and add (or refuse to replace) a registry entry."""
     models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
     data = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": []}
@@ -186,11 +197,13 @@ def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
         raise ModelError(f"model name {name!r} is taken; names are never reused")
     record = read_record(meta)
     config = ModelConfig.from_dict(record["config"]).to_dict()  # checked before anything is written
-    target = models_dir / f"{name}.pt"
+    raw = Path(weights).read_bytes()
+    target = models_dir / f"{name}{packing.SUFFIX}"
     with atomic_write(target) as tmp:
-        shutil.copyfile(weights, tmp)
+        tmp.write_bytes(packing.pack(raw))
     entry = {
-        "name": name, "file": target.name, "sha256": sha256_file(target), "config": config, "modes": modes,
+        "name": name, "file": target.name, "sha256": hashlib.sha256(raw).hexdigest(), "config": config,
+        "modes": modes,
         "training": record.get("training", {}), "bpd": record.get("bpd", {}),
     }
     data["models"].append(entry)
