@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import pickle
 import struct
@@ -15,7 +14,7 @@ from conftest import require_data
 from PIL import Image
 
 from vaezip.errors import InputError
-from vaezip.training import data
+from vaezip.training import bank, data
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -216,50 +215,11 @@ def test_tensor_crops_cut_windows_and_restore_state(rng):
     assert not torch.equal(data.TensorCrops(photos, 12, seed=6).sample(16), x)
 
 
-def _bank_recipe(root):
-    return data.BankRecipe(
-        parts=(data.BankPart(data.PhotoSource(root / "train"), window=24),
-               data.BankPart(data.PhotoSource(root / "train", downscale=2))),
-        heldout=(data.PhotoSource(root / "held"),), heldout_crops=5, crop=16)
-
-
-def test_photo_bank_is_deterministic_and_round_trips(tmp_path, rng):
-    for folder, count in (("train", 3), ("held", 2)):
-        (tmp_path / folder).mkdir()
-        for i in range(count):
-            size = (30 + 7 * i, 41)
-            Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
-    recipe = _bank_recipe(tmp_path)
-    manifest = data.build_photo_bank(tmp_path / "a.npz", recipe)
-    again = data.build_photo_bank(tmp_path / "b.npz", recipe)
-    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
-    assert manifest["sha256"] == again["sha256"] and manifest["training_images"] == 6
-    assert json.loads((tmp_path / "a.npz.json").read_text())["sha256"] == manifest["sha256"]
-    bank = data.read_photo_bank(tmp_path / "a.npz")
-    assert bank.sha256 == manifest["sha256"] and bank.heldout.shape == (5, 16, 16, 3)
-    originals = data.read_folder(tmp_path / "train")
-    for im, original in zip(bank.images[:3], originals):
-        assert im.shape == (24, 24, 3) and _is_window(im, original)
-    for im, original in zip(bank.images[3:], originals):
-        np.testing.assert_array_equal(im, data.reduce_image(original, 2))
-    assert data.is_photo_bank(tmp_path / "a.npz") and not data.is_photo_bank(tmp_path / "train" / "0.png")
-    loaded = data.load_dataset(str(tmp_path / "a.npz"), None, 3)
-    assert len(loaded) == 6 and all(np.array_equal(a, b) for a, b in zip(loaded, bank.images))
-    np.testing.assert_array_equal(np.stack(data.load_dataset(f"{tmp_path / 'a.npz'}:heldout", None, 3)), bank.heldout)
-    assert data.load_dataset(str(tmp_path / "a.npz"), 2, 1)[1].shape == (24, 24, 1)
-
-
-def test_filter_is_reversible(rng):
-    for shape in ((1, 1, 3), (7, 5, 3), (6, 9, 1)):
-        image = rng.integers(0, 256, shape, dtype=np.uint8)
-        np.testing.assert_array_equal(data._unfilter(data._filter(image)), image)
-
-
 def test_photos2_validation_split():
     require_data("photos2")
     names = data.photos2_validation()
     assert 50 < len(names) < 110 and all(n.endswith(".webp") for n in names)
-    recipe = data.gen2_bank_recipe()
+    recipe = bank.gen2_bank_recipe()
     trained = {p.name for part in recipe.parts for p in part.source.paths() if "photos2" in str(part.source.folder)}
     assert trained and not trained & set(names)
     assert all("kodak" not in str(part.source.folder) for part in recipe.parts)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaezip.errors import InputError
+from vaezip.errors import InputError, VaezipError
 from vaezip.network.config import ModelConfig
 from vaezip.network.model import HierarchicalVAE
 from vaezip.training import campaign as campaigns
@@ -148,3 +148,33 @@ def test_registry_add_refuses_a_model_that_is_not_better(tmp_path):
     assert result.exit_code == 1 and "not better" in result.output and "photo-rgb-1" in result.output
     assert (registry.source_models_dir() / "registry.json").read_bytes() == before
     assert not (registry.source_models_dir() / "never-registered.pt").exists()
+
+
+def test_the_bank_budget_is_what_a_device_call_leaves(tmp_path, monkeypatch):
+    """travelling_bytes counts tracked and untracked-not-ignored files (what a device call sends);
+    the budget leaves room for them, the campaign's run files and the reserve."""
+    repo = tmp_path / "repo"
+    (repo / "runs").mkdir(parents=True)
+    git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (repo / ".gitignore").write_text("runs/\n.carry/\n")
+    (repo / "tracked.bin").write_bytes(bytes(3000))
+    git("add", ".gitignore", "tracked.bin")
+    (repo / "untracked.txt").write_bytes(bytes(500))
+    (repo / "runs" / "tiny.pt").write_bytes(bytes(7000))  # ignored, but the campaign carries it
+    (repo / "runs" / "tiny.json").write_bytes(bytes(100))
+    (repo / "runs" / "tiny.ckpt").write_bytes(bytes(90000))  # left behind
+    expected_checkout = 3000 + 500 + len("runs/\n.carry/\n")
+    assert campaigns.travelling_bytes(repo) == expected_checkout
+    assert campaigns.travelling_bytes(tmp_path / "nowhere") is None
+    monkeypatch.setitem(campaigns.CAMPAIGNS, "tiny", campaigns.Campaign("tiny", base_model="x", bank=".carry/b.npz",
+                                                                          recipe=lambda: None))
+    monkeypatch.chdir(repo)
+    assert [p.name for p in campaigns.carried_run_files("tiny")] == ["tiny.pt", "tiny.json"]
+    lines = []
+    budget = campaigns.bank_budget("tiny", log=lines.append)
+    assert budget == campaigns.DEVICE_UPLOAD_BYTES - campaigns.UPLOAD_RESERVE_BYTES - expected_checkout - 7100
+    assert "leave" in lines[0]
+    monkeypatch.setattr(campaigns, "DEVICE_UPLOAD_BYTES", 1000)
+    with pytest.raises(VaezipError, match="does not fit"):
+        campaigns.bank_budget("tiny", log=lines.append)

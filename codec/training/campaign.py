@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 from vaezip.errors import InputError, VaezipError
 from vaezip.network.config import ModelConfig
+from vaezip.training import bank as photo_bank
+from vaezip.training import bankfile
 from vaezip.training import data as datasets
 
 
@@ -54,7 +56,7 @@ class Campaign:
     name: str
     base_model: str
     bank: str
-    recipe: Callable[[], datasets.BankRecipe]
+    recipe: Callable[[], photo_bank.BankRecipe]
     config: Optional[ModelConfig] = None
     stage0_levels: Optional[int] = None
     pixel_halo: Optional[bool] = None
@@ -73,16 +75,16 @@ class Campaign:
 
 
 CAMPAIGNS = {
-    "gen2": Campaign("gen2", base_model="photo-rgb-1", bank=".carry/photos-gen2.npz", recipe=datasets.gen2_bank_recipe),
+    "gen2": Campaign("gen2", base_model="photo-rgb-1", bank=".carry/photos-gen2.npz", recipe=photo_bank.gen2_bank_recipe),
     # the gray model on the same bank, converted to gray (Pillow's luma) as it is read
     "gen2-gray": Campaign("gen2-gray", base_model="photo-gray-1", bank=".carry/photos-gen2.npz",
-                          recipe=datasets.gen2_bank_recipe),
+                          recipe=photo_bank.gen2_bank_recipe),
     # the fixed-point photo model (format version 6) trained on: float32 on every device, since
     # bf16 and TF32 would train other arithmetic than the exact one it codes with. lr 1e-4 moved
     # the held-out -ELBO by 0.002 in 1,000 CPU steps (3.3626 -> 3.3607); the float gen2 run was
     # still falling 0.03 a 1,000 steps at 5e-4, so the sessions run at 2.5e-4
     "gen2-exact": Campaign("gen2-exact", base_model="photo-rgb-exact-1", bank=".carry/photos-gen2.npz",
-                           recipe=datasets.gen2_bank_recipe, lr=2.5e-4, warmup_steps=100,
+                           recipe=photo_bank.gen2_bank_recipe, lr=2.5e-4, warmup_steps=100,
                            precision={"cuda": "fp32", "cpu": "fp32"}),
     # generation 2's pixel decoder: stage 0 coded in a level of 2x2 sub-lattice steps (1/16
     # of the pixels from the latents alone), from the fixed-point photo model. At 2.5e-4 the
@@ -92,12 +94,12 @@ CAMPAIGNS = {
     # trained two levels (1/64 from the latents); a second level saved 0.1 % of the pixel
     # bits for 14 % more decode time, so `photo-rgb-pyramid-1` keeps one (docs/RESULTS.md)
     "gen2-pyramid": Campaign("gen2-pyramid", base_model="photo-rgb-exact-2", bank=".carry/photos-gen2.npz",
-                             recipe=datasets.gen2_bank_recipe, stage0_levels=1, lr=1e-4, warmup_steps=100,
+                             recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, lr=1e-4, warmup_steps=100,
                              lr_scales=((r"stages\.[0-3]\.context\.", 10.0), (r"stages\.[0-3]\.", 3.0)),
                              precision={"cuda": "fp32", "cpu": "fp32"}),
     # the same decoder for the fixed-point gray model, on the bank read as gray
     "gen2-gray-pyramid": Campaign("gen2-gray-pyramid", base_model="photo-gray-exact-1", bank=".carry/photos-gen2.npz",
-                                  recipe=datasets.gen2_bank_recipe, stage0_levels=1, lr=1e-4, warmup_steps=100,
+                                  recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, lr=1e-4, warmup_steps=100,
                                   lr_scales=((r"stages\.[0-3]\.context\.", 10.0), (r"stages\.[0-3]\.", 3.0)),
                                   precision={"cuda": "fp32", "cpu": "fp32"}),
     # the RGB default's pixel steps reading the ring of neighbouring pixels around each tile
@@ -105,12 +107,12 @@ CAMPAIGNS = {
     # learn 10x faster. A first try read the ring with the context layers themselves: it started
     # far above the model without a ring and was still 1.9 % above it after 500 steps.
     "gen2-halo": Campaign("gen2-halo", base_model="photo-rgb-pyramid-1", bank=".carry/photos-gen2.npz",
-                          recipe=datasets.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
+                          recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
                           warmup_steps=100, lr_scales=((r"stages\.\d+\.ring\.", 10.0),),
                           precision={"cuda": "fp32", "cpu": "fp32"}),
     # the same ring for the gray model
     "gen2-gray-halo": Campaign("gen2-gray-halo", base_model="photo-gray-pyramid-1", bank=".carry/photos-gen2.npz",
-                               recipe=datasets.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
+                               recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
                                warmup_steps=100, lr_scales=((r"stages\.\d+\.ring\.", 10.0),),
                                precision={"cuda": "fp32", "cpu": "fp32"}),
 }
@@ -190,9 +192,59 @@ def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto
     return options
 
 
+DEVICE_UPLOAD_BYTES = 64 * 2**20
+"""What one call of the device tool sends at most: the checkout's tracked and untracked
+(not ignored) files plus the paths it is told to carry."""
+UPLOAD_RESERVE_BYTES = 2**20
+"""Room left for code and records that change between `--prepare` and the device call."""
+
+
+def travelling_bytes(root: str | Path = ".") -> Optional[int]:
+    """Bytes of the files a device call sends unasked: the tracked and the untracked, not
+    ignored files of the git checkout at `root`. None outside a git checkout."""
+    import os
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths = (Path(root) / os.fsdecode(name) for name in set(listed.split(b"\0")) - {b""})
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def carried_run_files(name: str) -> list[Path]:
+    """The files of campaign `name` that a device call must carry besides the bank: the
+    weights and record of an earlier session (runs/NAME.pt, .json), where present. A
+    checkpoint (.ckpt) is left behind: it does not fit."""
+    from vaezip.training.train import output_paths
+
+    weights, record, _ = output_paths(f"runs/{get_campaign(name).name}")
+    return [p for p in (weights, record) if p.is_file()]
+
+
+def bank_budget(name: str, log: Callable[[str], None] = print) -> Optional[int]:
+    """Bytes campaign `name`'s bank may take so that the checkout, the run files it carries
+    and the bank fit one device call (None outside a git checkout: no limit known)."""
+    checkout = travelling_bytes()
+    if checkout is None:
+        log("not in a git checkout: the bank is built without an upload budget")
+        return None
+    run_files = sum(p.stat().st_size for p in carried_run_files(name))
+    budget = DEVICE_UPLOAD_BYTES - UPLOAD_RESERVE_BYTES - checkout - run_files
+    log(f"device upload: checkout {checkout / 2**20:.1f} MiB + run files {run_files / 2**20:.1f} MiB "
+        f"+ reserve {UPLOAD_RESERVE_BYTES / 2**20:.1f} MiB leave {budget / 2**20:.1f} MiB of "
+        f"{DEVICE_UPLOAD_BYTES / 2**20:.0f} MiB for the bank")
+    if budget <= 0:
+        raise VaezipError("the checkout alone does not fit the device upload: nothing is left for a photo bank")
+    return budget
+
+
 def prepare(name: str, *, rebuild: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Build the campaign's bank if it is missing (or `rebuild`), then run two steps of
-    the campaign's own code path on the CPU with a batch of 2 in a temporary folder.
+    """Build the campaign's bank if it is missing, older, over the upload budget
+    (`bank_budget`) or `rebuild`, then run two steps of the campaign's own code path on
+    the CPU with a batch of 2 in a temporary folder.
 
     Returns:
         The bank's manifest (as in BANK.npz.json).
@@ -203,16 +255,24 @@ def prepare(name: str, *, rebuild: bool = False, log: Callable[[str], None] = pr
 
     campaign = get_campaign(name)
     bank = Path(campaign.bank)
-    if rebuild or not bank.is_file():
-        log(f"building {bank} from {datasets.data_root()} ...")
-        manifest = datasets.build_photo_bank(bank, campaign.recipe(), log=log)
+    budget = bank_budget(name, log)
+    reason = "--force" if rebuild else "it is missing" if not bank.is_file() else None
+    if reason is None and bankfile.bank_format(bank) != bankfile.PHOTO_BANK_FORMAT:
+        reason = f"it is not a {bankfile.PHOTO_BANK_FORMAT} file"
+    if reason is None and budget is not None and bank.stat().st_size > budget:
+        reason = f"its {bank.stat().st_size / 2**20:.1f} MiB are over the budget"
+    if reason is not None:
+        log(f"building {bank} from {datasets.data_root()} ({reason}) ...")
+        manifest = photo_bank.build_photo_bank(bank, campaign.recipe(), log=log, max_bytes=budget)
     else:
         sidecar = bank.with_name(bank.name + ".json")
         manifest = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        loaded = datasets.read_photo_bank(bank)
+        loaded = bankfile.read_photo_bank(bank)
         if manifest.get("sha256") not in (None, loaded.sha256):
             raise VaezipError(f"{bank} does not match its manifest {sidecar}: rebuild it")
         log(f"{bank}: {loaded.describe()}")
+    carry = [campaign.bank] + [str(p) for p in carried_run_files(name)]
+    log(f"a device call carries: {' '.join(carry)}")
     with tempfile.TemporaryDirectory() as tmp:
         options = campaign_options(name, seconds=None, device="cpu", out=str(Path(tmp) / "smoke"),
                                    batch=2, stop_step=2, eval_crops=4, eval_every=2)

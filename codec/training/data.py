@@ -11,22 +11,20 @@ Nothing here trains; torch is imported only where a sampler hands out tensors.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import os
 import pickle
 import re
 import struct
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from vaezip.errors import InputError
 from vaezip.files import atomic_write
+from vaezip.training import bankfile
 
 # Where the shared data sets live; override with VAEZIP_DATA (e.g. on a GPU machine).
 DEFAULT_DATA_ROOT = Path("/work/shared/data")
@@ -372,10 +370,10 @@ def load_dataset(spec: str, limit: int | None = None, channels: int = 3) -> list
             return [to_channels(im, channels) for im in images]
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         return [read_image(path, channels, downscale)][:limit]
-    elif name.endswith(".npz") and is_photo_bank(path):
+    elif name.endswith(".npz") and bankfile.is_photo_bank(path):
         if key not in (None, "train", "heldout"):
             raise InputError(f"{path} is a photo bank: use it as it is (training images) or with :heldout")
-        bank = read_photo_bank(path)
+        bank = bankfile.read_photo_bank(path)
         images = list(bank.heldout) if key == "heldout" else bank.images
         images = [to_channels(im, channels) for im in images[:limit]]
         return [reduce_image(im, downscale) for im in images]
@@ -582,16 +580,8 @@ class TensorCrops:
         return self.pixels[flat].permute(0, 3, 1, 2)
 
 
-# --------------------------------------------------------------- photo banks
-#
-# A photo bank is one .npz that holds everything a training run reads: training
-# images of several sources and scales (each cut to a fixed window so that the
-# file travels, e.g. to a GPU machine with an upload limit) and fixed held-out
-# crops. Pixels are stored through a reversible filter (2-D difference, then
-# R and B minus G, all mod 256) and LZMA in a zip with fixed timestamps, so the
-# same data, recipe and library versions give the same bytes and sha256.
+# ------------------------------------------------------------- photos2 split
 
-PHOTO_BANK_FORMAT = "vaezip-photo-bank-1"
 PHOTOS2_VALIDATION_PREFIXES = ("0", "1")  # photos2/SOURCE.md: sha256 starting with 0 or 1
 
 
@@ -605,225 +595,3 @@ def photos2_validation() -> list[str]:
         raise InputError(f"cannot read {sums}: {exc}") from None
     return sorted(line.split()[1] for line in lines
                   if line.strip() and line.split()[0].startswith(PHOTOS2_VALIDATION_PREFIXES))
-
-
-@dataclass(frozen=True)
-class BankPart:
-    """The photos of `source` in a bank; each keeps at most a `window` x `window`
-    region (None: all of it) at a position drawn from its file name."""
-
-    source: PhotoSource
-    window: Optional[int] = None
-
-    def describe(self) -> str:
-        return self.source.describe() + ("" if self.window is None else f", one window of at most {self.window}x{self.window}")
-
-
-@dataclass(frozen=True)
-class BankRecipe:
-    """What a photo bank holds: training `parts` and `heldout_crops` fixed crops of
-    side `crop` from the `heldout` sources (drawn with `evaluation_crops`)."""
-
-    parts: tuple[BankPart, ...]
-    heldout: tuple[PhotoSource, ...]
-    heldout_crops: int = 256
-    crop: int = 64
-
-
-def gen2_bank_recipe() -> BankRecipe:
-    """The photo bank of the second photo model (issue 15), about 28 MB, so that it
-    travels to a GPU machine (64 MiB upload) with the repository and a checkpoint.
-
-    Training: photos2 minus its validation split at 1x (windows of 112) and 2x
-    (windows of 96); BSDS500 train+val+test reduced 2x (JPEGs: never at 1x;
-    windows of 80); wikiphotos 001-040 at 1x and 2x (windows of 192). Held-out:
-    256 crops of 64 from the photos2 validation split at 1x. Never Kodak, never
-    wikiphotos 041-049.
-    """
-    root = data_root()
-    validation = tuple(photos2_validation())
-    held_wiki = tuple(p.name for p in heldout_wikiphotos())
-    photos2 = lambda scale: PhotoSource(root / "photos2", downscale=scale, exclude=validation)  # noqa: E731
-    wiki = lambda scale: PhotoSource(root / "wikiphotos", downscale=scale, exclude=held_wiki)  # noqa: E731
-    parts = (
-        BankPart(photos2(1), 112), BankPart(photos2(2), 96),
-        *(BankPart(PhotoSource(root / "bsds500" / split, downscale=2), 80) for split in ("train", "val", "test")),
-        BankPart(wiki(1), 192), BankPart(wiki(2), 192),
-    )
-    return BankRecipe(parts, (PhotoSource(root / "photos2", include=validation),))
-
-
-def _window(image: np.ndarray, window: Optional[int], key: str) -> np.ndarray:
-    """A `window` x `window` region of image (clipped to its size) at a position seeded by `key`."""
-    if window is None:
-        return image
-    h, w = image.shape[:2]
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
-    top = int(rng.integers(0, max(h - window, 0) + 1))
-    left = int(rng.integers(0, max(w - window, 0) + 1))
-    return image[top : top + window, left : left + window]
-
-
-def _filter(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) uint8 -> the same shape, 2-D differences (x - left - up + up-left)
-    with R and B taken relative to G, all mod 256: a reversible map that lets LZMA
-    store photos in about half their raw size."""
-    x = image.astype(np.uint8)
-    d = x.copy()
-    d[:, 1:] -= x[:, :-1]
-    d[1:] -= d[:-1].copy()
-    if d.shape[-1] == 3:
-        d[..., 0] -= d[..., 1]
-        d[..., 2] -= d[..., 1]
-    return d
-
-
-def _unfilter(d: np.ndarray) -> np.ndarray:
-    """Inverse of `_filter`: cumulative sums mod 256."""
-    d = d.copy()
-    if d.shape[-1] == 3:
-        d[..., 0] += d[..., 1]
-        d[..., 2] += d[..., 1]
-    return np.cumsum(np.cumsum(d, axis=0, dtype=np.uint8), axis=1, dtype=np.uint8)
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """An .npz np.load reads, with LZMA members and fixed timestamps (same arrays, same bytes)."""
-    with atomic_write(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_LZMA) as archive:
-        for key, array in arrays.items():
-            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_LZMA
-            with archive.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
-
-
-@dataclass
-class PhotoBank:
-    """A loaded photo bank: training `images` ((H, W, C) uint8 each, named in `names`),
-    `heldout` crops (n, S, S, C) uint8, the `manifest` it was built from and the file's sha256."""
-
-    images: list[np.ndarray]
-    names: list[str]
-    heldout: np.ndarray
-    manifest: dict
-    sha256: str
-
-    def describe(self) -> str:
-        """One line: sha256 prefix, images, pixels, the recipe's parts and the held-out set."""
-        pixels = sum(im.shape[0] * im.shape[1] for im in self.images)
-        return (f"photo bank sha256 {self.sha256[:16]}: {len(self.images)} training images, {pixels / 1e6:.1f} Mpx ("
-                + "; ".join(self.manifest["parts"]) + f"); held-out {len(self.heldout)} crops of "
-                + self.manifest["heldout"])
-
-
-def build_photo_bank(path: str | Path, recipe: Optional[BankRecipe] = None, channels: int = 3,
-                     log=lambda line: None) -> dict:
-    """Build a photo bank from `data_root()` as `recipe` says (default `gen2_bank_recipe()`).
-
-    Writes PATH (the .npz) and PATH.json (the manifest: recipe, every image with its
-    source file's sha256, library versions, and the bank's own sha256 and size).
-    Deterministic: the same data and library versions give the same bytes.
-
-    Returns:
-        The manifest written to PATH.json.
-    """
-    import PIL
-
-    recipe = recipe or gen2_bank_recipe()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images, names, sources = [], [], []
-    for part in recipe.parts:
-        paths = part.source.paths()
-        if not paths:
-            raise InputError(f"no images for the bank in {part.source.describe()}")
-        for p in paths:
-            key = f"{p.parent.name}/{p.name}@{part.source.downscale}"
-            images.append(_window(read_image(p, channels, part.source.downscale), part.window, key))
-            names.append(key)
-            sources.append(hashlib.sha256(p.read_bytes()).hexdigest()[:16])
-        log(f"bank: {part.describe()}: {len(paths)} images")
-    held_images = [im for s in recipe.heldout for im in s.load(channels)]
-    heldout = evaluation_crops(held_images, recipe.crop, recipe.heldout_crops, seed=20240601)
-    shapes = np.array([im.shape for im in images], dtype=np.int32)
-    manifest = {
-        "format": PHOTO_BANK_FORMAT,
-        "parts": [part.describe() for part in recipe.parts],
-        "heldout": ", ".join(s.describe() for s in recipe.heldout) + f" ({len(held_images)} images, seed 20240601)",
-        "images": [[n, int(im.shape[0]), int(im.shape[1]), src] for n, im, src in zip(names, images, sources)],
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-    }
-    _write_npz(path, {
-        "format": np.array(PHOTO_BANK_FORMAT),
-        "shapes": shapes,
-        "pixels": np.concatenate([_filter(im).reshape(-1) for im in images]),
-        "names": np.array(names),
-        "heldout": heldout,
-        "manifest": np.array(json.dumps(manifest)),
-    })
-    pixels = int(sum(im.shape[0] * im.shape[1] for im in images))
-    manifest = {"bank": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
-                "training_images": len(images), "training_pixels": pixels, **manifest}
-    with atomic_write(path.with_name(path.name + ".json")) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    log(f"bank: wrote {path}, {manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256']}: "
-        f"{len(images)} images, {pixels / 1e6:.1f} Mpx; held-out {len(heldout)} crops")
-    return manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _text(array: np.ndarray) -> str:
-    """The one string a (1,)-shaped str array holds."""
-    return str(array.reshape(-1)[0]) if array.dtype.kind == "U" and array.size == 1 else ""
-
-
-def is_photo_bank(path: str | Path) -> bool:
-    """True when `path` is an .npz written by `build_photo_bank`."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return "format" in archive.files and _text(archive["format"]) == PHOTO_BANK_FORMAT
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return False
-
-
-def describe_photo_bank(path: str | Path) -> str:
-    """`PhotoBank.describe()` of the bank at `path`, without decoding its pixels."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            shapes, heldout = archive["shapes"], archive["heldout"].shape
-            manifest = json.loads(_text(archive["manifest"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read photo bank {path}: {exc}") from None
-    pixels = int((shapes[:, 0].astype(np.int64) * shapes[:, 1]).sum())
-    return (f"photo bank sha256 {_sha256(Path(path))[:16]}: {len(shapes)} training images, {pixels / 1e6:.1f} Mpx ("
-            + "; ".join(manifest["parts"]) + f"); held-out {heldout[0]} crops of " + manifest["heldout"])
-
-
-def read_photo_bank(path: str | Path) -> PhotoBank:
-    """Load a photo bank written by `build_photo_bank` (no pickles)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "format" not in archive.files or _text(archive["format"]) != PHOTO_BANK_FORMAT:
-                raise InputError(f"{path} is not a {PHOTO_BANK_FORMAT} file")
-            shapes, pixels = archive["shapes"], archive["pixels"]
-            names, heldout = [str(n) for n in archive["names"]], archive["heldout"]
-            manifest = json.loads(_text(archive["manifest"]))
-    except InputError:
-        raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read photo bank {path}: {exc}") from None
-    sizes = np.prod(shapes.astype(np.int64), axis=1)
-    if pixels.dtype != np.uint8 or int(sizes.sum()) != pixels.size or len(names) != len(shapes):
-        raise InputError(f"{path}: photo bank arrays do not match its shapes")
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    images = [_unfilter(pixels[a:b].reshape(tuple(s))) for a, b, s in zip(bounds[:-1], bounds[1:], shapes)]
-    return PhotoBank(images, names, _check_image_array(heldout, f"{path}:heldout"), manifest, _sha256(path))

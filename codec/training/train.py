@@ -45,6 +45,7 @@ from vaezip.errors import InputError, OutputExistsError, VaezipError
 from vaezip.files import atomic_write
 from vaezip.network.config import ModelConfig, unknown_keys
 from vaezip.network.model import HALO, RING_EVALUATION_NEIGHBOURS, HierarchicalVAE, random_ring_mask, ring_mask
+from vaezip.training import bankfile
 from vaezip.training import data as datasets
 from vaezip.training.warmstart import remap_pixel_steps, source_state, warm_start
 
@@ -279,9 +280,9 @@ def _describe_data(specs: tuple[str, ...]) -> list[str]:
             out += [s.describe() for s in datasets.default_photo_sources()]
         elif spec in datasets.NAMED_SPECS:
             out.append(f"{spec}: {datasets.NAMED_SPECS[spec]}")
-        elif re.sub(r":heldout$", "", spec).endswith(".npz") and datasets.is_photo_bank(re.sub(r":heldout$", "", spec)):
+        elif re.sub(r":heldout$", "", spec).endswith(".npz") and bankfile.is_photo_bank(re.sub(r":heldout$", "", spec)):
             spec = re.sub(r":heldout$", "", spec)
-            out.append(f"{spec}: {datasets.describe_photo_bank(spec)}")
+            out.append(f"{spec}: {bankfile.describe_photo_bank(spec)}")
         else:
             out.append(spec)
     return out
