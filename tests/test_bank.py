@@ -90,6 +90,11 @@ def test_a_budget_shrinks_every_window_by_one_factor(photo_root):
     with pytest.raises(InputError, match="does not fit"):
         bank.build_photo_bank(photo_root / "tiny.npz", _recipe(photo_root), max_bytes=2000)
     assert not (photo_root / "tiny.npz").exists()
+    before = (photo_root / "fit.npz").read_bytes()  # a bank already there stays as it was
+    with pytest.raises(InputError, match="does not fit"):
+        bank.build_photo_bank(photo_root / "fit.npz", _recipe(photo_root), max_bytes=2000)
+    assert (photo_root / "fit.npz").read_bytes() == before
+    assert sorted(p.name for p in photo_root.glob(".*")) == []  # no candidate left behind
 
 
 def test_other_formats_and_damage_are_refused(photo_root):

@@ -47,7 +47,8 @@ class BankPart:
     window: Optional[int] = None
 
     def describe(self) -> str:
-        return self.source.describe() + ("" if self.window is None else f", one window of at most {self.window}x{self.window}")
+        window = "" if self.window is None else f", one window of at most {self.window}x{self.window}"
+        return self.source.describe() + window
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,15 @@ def _centre(image: np.ndarray, side: Optional[int]) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
+def _shrunk(part: BankPart, scale: float, smallest: int) -> BankPart:
+    """`part` with its window scaled by `scale` (down to a multiple of `WINDOW_STEP`, at
+    least `smallest`); a part of whole images stays as it is."""
+    if part.window is None:
+        return part
+    side = int(part.window * scale) // WINDOW_STEP * WINDOW_STEP
+    return replace(part, window=max(smallest, min(part.window, side)))
+
+
 def build_photo_bank(path: str | Path, recipe: Optional[BankRecipe] = None, channels: int = 3,
                      log=lambda line: None, max_bytes: Optional[int] = None) -> dict:
     """Build a photo bank from `data_root()` as `recipe` says (default `gen2_bank_recipe()`).
@@ -139,33 +149,37 @@ def build_photo_bank(path: str | Path, recipe: Optional[BankRecipe] = None, chan
     heldout = evaluation_crops(held_images, recipe.crop, recipe.heldout_crops, seed=HELDOUT_SEED)
     smallest = recipe.crop + WINDOW_STEP
     scale = 1.0
-    while True:
-        parts = tuple(part if part.window is None else
-                      replace(part, window=max(smallest, min(part.window, int(part.window * scale) // WINDOW_STEP * WINDOW_STEP)))
-                      for part in recipe.parts)
-        images = [_centre(image, parts[index].window) for index, _, _, image in drawn]
-        encoded = [bankfile.encode(image) for image in images]
-        manifest = {
-            "format": bankfile.PHOTO_BANK_FORMAT,
-            "parts": [part.describe() for part in parts],
-            "window_scale": round(scale, 4),
-            "heldout": ", ".join(s.describe() for s in recipe.heldout) + f" ({len(held_images)} images, seed {HELDOUT_SEED})",
-            "images": [[key, int(im.shape[0]), int(im.shape[1]), src] for (_, key, src, _), im in zip(drawn, images)],
-            "pillow": PIL.__version__,
-            "numpy": np.__version__,
-        }
-        bankfile.write_bank(path, [key for _, key, _, _ in drawn], images, encoded, heldout, manifest)
-        size = path.stat().st_size
-        if max_bytes is None or size <= max_bytes:
-            break
-        image_bytes = sum(len(e) for e in encoded)
-        room = max_bytes - (size - image_bytes)
-        if room <= 0 or all(part.window in (None, smallest) for part in parts):
-            path.unlink()
-            raise InputError(f"a photo bank of this recipe does not fit in {max_bytes / 2**20:.1f} MiB "
-                             f"(smallest windows: {size / 2**20:.1f} MiB)")
-        scale *= 0.99 * math.sqrt(room / image_bytes)
-        log(f"bank: {size / 2**20:.1f} MiB is over the budget of {max_bytes / 2**20:.1f} MiB; windows x{scale:.3f}")
+    candidate = path.with_name(f".{path.name}.candidate")  # becomes PATH only once it fits
+    try:
+        while True:
+            parts = tuple(_shrunk(part, scale, smallest) for part in recipe.parts)
+            images = [_centre(image, parts[index].window) for index, _, _, image in drawn]
+            encoded = [bankfile.encode(image) for image in images]
+            manifest = {
+                "format": bankfile.PHOTO_BANK_FORMAT,
+                "parts": [part.describe() for part in parts],
+                "window_scale": round(scale, 4),
+                "heldout": ", ".join(s.describe() for s in recipe.heldout)
+                           + f" ({len(held_images)} images, seed {HELDOUT_SEED})",
+                "images": [[key, int(im.shape[0]), int(im.shape[1]), src]
+                           for (_, key, src, _), im in zip(drawn, images)],
+                "pillow": PIL.__version__,
+                "numpy": np.__version__,
+            }
+            bankfile.write_bank(candidate, [key for _, key, _, _ in drawn], images, encoded, heldout, manifest)
+            size = candidate.stat().st_size
+            if max_bytes is None or size <= max_bytes:
+                break
+            image_bytes = sum(len(e) for e in encoded)
+            room = max_bytes - (size - image_bytes)
+            if room <= 0 or all(part.window in (None, smallest) for part in parts):
+                raise InputError(f"a photo bank of this recipe does not fit in {max_bytes / 2**20:.1f} MiB "
+                                 f"(smallest windows: {size / 2**20:.1f} MiB)")
+            scale *= 0.99 * math.sqrt(room / image_bytes)
+            log(f"bank: {size / 2**20:.1f} MiB is over the budget of {max_bytes / 2**20:.1f} MiB; windows x{scale:.3f}")
+        candidate.replace(path)
+    finally:
+        candidate.unlink(missing_ok=True)
     pixels = int(sum(im.shape[0] * im.shape[1] for im in images))
     manifest = {"bank": path.name, "sha256": bankfile.sha256(path), "bytes": size,
                 "training_images": len(images), "training_pixels": pixels, **manifest}

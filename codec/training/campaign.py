@@ -75,7 +75,8 @@ class Campaign:
 
 
 CAMPAIGNS = {
-    "gen2": Campaign("gen2", base_model="photo-rgb-1", bank=".carry/photos-gen2.npz", recipe=photo_bank.gen2_bank_recipe),
+    "gen2": Campaign("gen2", base_model="photo-rgb-1", bank=".carry/photos-gen2.npz",
+                     recipe=photo_bank.gen2_bank_recipe),
     # the gray model on the same bank, converted to gray (Pillow's luma) as it is read
     "gen2-gray": Campaign("gen2-gray", base_model="photo-gray-1", bank=".carry/photos-gen2.npz",
                           recipe=photo_bank.gen2_bank_recipe),
