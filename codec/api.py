@@ -201,6 +201,7 @@ def unpack(data: bytes, *, loaded: LoadedModels = None,
     if not check:
         checksums = [container.pixel_checksum(image) for image in images]
         if archive.set_checksum(checksums) != contents.checksum:
+            network_fmt = entries[0].header.fmt if any(e.header.model_name for e in entries) else None
             raise DecodeMismatchError("decoded images fail the archive's checksum"
-                                      f"{imagecodec.mismatch_note(entries[0].header.runtime)}")
+                                      f"{imagecodec.mismatch_note(entries[0].header.runtime, network_fmt)}")
     return [(entry.name, image) for entry, image in zip(entries, images)]

@@ -317,3 +317,18 @@ def test_a_failure_names_both_builds_when_another_build_wrote_the_file(tiny_mode
                     *(_with_header(d, runtime=foreign) for d in _damaged_payloads(data, 8, seed=5))]:
         with pytest.raises((CorruptFileError, DecodeMismatchError), match="written by torch=0.0 .* this is torch="):
             api.decompress_image(damaged, loaded=tiny_model)
+
+
+def test_a_float_format_failure_says_what_a_float_network_means(tiny_model, tiny_fixed_model):
+    """A float-network file (versions 1 to 5) decodes only where the arithmetic matches; its
+    failure says so even when the runtime strings agree. A fixed-point file's does not."""
+    pixels = random_pixels("RGB", 20, 30, seed=2, smooth=True)
+    float_file = api.compress(pixels, loaded=tiny_model)
+    assert not container.unpack(float_file)[0].fmt.numerics.exact
+    with pytest.raises(DecodeMismatchError, match=r"format version \d runs a float network") as caught:
+        api.decompress_image(_with_header(float_file, pixel_checksum=bytes(16)), loaded=tiny_model)
+    assert "written by" not in str(caught.value)  # same build: only the float note
+    fixed_file = api.compress(pixels, loaded=tiny_fixed_model)
+    with pytest.raises(DecodeMismatchError) as caught:
+        api.decompress_image(_with_header(fixed_file, pixel_checksum=bytes(16)), loaded=tiny_fixed_model)
+    assert "float network" not in str(caught.value)

@@ -175,30 +175,37 @@ def cpu_vendor() -> str:
     return platform.machine() or "unknown"
 
 
-def mismatch_note(written_by: str) -> str:
-    """' (written by X; this is Y)' when a file's runtime differs from this one, else ''."""
-    return "" if written_by == runtime() else f" (written by {written_by}; this is {runtime()})"
+def mismatch_note(written_by: str, fmt: Optional[versions.Format] = None) -> str:
+    """' (written by X; this is Y)' when a file's runtime differs from this one, else ''; for a
+    file whose network ran in a float format (`fmt`, versions 1 to 5), also what that means."""
+    notes = [] if written_by == runtime() else [f"written by {written_by}; this is {runtime()}"]
+    if fmt is not None and not fmt.numerics.exact:
+        notes.append(f"format version {fmt.version} runs a float network, whose files decode only where the "
+                     "float arithmetic matches the writing machine's (docs/PORTABILITY.md)")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 @contextmanager
-def payload_errors(written_by: str):
+def payload_errors(written_by: str, fmt: Optional[versions.Format] = None):
     """Whatever decoding a damaged payload raises becomes `CorruptFileError`; for a file
-    from another build (`written_by`) the message names both, as the cause may be arithmetic."""
+    from another build (`written_by`) or of a float format whose network ran (`fmt`) the
+    message says so, as the cause may be arithmetic (`mismatch_note`)."""
     try:
         yield
     except CorruptFileError as exc:
-        raise CorruptFileError(f"{exc}{mismatch_note(written_by)}") from None
+        raise CorruptFileError(f"{exc}{mismatch_note(written_by, fmt)}") from None
     except (VaezipError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: B036 - a damaged payload can upset any step, incl. Rust panics
-        raise CorruptFileError(f"corrupt payload ({type(exc).__name__}){mismatch_note(written_by)}") from None
+        raise CorruptFileError(f"corrupt payload ({type(exc).__name__}){mismatch_note(written_by, fmt)}") from None
 
 
-def check_pixels(images: Sequence[Image], checksums: Sequence[bytes], written_by: str) -> None:
+def check_pixels(images: Sequence[Image], checksums: Sequence[bytes], written_by: str,
+                 fmt: Optional[versions.Format] = None) -> None:
     """Raises DecodeMismatchError unless every image has its stored pixel checksum."""
     for image, checksum in zip(images, checksums, strict=True):
         if container.pixel_checksum(image) != checksum:
-            raise DecodeMismatchError(f"decoded pixels fail the checksum{mismatch_note(written_by)}")
+            raise DecodeMismatchError(f"decoded pixels fail the checksum{mismatch_note(written_by, fmt)}")
 
 
 # ---------------------------------------------------------------- planes
@@ -343,7 +350,8 @@ def pop_image(ans, header: container.Header, loaded: LoadedModels = (), progress
     """
     pixels = np.zeros((header.height, header.width, CHANNELS[header.mode]), dtype=np.uint8)
     plan = layout(header.mode, bool(header.model_name))
-    with payload_errors(header.runtime):
+    network_fmt = header.fmt if plan.model_channels else None
+    with payload_errors(header.runtime, network_fmt):
         if plan.model_channels:
             from vaezip.coding.bitsback import decode_tiles
 
@@ -370,7 +378,7 @@ def pop_image(ans, header: container.Header, loaded: LoadedModels = (), progress
         raise DecodeMismatchError("decoded pixels fail the checksum")
     image = Image(header.mode, pixels, header.palette, header.transparency, header.icc_profile)
     if check:
-        check_pixels([image], [header.pixel_checksum], header.runtime)
+        check_pixels([image], [header.pixel_checksum], header.runtime, network_fmt)
     return image
 
 
@@ -449,7 +457,7 @@ def pop_tile_set(ans, headers: Sequence[container.Header], loaded: LoadedModels 
     fmt = headers[0].fmt
     schedule = tuple(entry for h in headers for entry in h.schedule)
     pixels = [np.zeros((h.height, h.width, CHANNELS[h.mode]), dtype=np.uint8) for h in headers]
-    with payload_errors(headers[0].runtime):
+    with payload_errors(headers[0].runtime, fmt):
         with _network(model, fmt) as net:
             colour = decode_tile_sets(net, ans, [(h.height, h.width) for h in headers], cfg.channels,
                                       _coding_params(model, headers[0].tile_size, fmt), schedule,
@@ -459,5 +467,5 @@ def pop_tile_set(ans, headers: Sequence[container.Header], loaded: LoadedModels 
             pixels[k] = _pop_planes(ans, headers[k].mode, plans[k], pixels[k])
     images = [Image(h.mode, p, h.palette, h.transparency, h.icc_profile) for h, p in zip(headers, pixels)]
     if check:
-        check_pixels(images, [h.pixel_checksum for h in headers], headers[0].runtime)
+        check_pixels(images, [h.pixel_checksum for h in headers], headers[0].runtime, fmt)
     return images
