@@ -249,7 +249,6 @@ class Requant(nn.Module):
         self.register_buffer("in_scale", torch.ones(channels, dtype=torch.float64))
         self.register_buffer("out_scale", torch.ones(channels, dtype=torch.float64))
         self.observed: Optional[torch.Tensor] = None
-        self._cached_ratio: Optional[tuple] = None
 
     @property
     def lo(self) -> int:
@@ -269,20 +268,10 @@ class Requant(nn.Module):
             peak = y.detach().abs().amax(dim=(0, 2, 3))
             self.observed = peak if self.observed is None else torch.maximum(self.observed, peak)
             return y
+        ratio = (self.out_scale / self.in_scale).to(x.dtype).view(1, -1, 1, 1)
         if x.requires_grad:
-            ratio = (self.out_scale / self.in_scale).to(x.dtype).view(1, -1, 1, 1)
             return torch.clamp(_floor_ste(x * ratio + 0.5), self.lo, self.hi)
-        return (x * self._ratio(x.dtype, x.device)).add_(0.5).floor_().clamp_(self.lo, self.hi)
-
-    def _ratio(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """out_scale / in_scale as (1, C, 1, 1) of `dtype`, cached until a scale changes
-        (coding calls this hundreds of times an image); never enters autograd."""
-        key = (dtype, device, torch.is_inference_mode_enabled()) \
-            + tuple((t.data_ptr(), t._version) for t in (self.in_scale, self.out_scale))
-        if self._cached_ratio is None or self._cached_ratio[0] != key:
-            ratio = (self.out_scale / self.in_scale).to(device=device, dtype=dtype).view(1, -1, 1, 1)
-            self._cached_ratio = (key, ratio)
-        return self._cached_ratio[1]
+        return (x * ratio).add_(0.5).floor_().clamp_(self.lo, self.hi)
 
 
 class Stream(nn.Module):
