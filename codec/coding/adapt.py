@@ -80,12 +80,12 @@ class FitSettings:
 
 EFFORT_SETTINGS: dict[int, FitSettings] = {
     1: FitSettings(), 2: FitSettings(), 3: FitSettings(),
-    4: FitSettings(steps=20, tiles=16, positions=4096),
-    5: FitSettings(steps=40, tiles=32, positions=8192),
-    6: FitSettings(steps=60, tiles=64, positions=8192),
-    7: FitSettings(steps=80, tiles=128, positions=16384),
-    8: FitSettings(steps=100, tiles=256, positions=16384, verify=True),
-    9: FitSettings(steps=150, tiles=1024, positions=32768, verify=True),
+    4: FitSettings(steps=80, tiles=16, positions=1024),
+    5: FitSettings(steps=160, tiles=32, positions=2048),
+    6: FitSettings(steps=240, tiles=64, positions=2048),
+    7: FitSettings(steps=320, tiles=128, positions=4096),
+    8: FitSettings(steps=400, tiles=256, positions=4096, verify=True),
+    9: FitSettings(steps=600, tiles=1024, positions=4096, verify=True),
 }
 """By `versions.EFFORTS` level. 1 to 3 (the default, `versions.DEFAULT_EFFORT`) are the
 version 4 encoder: no faster lever exists yet."""
