@@ -24,6 +24,7 @@ import numpy as np
 
 from vaezip.errors import InputError
 from vaezip.files import atomic_write
+from vaezip.network.registry import sha256_file
 from vaezip.training import bankfile
 from vaezip.training.data import (
     PhotoSource,
@@ -181,7 +182,7 @@ def build_photo_bank(path: str | Path, recipe: Optional[BankRecipe] = None, chan
     finally:
         candidate.unlink(missing_ok=True)
     pixels = int(sum(im.shape[0] * im.shape[1] for im in images))
-    manifest = {"bank": path.name, "sha256": bankfile.sha256(path), "bytes": size,
+    manifest = {"bank": path.name, "sha256": sha256_file(path), "bytes": size,
                 "training_images": len(images), "training_pixels": pixels, **manifest}
     with atomic_write(path.with_name(path.name + ".json")) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")

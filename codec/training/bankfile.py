@@ -9,7 +9,6 @@ others LZMA-compressed. Gray images are stored as equal R, G and B.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -23,6 +22,7 @@ from PIL import Image
 
 from vaezip.errors import InputError, VaezipError
 from vaezip.files import atomic_write
+from vaezip.network.registry import sha256_file
 
 PHOTO_BANK_FORMAT = "vaezip-photo-bank-2"
 FORMAT_PREFIX = "vaezip-photo-bank-"
@@ -94,14 +94,6 @@ def write_bank(path: Path, names: Sequence[str], images: Sequence[np.ndarray], e
     }, stored=("webp",))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _text(array: np.ndarray) -> str:
     """The one string a (1,)-shaped str array holds."""
     return str(array.reshape(-1)[0]) if array.dtype.kind == "U" and array.size == 1 else ""
@@ -130,7 +122,7 @@ def describe_photo_bank(path: str | Path) -> str:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read photo bank {path}: {exc}") from None
     pixels = int((shapes[:, 0].astype(np.int64) * shapes[:, 1]).sum())
-    return _describe(sha256(Path(path)), len(shapes), pixels, heldout[0], manifest)
+    return _describe(sha256_file(path), len(shapes), pixels, heldout[0], manifest)
 
 
 def read_photo_bank(path: str | Path) -> PhotoBank:
@@ -164,4 +156,4 @@ def read_photo_bank(path: str | Path) -> PhotoBank:
         images.append(image)
     if heldout.dtype != np.uint8 or heldout.ndim != 4 or heldout.shape[3] not in (1, 3):
         raise InputError(f"{path}:heldout is not (n, S, S, C) uint8 crops")
-    return PhotoBank(images, names, heldout, manifest, sha256(path))
+    return PhotoBank(images, names, heldout, manifest, sha256_file(path))
