@@ -9,6 +9,9 @@ model:
            adaptation (`coding.adapt`) that needs no gain
   steps    the biases of every layer of every pixel step whose bias is not redundant
            (`feat`, `mid1`, `mid2`, `head`; the context and ring layers add into `feat`)
+  pixel    every weight and bias of every pixel step (biases at --lr, weights at
+           --weight-lr): no side information could pay for it; it bounds what any
+           per-image adaptation of the pixel decoder can save
 
 The fit runs the fixed-point model's training arithmetic (rounding straight through)
 and costs a forward and backward pass of the pixel steps a step. Reports the
@@ -16,6 +19,7 @@ reconstruction bits before and after on all tiles (what the fit saw: an upper bo
 and the side information at 8 bits a value.
 
     python benchmarks/stage_bias_headroom.py IMAGE... [--model photo-rgb-halo-2] [--steps 80] [--lr 0.003]
+        [--forms head,steps,pixel] [--weight-lr 0.0001]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from vaezip.network.model import HALO, mixture_log_prob, split_lattice
 
 TILE = 64
 BATCH = 16
-FORMS = ("head", "steps")
+FORMS = ("head", "steps", "pixel")
 
 
 def tile_data(model, pixels: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
@@ -69,12 +73,17 @@ def bits(model, batch) -> torch.Tensor:
     return -total / math.log(2)
 
 
-def fitted_biases(model, form: str) -> list[torch.Tensor]:
+def fitted_groups(model, form: str, lr: float, weight_lr: float) -> list[dict]:
+    """The optimiser's parameter groups of one form."""
+    if form == "pixel":
+        named = list(model.stages.named_parameters())
+        return [{"params": [p for n, p in named if n.endswith("bias")], "lr": lr},
+                {"params": [p for n, p in named if not n.endswith("bias")], "lr": weight_lr}]
     layers = ("head",) if form == "head" else ("feat", "mid1", "mid2", "head")
-    return [getattr(stage, name).bias for stage in model.stages for name in layers]
+    return [{"params": [getattr(stage, name).bias for stage in model.stages for name in layers], "lr": lr}]
 
 
-def fit(model, batches, form: str, steps: int, lr: float) -> tuple[float, float, int, float]:
+def fit(model, batches, form: str, steps: int, lr: float, weight_lr: float) -> tuple[float, float, int, float]:
     """(bits before, bits after, values fitted, seconds) of one form; restores the model."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     for p in model.parameters():
@@ -84,14 +93,15 @@ def fit(model, batches, form: str, steps: int, lr: float) -> tuple[float, float,
     for module in model.stages.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.weight.requires_grad_(True)
-    biases = fitted_biases(model, form)
-    for b in biases:
-        b.requires_grad_(True)
+    groups = fitted_groups(model, form, lr, weight_lr)
+    fitted = [p for g in groups for p in g["params"]]
+    for p in fitted:
+        p.requires_grad_(True)
     model.train()
     with torch.no_grad():
         before = sum(float(bits(model, b)) for b in batches)
     tiles = [(i, j) for i, b in enumerate(batches) for j in range(len(b[0]))]
-    optimizer = torch.optim.Adam(biases, lr=lr)
+    optimizer = torch.optim.Adam(groups)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for _ in range(steps):
@@ -104,7 +114,7 @@ def fit(model, batches, form: str, steps: int, lr: float) -> tuple[float, float,
     seconds = time.perf_counter() - start
     with torch.no_grad():
         after = sum(float(bits(model, b)) for b in batches)
-    count = sum(b.numel() for b in biases)
+    count = sum(p.numel() for p in fitted)
     model.load_state_dict(saved)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -118,6 +128,8 @@ def main() -> None:
     parser.add_argument("--model", default="photo-rgb-halo-2", help="a fixed-point model with a ring")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--lr", type=float, default=0.003, help="Adam learning rate, in the float biases' units")
+    parser.add_argument("--weight-lr", type=float, default=1e-4, help="Adam learning rate of the weights (form pixel)")
+    parser.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = registry.load_model(args.model).net
@@ -127,8 +139,10 @@ def main() -> None:
     print(f"{head} fit s |\n{rule}---|")
     for path in args.images:
         batches = tile_data(model, read_image(path).pixels)
-        for form in FORMS:
-            before, after, count, seconds = fit(model, batches, form, args.steps, args.lr)
+        for form in args.forms.split(","):
+            if form not in FORMS:
+                raise SystemExit(f"unknown form {form!r} (known: {', '.join(FORMS)})")
+            before, after, count, seconds = fit(model, batches, form, args.steps, args.lr, args.weight_lr)
             print(f"{table_row(path, form, before, after, count)} {seconds:.0f} |", flush=True)
 
 

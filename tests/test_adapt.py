@@ -267,3 +267,17 @@ def test_judged_saving_counts_what_calibration_cannot_do(tiny_model):
     assert judged == 4 * 1024 and saved > 0.1 * judged
     saved, _ = adapt._judged_saving(model, _synthetic_stages(config, [0.5, 1.5], per_tile=512, seed=4), wider, 4096)
     assert abs(saved) < 0.01 * judged  # per-tile calibration does the widening itself
+
+
+def test_top_efforts_are_never_larger_than_their_rivals(tiny_model, monkeypatch):
+    """Efforts 8 and 9 also code effort 6's fit and keep the smallest file."""
+    image = random_image("RGB", 64, 96, seed=5, smooth=True)
+    settings = adapt.EFFORT_SETTINGS
+    assert all(settings[e].rivals == (6,) and settings[e].verify for e in (8, 9))
+    size = {e: len(api.compress(image, loaded=tiny_model, effort=e)) for e in (3, 6, 9)}
+    assert size[9] <= min(size[3], size[6])
+    # A top level whose own fit is worse than a rival's codes the rival's: starve its fit.
+    monkeypatch.setitem(settings, 9, dataclasses.replace(settings[9], steps=1, positions=64))
+    data = api.compress(image, loaded=tiny_model, effort=9)
+    assert len(data) <= size[6]
+    assert pixels_equal(api.decompress_image(data, loaded=tiny_model), image)

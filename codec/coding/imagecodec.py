@@ -317,9 +317,11 @@ def _push_adapted_tiles(net, ans, pixels: np.ndarray, params, model: registry.Lo
     adaptation; returns (schedule, coder).
 
     The adaptation is fitted first, then the tiles are coded with the rounded values the
-    decoder will pop. Where the effort says so (`FitSettings.verify`), the tiles are also
-    coded without it and the smaller stack is kept: the fit's estimate (latents at the
-    posterior mean) can be wrong on a small image.
+    decoder will pop. Where the effort says so, the tiles are also coded without it
+    (`FitSettings.verify`: the fit's estimate, latents at the posterior mean, can be wrong
+    on a small image) and with the fits of lower levels (`FitSettings.rivals`); the
+    smallest stack is kept (the first of equals: no adaptation before the own fit before
+    the rivals').
     Stack before: S. After: S + tiles + adaptation (on top: the decoder needs it first).
     """
     from vaezip.coding import adapt
@@ -327,16 +329,23 @@ def _push_adapted_tiles(net, ans, pixels: np.ndarray, params, model: registry.Lo
     from vaezip.entropy import coders
 
     config = model.spec.config
-    adaptation = adapt.fit(net, pixels, params.tile, effort)
-    plain = ans.clone() if adaptation is not None and adapt.EFFORT_SETTINGS[effort].verify else None
-    schedule, ans = encode_tiles(net.adapted(adaptation), ans, pixels, params, progress or (lambda n: None))
-    coders.push_steps(ans, adapt.adaptation_steps(config, adaptation or adapt.Adaptation.zeros(config)))
-    if plain is not None:
-        plain_schedule, plain = encode_tiles(net, plain, pixels, params, lambda n: None)
-        coders.push_steps(plain, adapt.adaptation_steps(config, adapt.Adaptation.zeros(config)))
-        if plain.num_bits() <= ans.num_bits():
-            return plain_schedule, plain
-    return schedule, ans
+    settings = adapt.EFFORT_SETTINGS[effort]
+    candidates = [adapt.fit(net, pixels, params.tile, effort)]
+    if candidates[0] is not None and settings.verify:
+        candidates.insert(0, None)
+    for level in settings.rivals:
+        rival = adapt.fit(net, pixels, params.tile, level)
+        if rival not in candidates:
+            candidates.append(rival)
+    best = None
+    for index, adaptation in enumerate(candidates):
+        trial = ans.clone() if len(candidates) > 1 else ans
+        report = progress or (lambda n: None) if index == 0 else (lambda n: None)
+        schedule, trial = encode_tiles(net.adapted(adaptation), trial, pixels, params, report)
+        coders.push_steps(trial, adapt.adaptation_steps(config, adaptation or adapt.Adaptation.zeros(config)))
+        if best is None or trial.num_bits() < best[1].num_bits():
+            best = (schedule, trial)
+    return best
 
 
 def pop_image(ans, header: container.Header, loaded: LoadedModels = (), progress: Optional[Progress] = None,
