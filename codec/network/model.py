@@ -437,13 +437,14 @@ def mixture_log_prob(p: MixtureParams, x: torch.Tensor) -> torch.Tensor:
     means = autoregressive_means(p, x)
     xe = x.unsqueeze(2)
     inv_s = torch.exp(-p.log_scales)
-    upper = torch.where(xe >= 255, torch.full_like(xe, 1e4), (xe + 0.5 - means) * inv_s)
-    lower = torch.where(xe <= 0, torch.full_like(xe, -1e4), (xe - 0.5 - means) * inv_s)
-    # log(sigmoid(u) - sigmoid(l)), stable for both tails.
-    log_mass = torch.log(torch.clamp(torch.sigmoid(upper) - torch.sigmoid(lower), min=1e-12))
+    # the edge bins reach to -inf and +inf (masked_fill: where's values, fewer passes)
+    upper = ((xe + 0.5 - means) * inv_s).masked_fill(xe >= 255, 1e4)
+    lower = ((xe - 0.5 - means) * inv_s).masked_fill(xe <= 0, -1e4)
+    mass = torch.sigmoid(upper) - torch.sigmoid(lower)
+    log_mass = torch.log(torch.clamp(mass, min=1e-12))
     mid = (xe - means) * inv_s
     log_pdf_mid = mid - p.log_scales - 2 * F.softplus(mid)  # density approx when the bin is tiny
-    log_mass = torch.where(torch.sigmoid(upper) - torch.sigmoid(lower) > 1e-5, log_mass, log_pdf_mid)
+    log_mass = torch.where(mass > 1e-5, log_mass, log_pdf_mid)
     log_w = torch.log_softmax(p.logits, dim=1).unsqueeze(1)
     return torch.logsumexp(log_mass + log_w, dim=2)
 
