@@ -337,10 +337,10 @@ def _push_adapted_tiles(net, ans, pixels: np.ndarray, params, model: registry.Lo
         rival = adapt.fit(net, pixels, params.tile, level)
         if rival not in candidates:
             candidates.append(rival)
-    best = None
+    best, quiet = None, (lambda n: None)
     for index, adaptation in enumerate(candidates):
         trial = ans.clone() if len(candidates) > 1 else ans
-        report = progress or (lambda n: None) if index == 0 else (lambda n: None)
+        report = (progress or quiet) if index == 0 else quiet  # one progress bar, the first encode's
         schedule, trial = encode_tiles(net.adapted(adaptation), trial, pixels, params, report)
         coders.push_steps(trial, adapt.adaptation_steps(config, adaptation or adapt.Adaptation.zeros(config)))
         if best is None or trial.num_bits() < best[1].num_bits():

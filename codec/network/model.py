@@ -437,7 +437,7 @@ def mixture_log_prob(p: MixtureParams, x: torch.Tensor) -> torch.Tensor:
     means = autoregressive_means(p, x)
     xe = x.unsqueeze(2)
     inv_s = torch.exp(-p.log_scales)
-    # the edge bins reach to -inf and +inf (masked_fill: where's values, fewer passes)
+    # the edge bins reach to -inf and +inf; the bin mass is computed once
     upper = ((xe + 0.5 - means) * inv_s).masked_fill(xe >= 255, 1e4)
     lower = ((xe - 0.5 - means) * inv_s).masked_fill(xe <= 0, -1e4)
     mass = torch.sigmoid(upper) - torch.sigmoid(lower)
