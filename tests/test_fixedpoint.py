@@ -177,3 +177,30 @@ def test_version_6_round_trips(tiny_fixed_model, tiny_fixed_gray_model, effort):
         header, _ = container.unpack(data)
         assert header.version == 6 and header.effort == effort
         assert np.array_equal(vaezip.decompress(data, loaded=model), pixels.reshape(80, 48, -1).squeeze())
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_floor_clamp_has_the_values_and_gradients_of_the_plain_ops(rows):
+    """The fused floor-and-clamp of training gives the bits of the composition it replaces:
+    floor straight through, then torch.minimum/maximum per channel (1/2 at a bound) or
+    torch.clamp between scalars (1 at a bound)."""
+    generator = torch.Generator().manual_seed(3)
+    lo, hi = (torch.tensor([0.0, -127.0, 3.0]), torch.tensor([255.0, 127.0, 4.0])) if rows else (-7.0, 9.0)
+    # integers at and around the bounds, and fractions, in every channel
+    y = torch.cat([torch.arange(-130.0, 260.0).repeat(2, 3, 1, 1),
+                   torch.rand(2, 3, 1, 390, generator=generator) * 400 - 140], dim=2).requires_grad_()
+    upstream = torch.randn(y.shape, generator=generator)
+
+    straight = y + (torch.floor(y) - y).detach()
+    if rows:
+        shape = (1, -1, 1, 1)
+        expected = torch.maximum(torch.minimum(straight, hi.view(shape)), lo.view(shape))
+        fused = fixedpoint._floor_clamp_rows(y, lo, hi)
+    else:
+        expected = torch.clamp(straight, lo, hi)
+        fused = fixedpoint._FloorClamp.apply(y, lo, hi, 1.0)
+    (expected_grad,) = torch.autograd.grad(expected, y, upstream)
+    (fused_grad,) = torch.autograd.grad(fused, y, upstream)
+    assert torch.equal(fused, expected)
+    assert torch.equal(fused_grad, expected_grad)
+    assert set(torch.unique(fused_grad / upstream).tolist()) == ({0.0, 0.5, 1.0} if rows else {0.0, 1.0})
