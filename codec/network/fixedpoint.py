@@ -246,13 +246,14 @@ class FixedConv2d(nn.Conv2d):
         return y.floor_().clamp_(lo, hi)  # in place: two passes over the output
 
     def _trained_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact parameters with gradients to the float ones (straight through the rounding)."""
-        _, _, k = integer_weights(self.weight, self.bias, self.in_scale, self.in_max, self.out_scale, self.out_offset)
-        step = torch.pow(torch.tensor(2.0, dtype=torch.float64, device=k.device), k.double())
+        """The exact parameters (`integer_weights`, the integers coding uses) with gradients
+        to the float ones, straight through the rounding."""
+        w_int, b_int, k = integer_weights(self.weight, self.bias, self.in_scale, self.in_max,
+                                          self.out_scale, self.out_offset)
+        unit = torch.pow(torch.tensor(2.0, dtype=torch.float64, device=k.device), -k.double())
         real_w, real_b = _folded(self.weight, self.bias, self.in_scale, self.out_scale, self.out_offset)
-        w = real_w + ((torch.round(real_w.detach().double() * step[:, None, None, None]) / step[:, None, None, None])
-                      .float() - real_w).detach()
-        b = real_b + ((torch.round(real_b.detach().double() * step) / step).float() - real_b).detach()
+        w = real_w + ((w_int * unit[:, None, None, None]).float() - real_w).detach()
+        b = real_b + ((b_int * unit).float() - real_b).detach()
         return w, b
 
 
