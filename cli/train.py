@@ -123,7 +123,7 @@ def train_command(ctx: click.Context, **kw) -> None:
                 campaign.prepare(kw["campaign"], rebuild=kw["force"], log=click.echo)
                 return
             options = campaign.campaign_options(
-                kw["campaign"], seconds=kw["time_limit"], device=kw["device"],
+                kw["campaign"], seconds=kw["time_limit"], device=kw["device"], log=click.echo,
                 out=kw["out"] if "out" in given else None,
                 **{n: kw[n] for n in CAMPAIGN_OPTIONS if n in given and n not in ("time_limit", "device", "out")})
             # continuing from the weights OUT.pt of an earlier session replaces them

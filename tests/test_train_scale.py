@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vaezip.errors import InputError, VaezipError
 from vaezip.network.config import ModelConfig
 from vaezip.network.model import HierarchicalVAE
+from vaezip.training import bank as photo_bank
+from vaezip.training import bankfile, data
 from vaezip.training import campaign as campaigns
-from vaezip.training import data
 from vaezip.training.train import TrainOptions, bf16_layers, load_checkpoint, train, weights_sha256
 
 TINY = ModelConfig(width=16, bottleneck=8, pixel_width=8, latent_scales=((16, 1, 4), (4, 1, 2)))
@@ -80,6 +82,47 @@ def test_campaign_starts_warm_then_resumes(bank, tmp_path, monkeypatch):
     assert [row.get("before_warm_start", False) for row in record["sessions"]] == [True, True, True, False]
     with pytest.raises(InputError):
         campaigns.get_campaign("nope")
+
+
+def test_a_cpu_session_trains_on_the_local_bank(tmp_path, monkeypatch):
+    """A campaign's CPU sessions read its larger local bank (built on first use, the same
+    held-out crops); the device rehearsal and other devices read the bank that travels."""
+    rng = np.random.default_rng(0)
+    for folder, count in (("train", 3), ("held", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            pixels = rng.integers(0, 256, (40 + 4 * i, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / folder / f"{i}.png")
+    monkeypatch.setenv("VAEZIP_DATA", str(tmp_path))
+
+    def recipe(window):
+        return photo_bank.BankRecipe((photo_bank.BankPart(data.PhotoSource(tmp_path / "train"), window),),
+                                     (data.PhotoSource(tmp_path / "held"),), heldout_crops=4, crop=16)
+
+    travelling, local = tmp_path / "travel.npz", tmp_path / "local.npz"
+    photo_bank.build_photo_bank(travelling, recipe(24))
+    base = train(_options(str(travelling), tmp_path / "base", heldout=f"{travelling}:heldout"), log=None)
+    tiny = campaigns.Campaign("tiny", base_model=str(base.weights), bank=str(travelling), recipe=lambda: recipe(24),
+                              local_bank=str(local), local_recipe=lambda: recipe(40), config=TINY, crop=16,
+                              batch={"cpu": 2, "cuda": 2}, warmup_steps=1, eval_every=2, eval_crops=4,
+                              checkpoint_every=2)
+    monkeypatch.setitem(campaigns.CAMPAIGNS, "tiny", tiny)
+    out = str(tmp_path / "run")
+    first = campaigns.campaign_options("tiny", seconds=None, device="cpu", out=out, local_bank=False, stop_step=2)
+    assert first.data == (str(travelling),) and not local.exists()
+    train(first, log=None)
+    lines = []
+    again = campaigns.campaign_options("tiny", seconds=None, device="cpu", out=out, log=lines.append, stop_step=4)
+    assert again.resume and again.data == (str(local),) and again.heldout == f"{local}:heldout"
+    assert any(line.startswith("building") for line in lines) and any("trains on" in line for line in lines)
+    small, large = bankfile.read_photo_bank(travelling), bankfile.read_photo_bank(local)
+    np.testing.assert_array_equal(small.heldout, large.heldout)
+    assert sum(im.size for im in large.images) > sum(im.size for im in small.images)
+    record = json.loads(train(again, log=None).record.read_text())["training"]
+    assert [row["data"] for row in record["sessions"][-2:]] == [[str(travelling)], [str(local)]]
+    local.unlink()  # no local bank and no shared data: the bank that travels
+    monkeypatch.setenv("VAEZIP_DATA", str(tmp_path / "nowhere"))
+    assert campaigns.training_bank(tiny, "cpu", lines.append) == str(travelling) and "is not there" in lines[-1]
 
 
 def test_torchrun_two_gloo_ranks_stay_identical(bank, tmp_path):

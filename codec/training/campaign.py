@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,8 +39,12 @@ class Campaign:
     Attributes:
         name: recorded in every training record it writes ("campaign").
         base_model: registered model to warm-start from when nothing newer exists.
-        bank: photo bank path, relative to the repository root.
+        bank: photo bank path, relative to the repository root: the bank that travels
+            (a device session carries it, so it is built to the upload budget).
         recipe: builds the bank's `BankRecipe` (from `data.data_root()`).
+        local_bank, local_recipe: the bank a CPU session trains on instead, where the data
+            is: the same sources and held-out crops in larger windows (it never travels;
+            built on the first CPU session that finds it missing). None: `bank`.
         config: the architecture to train; None: the starting model's own.
         stage0_levels: if set, the starting model's architecture with stage 0 split this
             many levels (`ModelConfig.stage0_levels`; the new steps warm-start as copies
@@ -57,6 +62,8 @@ class Campaign:
     base_model: str
     bank: str
     recipe: Callable[[], photo_bank.BankRecipe]
+    local_bank: Optional[str] = None
+    local_recipe: Optional[Callable[[], photo_bank.BankRecipe]] = None
     config: Optional[ModelConfig] = None
     stage0_levels: Optional[int] = None
     pixel_halo: Optional[bool] = None
@@ -74,19 +81,23 @@ class Campaign:
     checkpoint_seconds: float = 120.0
 
 
+GEN2_BANKS = dict(bank=".carry/photos-gen2.npz", recipe=photo_bank.gen2_bank_recipe,
+                  local_bank="runs/photos-gen2-local.npz",
+                  local_recipe=partial(photo_bank.gen2_bank_recipe, window_scale=3.0))
+"""The generation-2 photo banks: 12.7 Mpx in windows that fit the device upload (18 MiB),
+and for CPU sessions the same sources in 3x larger windows (102.1 Mpx in 130 MB, nearly every
+pixel of photos2 and BSDS500: 8x the pixels, the same held-out crops)."""
+
 CAMPAIGNS = {
-    "gen2": Campaign("gen2", base_model="photo-rgb-1", bank=".carry/photos-gen2.npz",
-                     recipe=photo_bank.gen2_bank_recipe),
+    "gen2": Campaign("gen2", base_model="photo-rgb-1", **GEN2_BANKS),
     # the gray model on the same bank, converted to gray (Pillow's luma) as it is read
-    "gen2-gray": Campaign("gen2-gray", base_model="photo-gray-1", bank=".carry/photos-gen2.npz",
-                          recipe=photo_bank.gen2_bank_recipe),
+    "gen2-gray": Campaign("gen2-gray", base_model="photo-gray-1", **GEN2_BANKS),
     # the fixed-point photo model (format version 6) trained on: float32 on every device, since
     # bf16 and TF32 would train other arithmetic than the exact one it codes with. lr 1e-4 moved
     # the held-out -ELBO by 0.002 in 1,000 CPU steps (3.3626 -> 3.3607); the float gen2 run was
     # still falling 0.03 a 1,000 steps at 5e-4, so the sessions run at 2.5e-4
-    "gen2-exact": Campaign("gen2-exact", base_model="photo-rgb-exact-1", bank=".carry/photos-gen2.npz",
-                           recipe=photo_bank.gen2_bank_recipe, lr=2.5e-4, warmup_steps=100,
-                           precision={"cuda": "fp32", "cpu": "fp32"}),
+    "gen2-exact": Campaign("gen2-exact", base_model="photo-rgb-exact-1", **GEN2_BANKS, lr=2.5e-4,
+                           warmup_steps=100, precision={"cuda": "fp32", "cpu": "fp32"}),
     # generation 2's pixel decoder: stage 0 coded in a level of 2x2 sub-lattice steps (1/16
     # of the pixels from the latents alone), from the fixed-point photo model. At 2.5e-4 the
     # restart cost the held-out -ELBO 0.035 in 500 steps (3.3117 -> 3.3469, as gen2-exact's
@@ -94,26 +105,26 @@ CAMPAIGNS = {
     # the stage-0 steps train 3x faster and their context layers 10x. Its first sessions
     # trained two levels (1/64 from the latents); a second level saved 0.1 % of the pixel
     # bits for 14 % more decode time, so `photo-rgb-pyramid-1` keeps one (docs/RESULTS.md)
-    "gen2-pyramid": Campaign("gen2-pyramid", base_model="photo-rgb-exact-2", bank=".carry/photos-gen2.npz",
-                             recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, lr=1e-4, warmup_steps=100,
+    "gen2-pyramid": Campaign("gen2-pyramid", base_model="photo-rgb-exact-2", **GEN2_BANKS,
+                             stage0_levels=1, lr=1e-4, warmup_steps=100,
                              lr_scales=((r"stages\.[0-3]\.context\.", 10.0), (r"stages\.[0-3]\.", 3.0)),
                              precision={"cuda": "fp32", "cpu": "fp32"}),
     # the same decoder for the fixed-point gray model, on the bank read as gray
-    "gen2-gray-pyramid": Campaign("gen2-gray-pyramid", base_model="photo-gray-exact-1", bank=".carry/photos-gen2.npz",
-                                  recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, lr=1e-4, warmup_steps=100,
+    "gen2-gray-pyramid": Campaign("gen2-gray-pyramid", base_model="photo-gray-exact-1", **GEN2_BANKS,
+                                  stage0_levels=1, lr=1e-4, warmup_steps=100,
                                   lr_scales=((r"stages\.[0-3]\.context\.", 10.0), (r"stages\.[0-3]\.", 3.0)),
                                   precision={"cuda": "fp32", "cpu": "fp32"}),
     # the RGB default's pixel steps reading the ring of neighbouring pixels around each tile
     # (format version 8, issue 15's tile edges); the layers that read the ring start at zero and
     # learn 10x faster. A first try read the ring with the context layers themselves: it started
     # far above the model without a ring and was still 1.9 % above it after 500 steps.
-    "gen2-halo": Campaign("gen2-halo", base_model="photo-rgb-pyramid-1", bank=".carry/photos-gen2.npz",
-                          recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
+    "gen2-halo": Campaign("gen2-halo", base_model="photo-rgb-pyramid-1", **GEN2_BANKS,
+                          stage0_levels=1, pixel_halo=True, lr=1e-4,
                           warmup_steps=100, lr_scales=((r"stages\.\d+\.ring\.", 10.0),),
                           precision={"cuda": "fp32", "cpu": "fp32"}),
     # the same ring for the gray model
-    "gen2-gray-halo": Campaign("gen2-gray-halo", base_model="photo-gray-pyramid-1", bank=".carry/photos-gen2.npz",
-                               recipe=photo_bank.gen2_bank_recipe, stage0_levels=1, pixel_halo=True, lr=1e-4,
+    "gen2-gray-halo": Campaign("gen2-gray-halo", base_model="photo-gray-pyramid-1", **GEN2_BANKS,
+                               stage0_levels=1, pixel_halo=True, lr=1e-4,
                                warmup_steps=100, lr_scales=((r"stages\.\d+\.ring\.", 10.0),),
                                precision={"cuda": "fp32", "cpu": "fp32"}),
 }
@@ -140,14 +151,32 @@ def starting_model(campaign: Campaign) -> str:
     return newest
 
 
+def training_bank(campaign: Campaign, kind: str, log: Callable[[str], None] = print) -> str:
+    """The bank a session on a device of type `kind` trains on: on the CPU the campaign's
+    `local_bank`, built here if it is missing and the shared data is there (minutes); else,
+    and on every other device, the bank that travels."""
+    local = campaign.local_bank
+    if kind != "cpu" or local is None:
+        return campaign.bank
+    if not Path(local).is_file():
+        if not datasets.data_root().is_dir():
+            log(f"{local} is missing and {datasets.data_root()} is not there: training on {campaign.bank}")
+            return campaign.bank
+        log(f"building {local}, the bank CPU sessions train on, from {datasets.data_root()} ...")
+        photo_bank.build_photo_bank(local, campaign.local_recipe(), log=log)
+    return local
+
+
 def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto", out: Optional[str] = None,
-                     **overrides):
+                     local_bank: bool = True, log: Callable[[str], None] = print, **overrides):
     """The `TrainOptions` of the next session of campaign `name`.
 
     Args:
         seconds: this session's time limit (None: until `steps`).
-        device: "auto", "cpu", "cuda", ...; picks the per-device batch and precision.
-        out: output path (default runs/NAME); OUT.ckpt, if present, is resumed.
+        device: "auto", "cpu", "cuda", ...; picks the per-device batch, precision and bank.
+        out: output path (default runs/NAME); OUT.ckpt, if present, is resumed (on the
+            bank this device trains on: a session may read another bank than the last).
+        local_bank: False: train on the travelling bank on the CPU too (`training_bank`).
         overrides: TrainOptions fields to set (batch, precision, compile, stop_step, ...).
     """
     from vaezip.training.train import TrainOptions, checkpoint_options, output_paths, resolve_device
@@ -157,16 +186,20 @@ def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto
     kind = resolve_device(device).type
     per_device = {"batch": campaign.batch[kind], "precision": campaign.precision[kind],
                   "channels_last": campaign.channels_last[kind]}
+    bank = training_bank(campaign, kind, log) if local_bank else campaign.bank
     weights, record, checkpoint = output_paths(out)
     if checkpoint.exists():
         options = checkpoint_options(checkpoint)
         if options.campaign != campaign.name:
             raise VaezipError(f"{checkpoint} is not a checkpoint of campaign {campaign.name}")
+        if options.data != (bank,):  # the banks hold the same held-out crops
+            log(f"this session trains on {bank} ({checkpoint} was trained on {', '.join(options.data)})")
+            options = replace(options, data=(bank,), heldout=bank + ":heldout")
         options = replace(options, resume=str(checkpoint), out=out, device=device, time_limit=seconds,
                           stop_step=None, checkpoint_seconds=campaign.checkpoint_seconds, **per_device)
     else:
-        if not Path(campaign.bank).is_file():
-            raise InputError(f"{campaign.bank} is missing: build it with `vaezip train --campaign {name} --prepare` "
+        if not Path(bank).is_file():
+            raise InputError(f"{bank} is missing: build it with `vaezip train --campaign {name} --prepare` "
                              "(needs the shared data) or carry it along")
         from vaezip.network.registry import get_spec, read_record
 
@@ -181,7 +214,7 @@ def campaign_options(name: str, *, seconds: Optional[float], device: str = "auto
         if campaign.pixel_halo is not None:
             config = replace(config, pixel_halo=campaign.pixel_halo)
         options = TrainOptions(
-            config=config, data=(campaign.bank,), heldout=campaign.bank + ":heldout", crop=campaign.crop,
+            config=config, data=(bank,), heldout=bank + ":heldout", crop=campaign.crop,
             steps=campaign.steps, lr=campaign.lr, lr_scales=campaign.lr_scales, warmup_steps=campaign.warmup_steps,
             kl_warmup_fraction=0.0,
             eval_every=campaign.eval_every, eval_crops=campaign.eval_crops,
@@ -275,7 +308,7 @@ def prepare(name: str, *, rebuild: bool = False, log: Callable[[str], None] = pr
     carry = [campaign.bank] + [str(p) for p in carried_run_files(name)]
     log(f"a device call carries: {' '.join(carry)}")
     with tempfile.TemporaryDirectory() as tmp:
-        options = campaign_options(name, seconds=None, device="cpu", out=str(Path(tmp) / "smoke"),
+        options = campaign_options(name, seconds=None, device="cpu", out=str(Path(tmp) / "smoke"), local_bank=False,
                                    batch=2, stop_step=2, eval_crops=4, eval_every=2)
         result = train(options, log=lambda line: log("smoke: " + line))
     log(f"smoke run: 2 steps on the CPU, held-out -ELBO {result.heldout_bpd:.4f} on 4 crops; ready")

@@ -599,6 +599,7 @@ def _session_row(options: TrainOptions, device: torch.device, ranks: _Ranks, ste
     """One invocation's row of the training record's `sessions`."""
     return {
         "steps": steps, "seconds": round(seconds, 1), "crops_per_s": round(crops / max(seconds, 1e-9), 1),
+        "data": list(options.data),
         "hardware": hardware_name(device), "ranks": ranks.world, "batch_per_rank": options.batch,
         "precision": options.precision, "channels_last": options.channels_last, "compile": options.compile,
         "torch_version": str(torch.__version__),
