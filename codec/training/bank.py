@@ -94,14 +94,20 @@ def gen2_bank_recipe(window_scale: float = 1.0) -> BankRecipe:
     return BankRecipe(parts, (PhotoSource(root / "photos2", include=validation),))
 
 
+def window_origin(height: int, width: int, window: int, key: str) -> tuple[int, int]:
+    """(top, left) of the `window` x `window` region a bank draws from an image of this size,
+    seeded by `key` ("FOLDER/NAME@DOWNSCALE")."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+    top = int(rng.integers(0, max(height - window, 0) + 1))
+    left = int(rng.integers(0, max(width - window, 0) + 1))
+    return top, left
+
+
 def _window(image: np.ndarray, window: Optional[int], key: str) -> np.ndarray:
     """A `window` x `window` region of image (clipped to its size) at a position seeded by `key`."""
     if window is None:
         return image
-    h, w = image.shape[:2]
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
-    top = int(rng.integers(0, max(h - window, 0) + 1))
-    left = int(rng.integers(0, max(w - window, 0) + 1))
+    top, left = window_origin(image.shape[0], image.shape[1], window, key)
     return image[top : top + window, left : left + window]
 
 
