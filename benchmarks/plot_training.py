@@ -2,11 +2,12 @@
 
 Two panels, because the two generations measure on different held-out crops:
   left: the first models (one H200, 12 minutes each), on their held-out crops;
-  right: everything trained on the generation-2 photo bank (.carry/photos-gen2.npz), on its
-    held-out photos2 crops (a model that reads the ring around each tile on crops 4 px wider, a
-    different sample: dashed). A warm-started model continues its parent's line: the x axis
-    counts the crops seen on that bank along the whole chain of warm starts (earlier
-    sessions of the same model included), so one line per lineage reads left to right.
+  right: everything trained on the generation-2 photo banks (.carry/photos-gen2.npz, and
+    runs/photos-gen2-local.npz for CPU sessions), on their held-out photos2 crops (a model
+    that reads the ring around each tile on crops 4 px wider, a different sample: dashed).
+    A warm-started model continues its parent's line: the x axis counts the crops seen on
+    these banks along the whole chain of warm starts (earlier sessions of the same model
+    included), so one line per lineage reads left to right.
 
     python benchmarks/plot_training.py docs/training_curve.png
 """
@@ -25,11 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from vaezip.network import registry  # noqa: E402
 from vaezip.training.campaign import CAMPAIGNS  # noqa: E402
 
-GEN2_BANK = ".carry/photos-gen2.npz"
+GEN2_BANKS = (CAMPAIGNS["gen2"].bank, CAMPAIGNS["gen2"].local_bank)  # the same held-out crops
 
 
 def on_gen2_bank(spec: registry.ModelSpec) -> bool:
-    return str(spec.training.get("heldout", "")).startswith(GEN2_BANK)
+    return str(spec.training.get("heldout", "")).startswith(GEN2_BANKS)
 
 
 def parent(spec: registry.ModelSpec) -> str | None:
