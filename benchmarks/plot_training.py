@@ -54,15 +54,15 @@ def crops_before(name: str) -> int:
     spec = registry.get_spec(name)
     if not on_gen2_bank(spec):
         return 0
-    own = sum(session_crops(s) for s in spec.training.get("sessions", [])) or spec.training.get("crops_seen", 0)
+    own = sum(session_crops(s) for s in spec.training.get("sessions", []) if not s.get("before_warm_start")) \
+        or spec.training.get("crops_seen", 0)
     return own + (crops_before(parent(spec)) if parent(spec) in registry.specs() else 0)
 
 
 def curve_start(spec: registry.ModelSpec) -> int:
-    """Crops seen before the first step of `spec`'s stored curve (its last session)."""
-    sessions = spec.training.get("sessions", [])
-    earlier = sum(session_crops(s) for s in sessions[:-1])
-    return earlier + (crops_before(parent(spec)) if parent(spec) in registry.specs() else 0)
+    """Crops seen before step 0 of `spec`'s run (its curve counts steps from its warm start,
+    across all the run's resumed sessions)."""
+    return crops_before(parent(spec)) if parent(spec) in registry.specs() else 0
 
 
 def main(out: str) -> None:
