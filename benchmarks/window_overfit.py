@@ -27,11 +27,11 @@ from vaezip.training.data import PhotoSource, data_root, photos2_validation, rea
 from vaezip.training.train import evaluate_bpd
 
 BANK = Path(".carry/photos-gen2.npz")
-FULL_WINDOW = 112  # the recipe's photos2 1x window; a bank shrinks it about its centre
 
 
-def crop_pairs(window: int, side: int, limit: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(inside, outside) crops (n, side, side, 3) uint8 of up to `limit` photos2 training photos."""
+def crop_pairs(full_window: int, window: int, side: int, limit: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(inside, outside) crops (n, side, side, 3) uint8 of up to `limit` photos2 training photos:
+    the bank drew a `full_window` region of each and kept its central `window`."""
     rng = np.random.default_rng(seed)
     source = PhotoSource(data_root() / "photos2", exclude=tuple(photos2_validation()))
     paths = source.paths()
@@ -41,8 +41,8 @@ def crop_pairs(window: int, side: int, limit: int, seed: int = 1) -> tuple[np.nd
         h, w = image.shape[:2]
         if h < 3 * side or w < 3 * side:
             continue
-        top, left = photo_bank.window_origin(h, w, FULL_WINDOW, f"{path.parent.name}/{path.name}@1")
-        top, left = top + (FULL_WINDOW - window) // 2, left + (FULL_WINDOW - window) // 2
+        top, left = photo_bank.window_origin(h, w, full_window, f"{path.parent.name}/{path.name}@1")
+        top, left = top + (full_window - window) // 2, left + (full_window - window) // 2
         margin = (window - side) // 2
         for _ in range(200):
             t, l = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
@@ -60,9 +60,10 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     manifest = json.loads(BANK.with_name(BANK.name + ".json").read_text())
-    window = int(manifest["parts"][0].rsplit("at most ", 1)[1].split("x")[0])
+    full_window = photo_bank.gen2_bank_recipe().parts[0].window  # photos2 at 1x
+    window = max(h for key, h, w, _ in manifest["images"] if key.startswith("photos2/") and key.endswith("@1"))
     side = 64 + 4 * HALO
-    inside, outside = crop_pairs(window, side, args.photos)
+    inside, outside = crop_pairs(full_window, window, side, args.photos)
     print(f"{len(inside)} photos2 training photos: crops of {side} inside their {window}x{window} window, and outside")
     as_tensor = lambda crops: torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))  # noqa: E731
     rows = []
