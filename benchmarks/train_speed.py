@@ -7,7 +7,9 @@ EMA update per tensor, NCHW) against the step now (crops cut by one gather from 
 device memory, a fused EMA update), with and without channels-last.
 `--compare floor-clamp`: a fixed-point model's floor-and-clamp layers as the plain ops
 (floor straight through, torch.minimum/maximum or torch.clamp and their autograd) against
-the fused `fixedpoint._FloorClamp` (the same values and gradients), channels-last.
+the fused `fixedpoint._FloorClamp` (the same values and gradients) with every bound a tensor
+(its first version) and with scalar bounds where a layer's channels share them (the
+hardtanh_backward path), channels-last.
 
     python benchmarks/train_speed.py [--compare pipeline|floor-clamp] [--model NAME]
         [--batch 64] [--rounds 5] [--steps 3] [--device cpu]
@@ -47,7 +49,21 @@ class _PlainFloorClamp:
         straight = y + (torch.floor(y) - y).detach()
         if at_bound == 1.0:
             return torch.clamp(straight, lo, hi)
+        lo, hi = (torch.as_tensor(t, dtype=y.dtype, device=y.device) for t in (lo, hi))
         return torch.maximum(torch.minimum(straight, hi), lo)
+
+
+class _TensorBoundsFloorClamp:
+    """`fixedpoint._FloorClamp` with every bound a tensor: its first version's backward
+    (five passes for the factor) in every layer."""
+
+    @staticmethod
+    def apply(y, lo, hi, at_bound):
+        lo, hi = (torch.as_tensor(t, dtype=y.dtype, device=y.device) for t in (lo, hi))
+        return _FUSED.apply(y, lo, hi, at_bound)
+
+
+_FUSED = fixedpoint._FloorClamp
 
 
 def _pipeline_variants(args, device, images):
@@ -66,7 +82,8 @@ def _floor_clamp_variants(args, device, images):
     """name -> (channels_last, sampler, on_device, floor_clamp) of `--compare floor-clamp`."""
     return {name: (True, datasets.TensorCrops(images, args.crop, device=device), True, floor_clamp)
             for name, floor_clamp in (("plain ops: floor straight through, minimum/maximum, clamp", _PlainFloorClamp),
-                                      ("fused _FloorClamp", fixedpoint._FloorClamp))}
+                                      ("fused _FloorClamp, tensor bounds", _TensorBoundsFloorClamp),
+                                      ("fused _FloorClamp, scalar bounds where shared", _FUSED))}
 
 
 def main() -> None:
@@ -81,7 +98,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    fused = fixedpoint._FloorClamp
     device = resolve_device(args.device)
     config = get_spec(args.model).config
     if args.compare == "floor-clamp" and not config.fixed_bits:
@@ -114,7 +130,7 @@ def main() -> None:
                 wall.append(args.steps * args.batch / (time.perf_counter() - t_wall))
                 cpu.append(args.steps * args.batch / (time.process_time() - t_cpu))
     train_module._update_ema = _update_ema
-    fixedpoint._FloorClamp = fused
+    fixedpoint._FloorClamp = _FUSED
     print("uptime after: ", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(f"{args.model} config, batch {args.batch} of {args.crop}x{args.crop}, {args.steps} steps x "
           f"{args.rounds - 1} rounds per variant, torch {torch.__version__}, {torch.get_num_threads()} threads")

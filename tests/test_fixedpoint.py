@@ -179,31 +179,45 @@ def test_version_6_round_trips(tiny_fixed_model, tiny_fixed_gray_model, effort):
         assert np.array_equal(vaezip.decompress(data, loaded=model), pixels.reshape(80, 48, -1).squeeze())
 
 
-@pytest.mark.parametrize("rows", [True, False])
-def test_floor_clamp_has_the_values_and_gradients_of_the_plain_ops(rows):
+@pytest.mark.parametrize("bounds", ["per channel", "one for all channels", "clamp"])
+def test_floor_clamp_has_the_values_and_gradients_of_the_plain_ops(bounds):
     """The fused floor-and-clamp of training gives the bits of the composition it replaces:
-    floor straight through, then torch.minimum/maximum per channel (1/2 at a bound) or
-    torch.clamp between scalars (1 at a bound)."""
+    floor straight through, then torch.minimum/maximum per channel (1/2 at a bound; tensor
+    bounds, or the scalars of a layer whose channels share them) or torch.clamp between
+    scalars (1 at a bound)."""
     generator = torch.Generator().manual_seed(3)
-    lo, hi = (torch.tensor([0.0, -127.0, 3.0]), torch.tensor([255.0, 127.0, 4.0])) if rows else (-7.0, 9.0)
+    lo, hi = (torch.tensor([0.0, -127.0, 3.0]), torch.tensor([255.0, 127.0, 4.0])) if bounds == "per channel" \
+        else (-7.0, 9.0)
     # integers at and around the bounds, and fractions, in every channel
     y = torch.cat([torch.arange(-130.0, 260.0).repeat(2, 3, 1, 1),
                    torch.rand(2, 3, 1, 390, generator=generator) * 400 - 140], dim=2).requires_grad_()
     upstream = torch.randn(y.shape, generator=generator)
 
     straight = y + (torch.floor(y) - y).detach()
-    if rows:
-        shape = (1, -1, 1, 1)
-        expected = torch.maximum(torch.minimum(straight, hi.view(shape)), lo.view(shape))
-        fused = fixedpoint._floor_clamp_rows(y, lo, hi)
-    else:
+    if bounds == "clamp":
         expected = torch.clamp(straight, lo, hi)
         fused = fixedpoint._FloorClamp.apply(y, lo, hi, 1.0)
+    else:
+        shape = (1, -1, 1, 1)
+        rows = [torch.as_tensor(b).expand(3).reshape(shape) for b in (lo, hi)]
+        expected = torch.maximum(torch.minimum(straight, rows[1]), rows[0])
+        fused = fixedpoint._floor_clamp_rows(y, lo, hi)
     (expected_grad,) = torch.autograd.grad(expected, y, upstream)
     (fused_grad,) = torch.autograd.grad(fused, y, upstream)
     assert torch.equal(fused, expected)
     assert torch.equal(fused_grad, expected_grad)
-    assert set(torch.unique(fused_grad / upstream).tolist()) == ({0.0, 0.5, 1.0} if rows else {0.0, 1.0})
+    assert set(torch.unique(fused_grad / upstream).tolist()) == ({0.0, 1.0} if bounds == "clamp" else {0.0, 0.5, 1.0})
+
+
+def test_a_layer_whose_channels_share_bounds_trains_through_the_scalar_floor_clamp():
+    """`FixedConv2d.output_bounds`: floats when every channel has the same bounds (the fast
+    path), else the buffers; recomputed when the buffers change."""
+    conv = fixedpoint.FixedConv2d(2, 3, 1)
+    conv.set_output(1.0, -5.0, 7.0)
+    assert conv.output_bounds() == (-5.0, 7.0)
+    conv.out_hi[1] = 9.0  # an in-place change bumps the buffer's version
+    lo, hi = conv.output_bounds()
+    assert torch.equal(lo, conv.out_lo) and torch.equal(hi, torch.tensor([7.0, 9.0, 7.0], dtype=torch.float64))
 
 
 def test_training_uses_the_integer_weights_coding_uses():

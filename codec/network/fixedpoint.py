@@ -97,23 +97,38 @@ def at_positions(x: torch.Tensor, padding: tuple[int, int], at: Optional[tuple[i
 class _FloorClamp(torch.autograd.Function):
     """clamp(floor(y), lo, hi) in two passes, with a straight-through gradient: 1 where
     lo < floor(y) < hi, `at_bound` where floor(y) is lo or hi, 0 beyond. lo < hi are
-    integers (scalars or per-channel tensors that broadcast), so the factor is
-    clamp(min(z - lo, hi - z) + at_bound, 0, 1) with z = floor(y).
+    integers (scalars or per-channel tensors that broadcast).
 
     `at_bound` 1/2 gives torch.maximum(torch.minimum(.)) 's gradient, 1 torch.clamp's:
     the same bits as those compositions (tests/test_fixedpoint.py) in fewer passes, which
-    makes a CPU training step 1.3-1.4x faster (docs/RESULTS.md)."""
+    makes a CPU training step 1.3-1.4x faster (docs/RESULTS.md). With scalar bounds (most
+    layers) the backward is one fused hardtanh_backward (strictly inside (lo - 1/2, hi + 1/2):
+    lo <= z <= hi) per gradient weight; with tensor bounds the factor is
+    clamp(min(z - lo, hi - z) + at_bound, 0, 1) with z = floor(y)."""
 
     @staticmethod
     def forward(ctx, y, lo, hi, at_bound):
-        lo, hi = (torch.as_tensor(t, dtype=y.dtype, device=y.device) for t in (lo, hi))
+        scalar = not (isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor))
+        if not scalar:
+            lo, hi = (torch.as_tensor(t, dtype=y.dtype, device=y.device) for t in (lo, hi))
         z = torch.floor(y)
-        ctx.save_for_backward(z, lo, hi)
+        ctx.save_for_backward(z, *(() if scalar else (lo, hi)))
+        ctx.bounds = (float(lo), float(hi)) if scalar else None
         ctx.at_bound = at_bound
         return torch.clamp(z, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.bounds is not None:
+            (z,) = ctx.saved_tensors
+            lo, hi = ctx.bounds
+            within = torch.ops.aten.hardtanh_backward(grad, z, lo - 0.5, hi + 0.5)  # 1 at a bound too
+            if ctx.at_bound == 1.0:
+                return within, None, None, None
+            if ctx.at_bound != 0.5:
+                raise ValueError(f"scalar bounds take at_bound 1/2 or 1, not {ctx.at_bound}")
+            inside = torch.ops.aten.hardtanh_backward(grad, z, lo, hi)  # 0 at a bound
+            return within.add_(inside).mul_(0.5), None, None, None
         z, lo, hi = ctx.saved_tensors
         margin = z - lo
         torch.minimum(margin, hi - z, out=margin)
@@ -121,10 +136,12 @@ class _FloorClamp(torch.autograd.Function):
         return grad * factor, None, None, None
 
 
-def _floor_clamp_rows(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """floor(y) clamped per channel (dim 1) to [lo, hi]; the gradient 1/2 at a bound."""
-    shape = (1, -1) + (1,) * (y.dim() - 2)
-    return _FloorClamp.apply(y, lo.view(shape), hi.view(shape), 0.5)
+def _floor_clamp_rows(y: torch.Tensor, lo: "torch.Tensor | float", hi: "torch.Tensor | float") -> torch.Tensor:
+    """floor(y) clamped per channel (dim 1) to [lo, hi] (or to scalars); the gradient 1/2 at a bound."""
+    if isinstance(lo, torch.Tensor):
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        lo, hi = lo.to(y.dtype).view(shape), hi.to(y.dtype).view(shape)
+    return _FloorClamp.apply(y, lo, hi, 0.5)
 
 
 def _folded(weight: torch.Tensor, bias: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor,
@@ -191,6 +208,17 @@ class FixedConv2d(nn.Conv2d):
         """Calibration only: the output feeds a ReLU (its range starts at 0)."""
         self.observed: Optional[torch.Tensor] = None
         self._cache: Optional[tuple] = None
+        self._bounds: Optional[tuple] = None
+
+    def output_bounds(self) -> "tuple[float, float] | tuple[torch.Tensor, torch.Tensor]":
+        """(lo, hi) of the output integers: two floats when every channel has the same (most
+        layers: the fast floor-and-clamp), else the (cout,) buffers; cached per change of them."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.out_lo, self.out_hi))
+        if self._bounds is None or self._bounds[0] != key:
+            lo, hi = self.out_lo.detach().cpu(), self.out_hi.detach().cpu()
+            uniform = bool((lo == lo[0]).all() and (hi == hi[0]).all())
+            self._bounds = (key, (float(lo[0]), float(hi[0])) if uniform else None)
+        return self._bounds[1] or (self.out_lo, self.out_hi)
 
     def set_output(self, scale, lo, hi, offset=0.0) -> None:
         """Output integer = clamp(floor(value * scale + offset + 1/2), lo, hi) (broadcast per channel)."""
@@ -237,11 +265,11 @@ class FixedConv2d(nn.Conv2d):
         if self.training and self.weight.requires_grad:
             w, b = self._trained_parameters()
             y = F.conv2d(x, w.to(x.dtype), b.to(x.dtype), stride, padding, self.dilation)
-            return _floor_clamp_rows(y, self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
+            return _floor_clamp_rows(y, *self.output_bounds())
         w, b, _ = self.exact_parameters()
         y = F.conv2d(x.contiguous(memory_format=CODING_LAYOUT), w, b, stride, padding, self.dilation)
         if y.requires_grad:  # frozen weights, gradients to the input (e.g. a fit of latents)
-            return _floor_clamp_rows(y, self.out_lo.to(y.dtype), self.out_hi.to(y.dtype))
+            return _floor_clamp_rows(y, *self.output_bounds())
         lo, hi = self._cache[4]
         return y.floor_().clamp_(lo, hi)  # in place: two passes over the output
 
