@@ -90,6 +90,36 @@ def test_a_killed_session_keeps_its_row_up_to_its_last_checkpoint(bank, tmp_path
     assert sessions[0]["seconds"] > 0
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_ends_the_session_as_its_time_limit_does(bank, tmp_path, name):
+    """SIGTERM (`timeout`, pre-emption) or Ctrl-C: the step in progress ends, then the final
+    evaluation, checkpoint and outputs as at a time limit; the handlers are given back, and
+    the run resumes from there."""
+    import os
+    import signal
+
+    out = tmp_path / "signalled"
+    sig = getattr(signal, name)
+
+    def signal_at_step_3(event):
+        if event.kind == "step" and event.step == 3:
+            os.kill(os.getpid(), sig)
+
+    previous = signal.getsignal(sig)
+    lines = []
+    result = train(_options(bank, out), signal_at_step_3, log=lines.append)
+    assert signal.getsignal(sig) is previous
+    assert result.steps == 3 and math.isfinite(result.heldout_bpd)
+    assert any(f"{name} received: stopped at step 3" in line for line in lines)
+    training = json.loads(result.record.read_text())["training"]
+    assert training["steps"] == 3 and training["sessions"][-1]["note"] == f"stopped by {name}"
+    HierarchicalVAE(TINY).load_state_dict(torch.load(result.weights, weights_only=True), strict=True)
+    resumed = train(_options(bank, out, resume=str(result.checkpoint)), log=None)
+    assert resumed.steps == 20
+    sessions = json.loads(resumed.record.read_text())["training"]["sessions"]
+    assert [row["steps"] for row in sessions] == [[0, 3], [3, 20]] and "note" not in sessions[1]
+
+
 def test_a_model_with_rings_trains_on_wider_crops(bank, tmp_path):
     from dataclasses import replace
 
@@ -163,6 +193,34 @@ def test_cli_runs_and_resumes(bank, tmp_path):
     assert bad.exit_code != 0 and "--width" in bad.output
     missing = CliRunner().invoke(train_command, ["--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "Error:" in missing.output and "Traceback" not in missing.output
+
+
+def test_the_command_stopped_by_sigterm_writes_its_outputs(bank, tmp_path):
+    """`vaezip train` in a real process (as under `timeout` or nohup): SIGTERM after its first
+    evaluation; it exits 0 with weights, record and checkpoint written."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "term"
+    args = ["--data", bank, "--width", "16", "--bottleneck", "8", "--pixel-width", "8",
+            "--latent-scales", "16:1:4,4:1:2", "--crop", "16", "--batch", "2", "--steps", "1000000",
+            "--eval-every", "5", "--eval-crops", "4", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", "from vaezip.cli.main import run; run()", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 5/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "SIGTERM received: stopped at step" in stdout and "Traceback" not in stderr
+    training = json.loads(out.with_suffix(".json").read_text())["training"]
+    assert training["steps"] >= 5 and training["sessions"][-1]["note"] == "stopped by SIGTERM"
+    assert out.with_suffix(".pt").exists() and out.with_suffix(".ckpt").exists()
 
 
 def test_parse_latent_scales():

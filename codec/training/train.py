@@ -20,6 +20,10 @@ likelihood, in float32) and `torch.compile`. Under `torchrun` every rank trains
 on its own crop stream with DistributedDataParallel (gloo on CPU, NCCL on CUDA)
 and only rank 0 evaluates and writes. A run can start from another model's
 weights (`init_from`, see `vaezip.training.warmstart`).
+
+SIGINT (Ctrl-C) or SIGTERM (`timeout`, a scheduler's pre-emption) ends a run as its time
+limit does: after the current step, with the final evaluation, the checkpoint and the
+outputs (`_StopSignals`); a second signal interrupts at once.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -417,6 +423,36 @@ def _gather(obj, ranks: _Ranks) -> list:
     out = [None] * ranks.world
     dist.all_gather_object(out, obj)
     return out
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM while training: `received` names the first, and the loop stops after
+    its current step as at the time limit. The handlers are installed only in the main thread
+    (where Python delivers signals) and give the previous ones back on the first signal, so a
+    second signal acts at once (Ctrl-C again: KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def _agree(flags: list[bool], ranks: _Ranks, device: torch.device) -> list[bool]:
@@ -878,57 +914,60 @@ def _train(options: TrainOptions, progress, log, ranks: _Ranks, device: torch.de
     train_bpd, rate = float("nan"), 0.0
     last_eval_step = run.step if run.curve and run.curve[-1][0] == run.step else -1
     run.model.train()
-    while run.step < options.steps:
-        now = time.monotonic()
-        stop = (options.time_limit is not None and now - start >= options.time_limit) or (
-            options.stop_step is not None and run.step >= options.stop_step)
-        due = options.checkpoint_seconds is not None and now - last_checkpoint >= options.checkpoint_seconds
-        stop, due = _agree([stop, due], ranks, device)
-        if stop:
-            if options.time_limit is not None and now - start >= options.time_limit:
-                log(f"time limit of {options.time_limit:g} s reached at step {run.step}")
-            break
-        run.step += 1
-        lr = learning_rate(options, run.step, now - start)
-        beta = kl_weight(options, run.step)
-        x = data.sampler.sample(options.batch)
-        train_bpd, applied = _train_step(run, objective, autocast, x, options, lr, beta)
-        if applied:
-            window.bpd += train_bpd
-            window.steps += 1
-        run.crops_seen += options.batch * ranks.world
-        window.crops += options.batch * ranks.world
-        rate = window.rate()
-        emit("step", train_bpd, rate)
+    with _StopSignals() as signals:  # until the outputs are written: a first signal never cuts them short
+        while run.step < options.steps:
+            now = time.monotonic()
+            stop = (options.time_limit is not None and now - start >= options.time_limit) or (
+                options.stop_step is not None and run.step >= options.stop_step) or signals.received is not None
+            due = options.checkpoint_seconds is not None and now - last_checkpoint >= options.checkpoint_seconds
+            stop, due = _agree([stop, due], ranks, device)
+            if stop:
+                if signals.received is not None:
+                    log(f"{signals.received} received: stopped at step {run.step}, writing the outputs")
+                elif options.time_limit is not None and now - start >= options.time_limit:
+                    log(f"time limit of {options.time_limit:g} s reached at step {run.step}")
+                break
+            run.step += 1
+            lr = learning_rate(options, run.step, now - start)
+            beta = kl_weight(options, run.step)
+            x = data.sampler.sample(options.batch)
+            train_bpd, applied = _train_step(run, objective, autocast, x, options, lr, beta)
+            if applied:
+                window.bpd += train_bpd
+                window.steps += 1
+            run.crops_seen += options.batch * ranks.world
+            window.crops += options.batch * ranks.world
+            rate = window.rate()
+            emit("step", train_bpd, rate)
 
-        if run.step % options.eval_every == 0 or run.step == options.steps:
+            if run.step % options.eval_every == 0 or run.step == options.steps:
+                heldout_bpd = evaluate()
+                last_eval_step = run.step
+                log(_eval_line(run, options, window, heldout_bpd, f"{rate:.1f} crops/s  ",
+                               f"  lr {lr:.2e}  kl weight {beta:.2f}  skipped {run.skipped}  {elapsed():.0f} s"))
+                emit("eval", train_bpd, rate)
+                window = _Window()
+            if run.step % options.checkpoint_every == 0 or due:
+                running = _session_row(options, device, ranks, [first_step, run.step], time.monotonic() - start,
+                                       run.crops_seen - first_crops)
+                _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path, running)
+                last_checkpoint = time.monotonic()
+                emit("checkpoint", train_bpd, rate)
+
+        seconds = time.monotonic() - start  # training only: the final evaluation is not in crops/s
+        if last_eval_step != run.step:
             heldout_bpd = evaluate()
-            last_eval_step = run.step
-            log(_eval_line(run, options, window, heldout_bpd, f"{rate:.1f} crops/s  ",
-                           f"  lr {lr:.2e}  kl weight {beta:.2f}  skipped {run.skipped}  {elapsed():.0f} s"))
-            emit("eval", train_bpd, rate)
-            window = _Window()
-        if run.step % options.checkpoint_every == 0 or due:
-            running = _session_row(options, device, ranks, [first_step, run.step], time.monotonic() - start,
-                                   run.crops_seen - first_crops)
-            _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path, running)
-            last_checkpoint = time.monotonic()
-            emit("checkpoint", train_bpd, rate)
-
-    seconds = time.monotonic() - start  # training only: the final evaluation is not in crops/s
-    if last_eval_step != run.step:
-        heldout_bpd = evaluate()
-        log(_eval_line(run, options, window, heldout_bpd, "", "  final"))
-    if run.step > first_step or not run.sessions:  # a resume that only writes the outputs adds no row
-        run.sessions.append(_session_row(options, device, ranks, [first_step, run.step], seconds,
-                                         run.crops_seen - first_crops))
-    _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path)
-    rank_weights = _gather(weights_sha256(run.model), ranks)
-    if len(set(rank_weights)) != 1:
-        raise VaezipError(f"ranks diverged: their weights differ ({rank_weights})")
-    wall = elapsed()
-    if ranks.writer:
-        _write_outputs(run, data, options, device, ranks, wall, heldout_bpd, weights_path, record_path, rank_weights)
-        log(f"wrote {weights_path} (EMA weights), {record_path}, {ckpt_path}")
-    emit("done", train_bpd, rate)
+            log(_eval_line(run, options, window, heldout_bpd, "", "  final"))
+        if run.step > first_step or not run.sessions:  # a resume that only writes the outputs adds no row
+            row = _session_row(options, device, ranks, [first_step, run.step], seconds, run.crops_seen - first_crops)
+            run.sessions.append({**row, "note": f"stopped by {signals.received}"} if signals.received else row)
+        _save_checkpoint(run, data.sampler, options, device, ranks, elapsed(), ckpt_path)
+        rank_weights = _gather(weights_sha256(run.model), ranks)
+        if len(set(rank_weights)) != 1:
+            raise VaezipError(f"ranks diverged: their weights differ ({rank_weights})")
+        wall = elapsed()
+        if ranks.writer:
+            _write_outputs(run, data, options, device, ranks, wall, heldout_bpd, weights_path, record_path, rank_weights)
+            log(f"wrote {weights_path} (EMA weights), {record_path}, {ckpt_path}")
+        emit("done", train_bpd, rate)
     return TrainResult(weights_path, record_path, ckpt_path, run.step, float(heldout_bpd), wall)
