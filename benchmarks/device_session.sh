@@ -23,7 +23,10 @@ ln -sfn "$PWD/codec" /tmp/vaezip-import/vaezip
 export PYTHONPATH=/tmp/vaezip-import PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-"$python" -m vaezip.cli.train --campaign "$campaign" --seconds "$seconds" --device "$device" 2>&1 | tee "$out/train.log"
+# a session that overruns its limit (a slow start) still ends with its outputs: SIGTERM 120 s after
+# the limit stops `vaezip train` as the limit would (step, evaluation, checkpoint, outputs); SIGKILL 60 s later
+timeout -s TERM -k 60 $((seconds + 120)) \
+    "$python" -m vaezip.cli.train --campaign "$campaign" --seconds "$seconds" --device "$device" 2>&1 | tee "$out/train.log"
 status=${PIPESTATUS[0]}
 cp "runs/$campaign.pt" "runs/$campaign.json" "$out/" 2>/dev/null
 timeout 90 "$python" benchmarks/device_exactness.py --device "$device" --json-out "$out/exactness.json" \
