@@ -67,6 +67,7 @@ def curve_start(spec: registry.ModelSpec) -> int:
 
 def main(out: str) -> None:
     fig, (gen1, gen2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    gen2.set_prop_cycle(color=plt.cm.tab20.colors)  # more models than the default cycle's 10 colours
     for spec in registry.specs().values():
         curve = spec.training.get("curve", [])
         if not curve or spec.name.startswith("mnist"):
