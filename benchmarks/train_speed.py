@@ -53,6 +53,9 @@ class _PlainFloorClamp:
         return torch.maximum(torch.minimum(straight, hi), lo)
 
 
+_FUSED = fixedpoint._FloorClamp
+
+
 class _TensorBoundsFloorClamp:
     """`fixedpoint._FloorClamp` with every bound a tensor: its first version's backward
     (five passes for the factor) in every layer."""
@@ -61,9 +64,6 @@ class _TensorBoundsFloorClamp:
     def apply(y, lo, hi, at_bound):
         lo, hi = (torch.as_tensor(t, dtype=y.dtype, device=y.device) for t in (lo, hi))
         return _FUSED.apply(y, lo, hi, at_bound)
-
-
-_FUSED = fixedpoint._FloorClamp
 
 
 def _pipeline_variants(args, device, images):

@@ -247,9 +247,9 @@ class FixedConv2d(nn.Conv2d):
             unit = torch.pow(torch.tensor(2.0, dtype=torch.float64), -k.double())
             w = (w_int * unit[:, None, None, None]).float().contiguous(memory_format=CODING_LAYOUT)
             b = (b_int * unit).float()
-            uniform = bool((self.out_lo == self.out_lo[0]).all() and (self.out_hi == self.out_hi[0]).all())
-            bounds = (float(self.out_lo[0]), float(self.out_hi[0])) if uniform else \
-                (self.out_lo.float().view(1, -1, 1, 1), self.out_hi.float().view(1, -1, 1, 1))
+            bounds = self.output_bounds()
+            if isinstance(bounds[0], torch.Tensor):
+                bounds = tuple(t.float().view(1, -1, 1, 1) for t in bounds)
             self._cache = (key, w, b, k, bounds)
         return self._cache[1], self._cache[2], self._cache[3]
 
