@@ -34,12 +34,14 @@ def registry_group() -> None:
 @click.option("--only-if-better-than", "baseline", default=None, metavar="MODEL",
               help="Register only if WEIGHTS.pt has a lower -ELBO than the registered MODEL on the held-out "
                    "crops its run was selected on (its record's held-out set); else exit 1.")
-def registry_add(name, weights, meta, modes, baseline) -> None:
+@click.option("--default", "make_default", is_flag=True,
+              help="Make NAME the default model for its MODEs (the registry's \"defaults\").")
+def registry_add(name, weights, meta, modes, baseline, make_default) -> None:
     """Register WEIGHTS.pt under NAME with the config and training record of META.json.
 
     Copies the weights into models/, computes their sha256 and prints the new entry.
-    MODEs are the image modes the model is the default for (RGB, L; default RGB).
-    Names are never reused.
+    MODEs are the image modes the model codes (RGB, L; default RGB); with --default it becomes
+    the model `vaezip compress` uses for them. Names are never reused.
     """
     from vaezip.network import registry
 
@@ -52,8 +54,9 @@ def registry_add(name, weights, meta, modes, baseline) -> None:
         if not new < old:
             raise click.ClickException(verdict + f"; not better, {name} not registered")
         click.echo(verdict)
-    entry = registry.add_entry(name, weights, meta, list(modes) or ["RGB"])
-    click.echo(json.dumps({k: entry[k] for k in ("name", "file", "sha256", "modes")}, indent=1))
+    entry = registry.add_entry(name, weights, meta, list(modes) or ["RGB"], make_default)
+    shown = {k: entry[k] for k in ("name", "file", "sha256", "modes")}
+    click.echo(json.dumps({**shown, "default": make_default}, indent=1))
 
 
 @click.command("prune")

@@ -52,16 +52,19 @@ def models_dir(tmp_path, monkeypatch) -> Path:
 
 def test_registry_add(run_files, models_dir):
     weights, meta = run_files
-    before = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"]
+    before_all = json.loads((models_dir / registry.REGISTRY_FILE).read_text())
+    before = before_all["models"]
     result = _run("registry", "add", "tiny-gray-9", weights, meta, "L")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert printed == {"name": "tiny-gray-9", "file": "tiny-gray-9.ptz", "sha256": sha256, "modes": ["L"]}
+    assert printed == {"name": "tiny-gray-9", "file": "tiny-gray-9.ptz", "sha256": sha256, "modes": ["L"],
+                       "default": False}
     assert packing.read_weights(models_dir / "tiny-gray-9.ptz") == weights.read_bytes()  # stored packed
     after = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"]
     assert after[:-1] == before
     assert after[-1]["training"] == {"steps": 7} and after[-1]["sha256"] == sha256
+    assert json.loads((models_dir / registry.REGISTRY_FILE).read_text())["defaults"] == before_all["defaults"]
     assert ModelConfig.from_dict(after[-1]["config"]) == ModelConfig.from_dict(json.loads(meta.read_text())["config"])
     assert sorted(p.name for p in models_dir.iterdir()) == [registry.REGISTRY_FILE, "tiny-gray-9.ptz"]
 
@@ -78,6 +81,15 @@ def test_registry_add_default_mode_is_rgb(run_files, models_dir):
     result = _run("registry", "add", "tiny-gray-9", *run_files)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["modes"] == ["RGB"]
+
+
+def test_registry_add_default_moves_only_its_modes(run_files, models_dir):
+    defaults = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["defaults"]
+    result = _run("registry", "add", "tiny-gray-9", *run_files, "L", "--default")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["default"] is True
+    after = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["defaults"]
+    assert after == {**defaults, "L": "tiny-gray-9"} and after["RGB"] == defaults["RGB"]
 
 
 def test_prune(run_files, tmp_path):

@@ -190,8 +190,9 @@ def source_models_dir() -> Path:
     return checkout if (checkout / REGISTRY_FILE).is_file() else Path(str(_models_dir()))
 
 
-def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
-    """Pack weights into the checkout's models/ and add (or refuse to replace) a registry entry."""
+def add_entry(name: str, weights: Path, meta: Path, modes: list[str], make_default: bool = False) -> dict:
+    """Pack weights into the checkout's models/ and add (or refuse to replace) a registry entry;
+    with `make_default`, the registry's "defaults" name it for each of its `modes`."""
     models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
     data = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": []}
@@ -209,6 +210,8 @@ def add_entry(name: str, weights: Path, meta: Path, modes: list[str]) -> dict:
         "training": record.get("training", {}), "bpd": record.get("bpd", {}),
     }
     data["models"].append(entry)
+    if make_default:
+        data["defaults"] = {**data.get("defaults", {}), **{mode: name for mode in modes}}
     with atomic_write(registry_path) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
     return entry
