@@ -39,7 +39,8 @@ def registry_group() -> None:
 def registry_add(name, weights, meta, modes, baseline, make_default) -> None:
     """Register WEIGHTS.pt under NAME with the config and training record of META.json.
 
-    Copies the weights into models/, computes their sha256 and prints the new entry.
+    Copies the weights into models/ (a fixed-point model's float weights snapped to their integer
+    grid: the same coding, half the size), computes their sha256 and prints the new entry.
     MODEs are the image modes the model codes (RGB, L; default RGB); with --default it becomes
     the model `vaezip compress` uses for them. Names are never reused.
     """
@@ -55,7 +56,7 @@ def registry_add(name, weights, meta, modes, baseline, make_default) -> None:
             raise click.ClickException(verdict + f"; not better, {name} not registered")
         click.echo(verdict)
     entry = registry.add_entry(name, weights, meta, list(modes) or ["RGB"], make_default)
-    shown = {k: entry[k] for k in ("name", "file", "sha256", "modes")}
+    shown = {k: entry[k] for k in ("name", "file", "sha256", "modes", "grid_snapped") if k in entry}
     click.echo(json.dumps({**shown, "default": make_default}, indent=1))
 
 

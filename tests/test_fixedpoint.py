@@ -234,3 +234,57 @@ def test_training_uses_the_integer_weights_coding_uses():
         coded_w, coded_b, _ = layer.exact_parameters()
         assert torch.equal(trained_w.detach(), coded_w) and torch.equal(trained_b.detach(), coded_b)
         assert trained_w.requires_grad
+
+
+def test_snapping_the_weights_to_their_grid_keeps_every_integer(tiny_fixed_model):
+    """`snap_network`: float weights equal to their integer weights' values give the same
+    integers in every layer, so the same network outputs, and pack smaller; a second snap
+    changes nothing."""
+    import copy
+    import io
+
+    from vaezip.network import packing
+
+    net = copy.deepcopy(tiny_fixed_model.net)
+    x = _pixels(2, seed=7)
+    layers = [m for m in net.modules() if isinstance(m, FixedConv2d)]
+    before = [[t.clone() for t in m.exact_parameters()] for m in layers]
+    outputs = _outputs(net, x)
+
+    def packed_size() -> int:
+        out = io.BytesIO()
+        torch.save(net.state_dict(), out)
+        return len(packing.pack(out.getvalue()))
+
+    size = packed_size()
+    snapped, total = fixedpoint.snap_network(net)
+    assert total == sum(m.out_channels for m in layers) and snapped >= 0.95 * total
+    for m, want in zip(layers, before):
+        assert all(torch.equal(got, w) for got, w in zip(m.exact_parameters(), want))
+    for got, want in zip(_outputs(net, x), outputs):
+        assert torch.equal(got, want)
+    assert packed_size() < 0.8 * size
+    weights = [m.weight.detach().clone() for m in layers]
+    fixedpoint.snap_network(net)
+    assert all(torch.equal(m.weight, w) for m, w in zip(layers, weights))
+
+
+def test_a_channel_whose_shift_would_change_keeps_its_weights():
+    """A channel whose weight load sits just under a power of two may cross it once its
+    weights are rounded: that channel keeps its weights, the others are snapped."""
+    layer = FixedConv2d(2, 2, 1)
+    with torch.no_grad():
+        layer.set_input(torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+        layer.set_output(1.0, -(2 ** 20), 2 ** 20, offset=-0.5)  # no offset: the load is the weights'
+        layer.bias.zero_()
+        # channel 0: load 2 - 2^-23, so k = 22, and W = (2^22, 2^22) (the second rounds up);
+        # as floats those are (1, 1), load 2, which would give k = 21: not snapped.
+        layer.weight[0, :, 0, 0] = torch.tensor([1.0, 1.0 - 2.0 ** -23])
+        layer.weight[1, :, 0, 0] = torch.tensor([0.3, 0.123456789])
+    before = [t.clone() for t in layer.exact_parameters()]
+    assert before[2].tolist() == [22, 24]
+    original = layer.weight.detach().clone()
+    assert layer.snap_to_grid() == 1
+    assert all(torch.equal(got, w) for got, w in zip(layer.exact_parameters(), before))
+    assert torch.equal(layer.weight[0], original[0])
+    assert torch.equal(layer.weight[1], before[0][1]) and not torch.equal(layer.weight[1], original[1])

@@ -7,10 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model, random_image
+from conftest import make_tiny_fixed_model, make_tiny_model, random_image, random_pixels
 
 from vaezip.cli.main import main
 from vaezip.imaging.images import write_png
@@ -90,6 +91,45 @@ def test_registry_add_default_moves_only_its_modes(run_files, models_dir):
     assert json.loads(result.stdout)["default"] is True
     after = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["defaults"]
     assert after == {**defaults, "L": "tiny-gray-9"} and after["RGB"] == defaults["RGB"]
+
+
+def test_registry_add_snaps_a_fixed_point_model_to_its_grid(tmp_path, models_dir):
+    """A fixed-point run is stored with its float weights snapped to their integer grid: a new
+    sha256, but the same integers in every layer, every other tensor unchanged, and the same
+    coded bits."""
+    import vaezip
+    from vaezip.format import container
+    from vaezip.network.fixedpoint import FixedConv2d
+
+    run = make_tiny_fixed_model(3, "tiny-fixed-run", pixel_halo=True)
+    weights, meta = tmp_path / "run.pt", tmp_path / "run.json"
+    torch.save(run.net.state_dict(), weights)
+    meta.write_text(json.dumps({"config": run.spec.config.to_dict(), "training": {"steps": 3}}))
+    result = _run("registry", "add", "tiny-fixed-9", weights, meta)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    stored = packing.read_weights(models_dir / "tiny-fixed-9.ptz")
+    assert printed["sha256"] == hashlib.sha256(stored).hexdigest() != hashlib.sha256(weights.read_bytes()).hexdigest()
+    total = sum(m.out_channels for m in run.net.modules() if isinstance(m, FixedConv2d))
+    assert printed["grid_snapped"]["of"] == total and printed["grid_snapped"]["channels"] >= 0.95 * total
+    entry = json.loads((models_dir / registry.REGISTRY_FILE).read_text())["models"][-1]
+    assert entry["grid_snapped"] == printed["grid_snapped"]
+
+    spec = registry.ModelSpec("tiny-fixed-9", "tiny-fixed-9.ptz", printed["sha256"], run.spec.config, ("RGB",))
+    snapped = registry.model_from_weights(spec, stored)
+    old, new = dict(run.net.named_modules()), dict(snapped.net.named_modules())
+    layers = [name for name, m in old.items() if isinstance(m, FixedConv2d)]
+    for name in layers:
+        assert all(torch.equal(a, b) for a, b in zip(old[name].exact_parameters(), new[name].exact_parameters()))
+    changed = {k for k, v in snapped.net.state_dict().items() if not torch.equal(v, run.net.state_dict()[k])}
+    assert changed and changed <= {f"{name}.weight" for name in layers}
+    pixels = random_pixels("RGB", 48, 40, seed=3, smooth=True)
+    payloads = []
+    for loaded in (run, snapped):
+        data = vaezip.compress(pixels, loaded=loaded, effort=3)
+        assert np.array_equal(vaezip.decompress(data, loaded=loaded), pixels)
+        payloads.append(container.unpack(data)[1])
+    assert np.array_equal(*payloads)  # the same bits; only the header's model identity differs
 
 
 def test_prune(run_files, tmp_path):
