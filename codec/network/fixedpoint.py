@@ -266,9 +266,9 @@ class FixedConv2d(nn.Conv2d):
             ratio = (self.out_scale[:, None] / self.in_scale[None, :])[:, :, None, None]
             unit = torch.pow(torch.tensor(2.0, dtype=torch.float64), -k.double())[:, None, None, None]
             snapped = (w_int * unit / ratio).to(self.weight.dtype)
-            w2, b2, k2 = integer_weights(snapped, self.bias, self.in_scale, self.in_max, self.out_scale,
+            w2, _, k2 = integer_weights(snapped, self.bias, self.in_scale, self.in_max, self.out_scale,
                                          self.out_offset)
-            same = (w2 == w_int).flatten(1).all(1) & (k2 == k) & (b2 == b_int)
+            same = (w2 == w_int).flatten(1).all(1) & (k2 == k)  # same k, same bias, same B
             self.weight.copy_(torch.where(same[:, None, None, None], snapped, self.weight))
             after = integer_weights(self.weight, self.bias, self.in_scale, self.in_max, self.out_scale,
                                     self.out_offset)
