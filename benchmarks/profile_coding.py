@@ -6,13 +6,15 @@ compressing and decompressing every image with every run, the runs in alternatin
 not of separate processes). Each call's wall time is split into phases by wrapping the
 functions that do the work:
 
-  network   `inference.Network._map`: every network call (bottom-up, the top-down
-            steps, posteriors, the stage heads), run in the pool while the main
-            thread waits;
+  network   `inference.Network._map` and `_wait`: every network call (bottom-up, the
+            top-down steps, posteriors, the stage heads), run in the pool while the main
+            thread waits (the encoder starts a batch's pixel steps at once and waits
+            for each as it codes it);
   tables    waiting for `inference.Network.row_tables`: pixel tables are built in the
             pool while earlier chunks are coded, so only the part coding does not hide;
   latents   building, pushing and popping the latent codecs (`bitsback.latent_codec`);
-  offsets   the encoder's search for the scale offsets (`calibrate.choose_offsets`);
+  offsets   the encoder's search for the scale offsets (`calibrate.choose_offsets`, and
+            version 9's per-tile changes, `calibrate.tile_deltas`);
   ANS       constriction's calls for the pixels (`coders.categorical`);
   rest      everything else (parameter rounding, lattices, checksums).
 
@@ -57,7 +59,9 @@ def _timed(totals: collections.Counter, phase: str, function):
 def instrument(totals: collections.Counter) -> None:
     """Wrap the phase functions so that each call adds its wall time to `totals`."""
     inference.Network._map = _timed(totals, "network", inference.Network._map)
+    inference.Network._wait = staticmethod(_timed(totals, "network", inference.Network._wait))
     calibrate.choose_offsets = _timed(totals, "offsets", calibrate.choose_offsets)
+    calibrate.tile_deltas = _timed(totals, "offsets", calibrate.tile_deltas)
     row_tables = inference.Network.row_tables
 
     def timed_row_tables(*args, **kwargs):

@@ -54,7 +54,7 @@ from vaezip.errors import CorruptFileError
 from vaezip.format.container import DETERMINISTIC_FLAG
 from vaezip.format.versions import NEWEST_FLOAT, Format
 from vaezip.network.inference import Network
-from vaezip.network.model import Gaussian, ring_mask
+from vaezip.network.model import Gaussian, MixtureParams, ring_mask
 
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
 MAX_BATCH_PIXELS = MAX_BATCH * 64 * 64  # the same bound for smaller tiles (tile sets of small images)
@@ -116,23 +116,28 @@ def exact_latent_params(g: Gaussian, params: CodingParams) -> tuple[np.ndarray, 
     return mean_q.astype(np.int64), log_std_q.astype(np.int64), grid_bits
 
 
-def _stage_steps(net: Network, features: torch.Tensor, lattice: np.ndarray, step: int, mask: np.ndarray,
-                 fmt: Format, truth: Optional[np.ndarray] = None, ring: Optional["TileRing"] = None) -> coders.Steps:
+def _start_step(net: Network, features: torch.Tensor, lattice: np.ndarray, step: int,
+                ring: Optional["TileRing"] = None) -> Callable[[], MixtureParams]:
+    """Start the network of one pixel step on the batch's `lattice` as far as decoded (with a
+    `ring`, format version 8, also the neighbouring tiles' pixels around each tile); returns
+    the call that waits for its mixture parameters. Reads a copy: `lattice` may change."""
+    if ring is None:
+        return net.step_params_started(features, torch.from_numpy(lattice.copy()), step)
+    return net.step_params_started(features, torch.from_numpy(ring.lattice(lattice)), step, ring.available)
+
+
+def _stage_steps(net: Network, mixture: MixtureParams, mask: np.ndarray, fmt: Format,
+                 truth: Optional[np.ndarray] = None) -> coders.Steps:
     """Steps of the real subpixels (m, C) of one pixel step (`HierarchicalVAE.schedule`: a
-    sub-lattice stage, or part of stage 0), in pop order; returns them (int64).
+    sub-lattice stage, or part of stage 0) with the network's `mixture`, in pop order;
+    returns them (int64).
 
     With `fmt.scale_offsets` the step's log-scale offsets (`calibrate`) pop first, with
     `fmt.tile_offsets` then each tile's change of them; the encoder chooses them for its
-    true values `truth` (None on the decoder). With a
-    `ring` (format version 8) the step also reads the neighbouring tiles' pixels around
-    each tile.
+    true values `truth` (None on the decoder).
     """
-    if ring is None:
-        params = net.step_params(features, torch.from_numpy(lattice), step)
-    else:
-        params = net.step_params(features, torch.from_numpy(ring.lattice(lattice)), step, ring.available)
-    q = quantize.quantize_mixture(params, mask, fmt)
-    channels = lattice.shape[2]
+    q = quantize.quantize_mixture(mixture, mask, fmt)
+    channels = q.means.shape[1]
     if fmt.scale_offsets:
         offsets = yield calibrate.offset_codec(channels), None if truth is None else calibrate.choose_offsets(q, truth)
         if fmt.tile_offsets:
@@ -291,6 +296,16 @@ def image_rings(pixels: np.ndarray, grid: TileGrid, indices: range, batch_start:
     return ring.lattice(split_tiles(pixels, grid, indices)), ring.available
 
 
+def _write_step(lattice: np.ndarray, grid: "TileGrid | TileSequence", indices: range, schedule: Sequence,
+                k: int, mask: np.ndarray, values: np.ndarray) -> None:
+    """Write step k's values (m, C) into the batch's `lattice` (n, 4, C, tile/2, tile/2), in
+    place; after the last step of a stage, also the stage's padding."""
+    step = schedule[k]
+    lattice[:, step.stage][(..., *step.window)].transpose(0, 2, 3, 1)[mask] = values  # a view: writes into it
+    if k + 1 == len(schedule) or schedule[k + 1].stage != step.stage:  # the stage is complete
+        pad_stage(grid, indices, lattice[:, step.stage], step.stage)
+
+
 def _stage_values(lattice: np.ndarray, stage: int, mask: np.ndarray) -> np.ndarray:
     """Real subpixels (m, C) of a stage, row-major over (tile, row, col)."""
     return lattice[:, stage].transpose(0, 2, 3, 1)[mask].astype(np.int64)
@@ -358,8 +373,10 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     """One batch of tiles as steps in decode order (`coders.Steps`), for both directions.
 
     Decode order: each latent group top-down, popped with its prior; the pixels step by
-    step of the model's schedule (`_stage_steps`; a sub-lattice stage, or part of stage 0); then, unless deterministic, each latent pushed back with its
-    posterior, last group first (`coders.Return`: gives back the borrowed bits).
+    step of the model's schedule (`_stage_steps`; a sub-lattice stage, or part of stage 0);
+    then, unless deterministic, each latent pushed back with its posterior, last group
+    first (`coders.Return`: gives back the borrowed bits). The encoder starts every
+    step's network at once (it knows their inputs), so they run while earlier steps code.
     The encoder passes the true `lattice` (n, 4, C, tile/2, tile/2); it knows each
     posterior as it walks down, and its latent is the one it pops with it
     (`coders.Borrow`) or, deterministic, the rounded posterior mean. A `pixel_halo` model
@@ -400,16 +417,22 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
             raise ValueError("a pixel_halo model codes a batch with the tiles around it (ring_source)")
         ring = TileRing(grid, indices, ring_source)
     schedule = net.model.schedule
+    # Each step's own grid (n, h/stride, w/stride), and the encoder's values on it.
+    masks = [grid.stage_masks(indices, step.stage)[(..., *step.window)] for step in schedule]
+    truths = [_stage_values(lattice[(..., *step.window)], step.stage, mask) if encoding else None
+              for step, mask in zip(schedule, masks)]
+    started = []
+    if encoding:  # every step's input is known: all networks start now and run while earlier steps code
+        staged = np.zeros_like(decoded)
+        for k, truth in enumerate(truths):
+            started.append(_start_step(net, features, staged, k, ring))
+            _write_step(staged, grid, indices, schedule, k, masks[k], truth)
     for k, step in enumerate(schedule):
-        at = (..., *step.window)
-        mask = grid.stage_masks(indices, step.stage)[at]  # the step's own grid (n, h/stride, w/stride)
-        truth = _stage_values(lattice[at], step.stage, mask) if encoding else None
-        values = yield from _stage_steps(net, features, decoded, k, mask, params.fmt, truth, ring)
+        mixture = started[k]() if encoding else _start_step(net, features, decoded, k, ring)()
+        values = yield from _stage_steps(net, mixture, masks[k], params.fmt, truths[k])
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
-        decoded[:, step.stage][at].transpose(0, 2, 3, 1)[mask] = values  # a view: writes into decoded
-        if k + 1 == len(schedule) or schedule[k + 1].stage != step.stage:  # the stage is complete
-            pad_stage(grid, indices, decoded[:, step.stage], step.stage)
+        _write_step(decoded, grid, indices, schedule, k, masks[k], values)
     if states is not None:  # decoder only: the encoder popped these values as its Borrows
         acts = net.bottom_up(torch.from_numpy(lattice_to_pixels(decoded)))
         posteriors = net.posteriors(states, acts, grid.tile, grid.tile)

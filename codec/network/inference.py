@@ -28,7 +28,7 @@ calls bits-back coding makes: `bottom_up`, `top_down_steps`, `posteriors`, `stag
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -84,13 +84,25 @@ class Network:
 
     def _map(self, fn: Callable, *iterables) -> list:
         """fn over the sub-batches, in the pool's threads (each in inference mode)."""
-        def call(*args):
-            with torch.inference_mode():
-                return fn(*args)
-
+        call = _in_inference_mode(fn)
         if self._pool is None or len(iterables[0]) == 1:
             return [call(*args) for args in zip(*iterables)]
         return list(self._pool.map(call, *iterables))
+
+    def _start(self, fn: Callable, *iterables) -> Callable[[], list]:
+        """`_map` started now: fn over the sub-batches, submitted to the pool (even a
+        single one, so the caller's own work overlaps it); returns the call that waits for
+        the results. Without a pool nothing starts: the call computes them."""
+        if self._pool is None:
+            return lambda: self._map(fn, *iterables)
+        call = _in_inference_mode(fn)
+        futures = [self._pool.submit(call, *args) for args in zip(*iterables)]
+        return lambda: self._wait(futures)
+
+    @staticmethod
+    def _wait(futures: Sequence[Future]) -> list:
+        """The results of `_start`'s sub-batches, in order."""
+        return [future.result() for future in futures]
 
     def map_threads(self, fn: Callable, items: Sequence) -> list:
         """[fn(item) for item in items], side by side in the pool's threads, with autograd
@@ -179,9 +191,30 @@ class Network:
                     available: Optional[torch.Tensor] = None) -> MixtureParams:
         """`HierarchicalVAE.step_params` on the whole batch, with this network's adaptation;
         `lattice` with the ring and `available` for a `pixel_halo` model (`bitsback.TileRing`)."""
+        return _cat_params(self._map(*self._step_calls(features, lattice, step, available)))
+
+    def step_params_started(self, features: torch.Tensor, lattice: torch.Tensor, step: int,
+                            available: Optional[torch.Tensor] = None) -> Callable[[], MixtureParams]:
+        """`step_params` started in the pool now; returns the call that waits for it (the
+        encoder, which knows every step's input, runs a batch's steps ahead of its coding).
+        The inputs must not change until it has returned."""
+        wait = self._start(*self._step_calls(features, lattice, step, available))
+        return lambda: _cat_params(wait())
+
+    def _step_calls(self, features: torch.Tensor, lattice: torch.Tensor, step: int,
+                    available: Optional[torch.Tensor]) -> tuple[Callable, list[slice]]:
+        """`step_params` as one call per sub-batch, and the sub-batches."""
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
-        return _cat_params(self._map(lambda s: self.model.step_params(features[s], lattice[s], step,
-                                                                      self.adaptation, _part(available, s)), slices))
+        return (lambda s: self.model.step_params(features[s], lattice[s], step, self.adaptation, _part(available, s)),
+                slices)
+
+
+def _in_inference_mode(fn: Callable) -> Callable:
+    def call(*args):
+        with torch.inference_mode():
+            return fn(*args)
+
+    return call
 
 
 def _part(t: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
