@@ -157,7 +157,7 @@ def main() -> None:
                 for a in range(0, n, CHUNK):
                     rows = slice(a, a + CHUNK)
                     coarse, fine = tables.coarse(rows), tables.fine(bins, rows)
-                    if normalise:  # what `bitsback._row_chunks` hands the coder
+                    if normalise:  # what `bitsback._binned_codec` hands the coder
                         coders.normalized_rows(coarse), coders.normalized_rows(fine)
                 synthetic[name + ("+normalise" if normalise else "")].append(time.perf_counter() - start)
     synthetic = {name: min(times) for name, times in synthetic.items()}

@@ -10,8 +10,8 @@ functions that do the work:
             top-down steps, posteriors, the stage heads), run in the pool while the main
             thread waits (the encoder starts a batch's pixel steps at once and waits
             for each as it codes it);
-  tables    waiting for `inference.Network.row_tables`: pixel tables are built in the
-            pool while earlier chunks are coded, so only the part coding does not hide;
+  tables    waiting for `inference.Later.result`: pixel tables are built in the pool
+            while earlier chunks are coded, so only the part coding does not hide;
   latents   building, pushing and popping the latent codecs (`bitsback.latent_codec`);
   offsets   the encoder's search for the scale offsets (`calibrate.choose_offsets`, and
             version 9's per-tile changes, `calibrate.tile_deltas`);
@@ -62,21 +62,7 @@ def instrument(totals: collections.Counter) -> None:
     inference.Network._wait = staticmethod(_timed(totals, "network", inference.Network._wait))
     calibrate.choose_offsets = _timed(totals, "offsets", calibrate.choose_offsets)
     calibrate.tile_deltas = _timed(totals, "offsets", calibrate.tile_deltas)
-    row_tables = inference.Network.row_tables
-
-    def timed_row_tables(*args, **kwargs):
-        chunks = row_tables(*args, **kwargs)
-        while True:
-            start = time.perf_counter()
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                return
-            finally:
-                totals["tables"] += time.perf_counter() - start
-            yield chunk
-
-    inference.Network.row_tables = timed_row_tables
+    inference.Later.result = _timed(totals, "tables", inference.Later.result)
     for module, name, phase in ((coders, "categorical", "ANS"), (bitsback, "latent_codec", "latents")):
         build = getattr(module, name)
 

@@ -235,23 +235,34 @@ def test_a_platform_with_other_tables_refuses_to_code(monkeypatch):
         exact.constants.cache_clear()
 
 
-def test_version_6_codes_with_the_exact_tables():
+def test_version_6_codes_with_the_exact_tables(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
     from vaezip.coding import bitsback
+    from vaezip.network.inference import Later
 
     assert V6.numerics.exact and not versions.get(5).numerics.exact
     rng = np.random.default_rng(9)
     q = _mixture(rng, 64)
     values = rng.integers(0, 256, (64, 3))
+    monkeypatch.setattr(bitsback, "ROW_CHUNK", 40)  # two chunks: tables of the second built ahead
+    monkeypatch.setattr(bitsback, "ENCODER_TABLES_AHEAD", 3)
 
-    class Net:  # `_row_chunks` needs only `row_tables`
-        @staticmethod
-        def row_tables(count, table, reverse=False):
-            parts = [slice(0, 40), slice(40, count)][:: -1 if reverse else 1]
-            yield from ((s, table(s)) for s in parts)
+    class Net:  # `_binned_codec` needs only `later`
+        def __init__(self, pool):
+            self.pool = pool
 
-    ans = coders.new_coder()
-    coders.push_steps(ans, bitsback._subpixel_steps(Net, q, 3, values))
-    np.testing.assert_array_equal(coders.pop_steps(ans, bitsback._subpixel_steps(Net, q, 3)), values)
+        def later(self, build):
+            return Later(build, self.pool)
+
+    codes = []
+    with ThreadPoolExecutor(2) as pool:
+        for net in (Net(None), Net(pool)):
+            ans = coders.new_coder()
+            coders.push_steps(ans, bitsback._subpixel_steps(net, q, 3, values))
+            codes.append(ans.get_compressed())
+            np.testing.assert_array_equal(coders.pop_steps(ans, bitsback._subpixel_steps(net, q, 3)), values)
+    np.testing.assert_array_equal(codes[0], codes[1])  # the same code built in threads or not
 
 
 def test_latent_codec_takes_the_integers_of_an_on_grid_gaussian():

@@ -38,7 +38,6 @@ may hold tiles of several small images and the network runs on full batches
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -53,7 +52,7 @@ from vaezip.entropy.coders import AnsCoder, Codec
 from vaezip.errors import CorruptFileError
 from vaezip.format.container import DETERMINISTIC_FLAG
 from vaezip.format.versions import NEWEST_FLOAT, Format
-from vaezip.network.inference import Network
+from vaezip.network.inference import ROW_CHUNK, Later, Network, chunk_slices
 from vaezip.network.model import Gaussian, MixtureParams, ring_mask
 
 MAX_BATCH = 24  # tiles per network call: bounds memory by the batch, not the image
@@ -157,24 +156,16 @@ def _subpixel_steps(net: Network, q: quantize.QuantizedMixture, channels: int,
 
     Channels are autoregressive: R, then G given R, then B given R and G. Without
     `binned_tables` (version 1) each subpixel is coded with one 256-entry table; with
-    them as its bin, then its value in the bin, each in chunks of rows (`_row_chunks`), by
-    integer arithmetic with `numerics.exact` (version 6, `quantize.ExactChannelTables`).
-    Tables are built when a step is pushed or popped (`coders.deferred`), from the
-    channels before it, which by then hold their values.
+    them as its bin, then its value in the bin (`_binned_codec`), by integer arithmetic
+    with `numerics.exact` (version 6, `quantize.ExactChannelTables`). Tables are built
+    when a step is pushed or popped, from the channels before it, which by then hold
+    their values.
     """
+    if q.fmt.binned_tables:
+        return (yield _binned_codec(net, q, channels), truth)
     values = np.zeros((len(q.logits), channels), dtype=np.int64)
     for c in range(channels):
-        true = None if truth is None else truth[:, c]
-        if not q.fmt.binned_tables:
-            values[:, c] = yield _pmf_codec(q, c, values), true
-            continue
-        binned = quantize.ExactChannelTables if q.fmt.numerics.exact else quantize.ChannelTables
-        tables = binned(q, c, values)
-        bins = yield _row_chunks(net, len(values), tables.coarse), None if true is None else true // quantize.BIN
-        # partial, not a lambda over the loop's names: the encoder builds the tables after the loop.
-        rest = yield (_row_chunks(net, len(values), functools.partial(tables.fine, bins)),
-                      None if true is None else true % quantize.BIN)
-        values[:, c] = quantize.BIN * bins + rest
+        values[:, c] = yield _pmf_codec(q, c, values), None if truth is None else truth[:, c]
     return values
 
 
@@ -183,21 +174,68 @@ def _pmf_codec(q: quantize.QuantizedMixture, channel: int, values: np.ndarray) -
     return coders.deferred(lambda: coders.categorical(quantize.channel_pmf(q, channel, values)))
 
 
-def _row_chunks(net: Network, count: int, build: Callable[[slice], np.ndarray]) -> Codec:
-    """Codec for `count` int symbols, symbol i drawn from row i of the tables `build(rows)`,
-    built and coded in fixed chunks of rows (`Network.row_tables`): the same code as one
-    table of all rows, in bounded memory. Push: the last chunk first; pop: the first first."""
+ENCODER_TABLES_AHEAD = 8
+"""Table chunks the encoder builds ahead of its pushes (bounds their memory)."""
 
-    def tables(reverse: bool = False):
-        return net.row_tables(count, lambda rows: coders.normalized_rows(build(rows)), reverse=reverse)
 
-    def push(ans: AnsCoder, symbols: np.ndarray) -> None:
-        for rows, table in tables(reverse=True):
-            coders.categorical(table, normalized=True).push(ans, symbols[rows])
+def _binned_codec(net: Network, q: quantize.QuantizedMixture, channels: int) -> Codec:
+    """Codec for a step's values (m, C) int64 under binned tables (versions 2 on).
+
+    Pop order: channel by channel, the bins (value // BIN) chunk by chunk of `ROW_CHUNK`
+    rows, then the values in their bins chunk by chunk; push the reverse. Every chunk's
+    table is built in the pool as soon as what it reads is known, while the caller codes
+    the chunks before it: the decoder starts a chunk's in-bin tables once its bins are
+    popped and the next channel's bin tables once its values are; the encoder, which
+    knows every value, keeps `ENCODER_TABLES_AHEAD` chunks ahead. The same code as one
+    table of all rows per channel and kind; tables are built only while pushing or popping.
+    """
+    count = len(q.logits)
+    binned = quantize.ExactChannelTables if q.fmt.numerics.exact else quantize.ChannelTables
+    chunks = chunk_slices(count, ROW_CHUNK)
+
+    def table(build: Callable[..., np.ndarray], *args) -> Callable[[], np.ndarray]:
+        return lambda: coders.normalized_rows(build(*args))
+
+    def push(ans: AnsCoder, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.int64)
+        bins, rest = values // quantize.BIN, values % quantize.BIN
+        jobs = []  # in push order: the last channel first, its values in their bins, then its bins
+        for c in reversed(range(channels)):
+            tables = binned(q, c, values)
+            jobs += [(table(tables.fine, bins[:, c], rows), rest[rows, c]) for rows in reversed(chunks)]
+            jobs += [(table(tables.coarse, rows), bins[rows, c]) for rows in reversed(chunks)]
+        started = [net.later(build) for build, _ in jobs[:ENCODER_TABLES_AHEAD]]
+        try:
+            for k, (_, symbols) in enumerate(jobs):
+                if k + ENCODER_TABLES_AHEAD < len(jobs):
+                    started.append(net.later(jobs[k + ENCODER_TABLES_AHEAD][0]))
+                coders.categorical(started[k].result(), normalized=True).push(ans, symbols)
+        finally:
+            for later in started:
+                later.cancel()
 
     def pop(ans: AnsCoder) -> np.ndarray:
-        parts = [coders.categorical(table, normalized=True).pop(ans) for _, table in tables()]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+        values = np.zeros((count, channels), dtype=np.int64)
+        bins = np.zeros((count, channels), dtype=np.int64)
+        tables = [binned(q, c, values) for c in range(channels)]  # each reads the channels before it
+        coarse = [net.later(table(tables[0].coarse, rows)) for rows in chunks]
+        fine: list[Later] = []
+        try:
+            for c in range(channels):
+                fine = []
+                for rows, later in zip(chunks, coarse):
+                    bins[rows, c] = coders.categorical(later.result(), normalized=True).pop(ans)
+                    fine.append(net.later(table(tables[c].fine, bins[:, c], rows)))
+                coarse = []
+                for rows, later in zip(chunks, fine):
+                    rest = coders.categorical(later.result(), normalized=True).pop(ans)
+                    values[rows, c] = quantize.BIN * bins[rows, c] + rest
+                    if c + 1 < channels:
+                        coarse.append(net.later(table(tables[c + 1].coarse, rows)))
+        finally:
+            for later in coarse + fine:
+                later.cancel()
+        return values
 
     return Codec(push, pop)
 

@@ -31,9 +31,8 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Generic, Iterator, Optional, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 from vaezip.errors import ModelError
@@ -41,11 +40,14 @@ from vaezip.format.versions import Format, Numerics
 from vaezip.network.fixedpoint import exact_torch_settings
 from vaezip.network.model import Gaussian, HeadAdaptation, HierarchicalVAE, MixtureParams, TopDownSteps
 
+T = TypeVar("T")
+
 ROW_CHUNK = 4096
-"""Positions per probability-table chunk (`Network.row_tables`)."""
+"""Positions per probability-table chunk (`bitsback`: tables are built and coded chunk by chunk)."""
 
 
-def _parts(count: int, size: int) -> list[slice]:
+def chunk_slices(count: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` covering range(count)."""
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
@@ -76,11 +78,11 @@ class Network:
 
     def _slices(self, batch: int, pixels_per_item: int) -> list[slice]:
         if self.numerics.exact and exact_split():
-            return _parts(batch, exact_split())
+            return chunk_slices(batch, exact_split())
         size = self.numerics.sub_batch_pixels
         if size is None:
             return [slice(0, batch)]
-        return _parts(batch, max(1, size // pixels_per_item))
+        return chunk_slices(batch, max(1, size // pixels_per_item))
 
     def _map(self, fn: Callable, *iterables) -> list:
         """fn over the sub-batches, in the pool's threads (each in inference mode)."""
@@ -116,22 +118,10 @@ class Network:
             return [call(item) for item in items]
         return list(self._pool.map(call, items))
 
-    def row_tables(self, count: int, table: Callable[[slice], np.ndarray],
-                   reverse: bool = False) -> Iterator[tuple[slice, np.ndarray]]:
-        """(rows, table(rows)) over fixed chunks of `ROW_CHUNK` of `count` positions, first
-        to last (or last to first), all computed side by side in the pool (numpy releases
-        the GIL) while the caller codes the chunks already yielded."""
-        slices = _parts(count, ROW_CHUNK)[::-1 if reverse else 1]
-        if self._pool is None:
-            yield from ((s, table(s)) for s in slices)
-            return
-        futures = [self._pool.submit(table, s) for s in slices]
-        try:
-            for s, future in zip(slices, futures):
-                yield s, future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+    def later(self, build: Callable[[], T]) -> "Later[T]":
+        """build() started in the pool now (numpy releases the GIL): tables built while the
+        caller codes earlier ones. Without a pool it runs when its result is asked for."""
+        return Later(build, self._pool)
 
     def bottom_up(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         slices = self._slices(x.shape[0], x.shape[-2] * x.shape[-1])
@@ -207,6 +197,22 @@ class Network:
         slices = self._slices(features.shape[0], 4 * features.shape[-2] * features.shape[-1])
         return (lambda s: self.model.step_params(features[s], lattice[s], step, self.adaptation, _part(available, s)),
                 slices)
+
+
+class Later(Generic[T]):
+    """A result being computed in a thread pool, or without one, computed when asked for."""
+
+    def __init__(self, build: Callable[[], T], pool: Optional[ThreadPoolExecutor]):
+        self._build = build
+        self._future = None if pool is None else pool.submit(build)
+
+    def result(self) -> T:
+        return self._build() if self._future is None else self._future.result()
+
+    def cancel(self) -> None:
+        """Drop the work if it has not started (what was started finishes unused)."""
+        if self._future is not None:
+            self._future.cancel()
 
 
 def _in_inference_mode(fn: Callable) -> Callable:
