@@ -8,13 +8,14 @@ functions that do the work:
 
   network   `inference.Network._map` and `_wait`: every network call (bottom-up, the
             top-down steps, posteriors, the stage heads), run in the pool while the main
-            thread waits (the encoder starts a batch's pixel steps at once and waits
-            for each as it codes it);
+            thread waits; the encoder starts a batch's pixel steps at once, each with
+            its offset search, and waits for each as it codes it (`Later` "network");
   tables    waiting for `inference.Later.result`: pixel tables are built in the pool
             while earlier chunks are coded, so only the part coding does not hide;
   latents   building, pushing and popping the latent codecs (`bitsback.latent_codec`);
   offsets   the encoder's search for the scale offsets (`calibrate.choose_offsets`, and
-            version 9's per-tile changes, `calibrate.tile_deltas`);
+            version 9's per-tile changes, `calibrate.tile_deltas`) where the main thread
+            runs it (the encoder's pixel steps run it in the pool: "network");
   ANS       constriction's calls for the pixels (`coders.categorical`);
   rest      everything else (parameter rounding, lattices, checksums).
 
@@ -31,6 +32,7 @@ import argparse
 import collections
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +49,10 @@ PHASES = ("network", "tables", "latents", "offsets", "ANS")
 
 
 def _timed(totals: collections.Counter, phase: str, function):
+    """`function`, adding the wall time of each call from the main thread to totals[phase]."""
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return function(*args, **kwargs)
         start = time.perf_counter()
         try:
             return function(*args, **kwargs)
@@ -62,7 +67,12 @@ def instrument(totals: collections.Counter) -> None:
     inference.Network._wait = staticmethod(_timed(totals, "network", inference.Network._wait))
     calibrate.choose_offsets = _timed(totals, "offsets", calibrate.choose_offsets)
     calibrate.tile_deltas = _timed(totals, "offsets", calibrate.tile_deltas)
-    inference.Later.result = _timed(totals, "tables", inference.Later.result)
+    later_result = inference.Later.result
+
+    def timed_later_result(self):
+        return _timed(totals, self.kind, later_result)(self)
+
+    inference.Later.result = timed_later_result
     for module, name, phase in ((coders, "categorical", "ANS"), (bitsback, "latent_codec", "latents")):
         build = getattr(module, name)
 

@@ -38,6 +38,7 @@ may hold tiles of several small images and the network runs on full batches
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -125,27 +126,51 @@ def _start_step(net: Network, features: torch.Tensor, lattice: np.ndarray, step:
     return net.step_params_started(features, torch.from_numpy(ring.lattice(lattice)), step, ring.available)
 
 
-def _stage_steps(net: Network, mixture: MixtureParams, mask: np.ndarray, fmt: Format,
+@dataclass(frozen=True)
+class _StepPlan:
+    """A pixel step's integer mixtures, before its offsets, and on the encoder the offsets
+    (`calibrate`) it chose for its true values (None on the decoder)."""
+
+    q: quantize.QuantizedMixture
+    offsets: Optional[np.ndarray] = None  # (C,) int64, with `fmt.scale_offsets`
+    deltas: Optional[np.ndarray] = None  # (T, C) int64, with `fmt.tile_offsets` (`_tile_counts`)
+
+
+def _tile_counts(mask: np.ndarray) -> np.ndarray:
+    """Positions (T,) of each tile that has any in this step (`mask` (n, h, w)), in row order."""
+    counts = mask.reshape(len(mask), -1).sum(axis=1)
+    return counts[counts > 0]
+
+
+def _plan_step(network: Callable[[], MixtureParams], mask: np.ndarray, fmt: Format,
+               truth: Optional[np.ndarray] = None) -> _StepPlan:
+    """Wait for a step's `network` (`_start_step`) and quantise its mixtures; with its true
+    values `truth` (m, C), the encoder's, also choose the step's offsets."""
+    q = quantize.quantize_mixture(network(), mask, fmt)
+    if truth is None or not fmt.scale_offsets:
+        return _StepPlan(q)
+    offsets = calibrate.choose_offsets(q, truth)
+    counts = _tile_counts(mask)
+    deltas = calibrate.tile_deltas(q, truth, offsets, counts) if fmt.tile_offsets and counts.size else None
+    return _StepPlan(q, offsets, deltas)
+
+
+def _stage_steps(net: Network, plan: _StepPlan, mask: np.ndarray, fmt: Format,
                  truth: Optional[np.ndarray] = None) -> coders.Steps:
     """Steps of the real subpixels (m, C) of one pixel step (`HierarchicalVAE.schedule`: a
-    sub-lattice stage, or part of stage 0) with the network's `mixture`, in pop order;
-    returns them (int64).
+    sub-lattice stage, or part of stage 0) as `plan`ned, in pop order; returns them (int64).
 
     With `fmt.scale_offsets` the step's log-scale offsets (`calibrate`) pop first, with
-    `fmt.tile_offsets` then each tile's change of them; the encoder chooses them for its
-    true values `truth` (None on the decoder).
+    `fmt.tile_offsets` then each tile's change of them; the encoder's `plan` holds the ones
+    it chose for its true values `truth` (None on the decoder).
     """
-    q = quantize.quantize_mixture(mixture, mask, fmt)
-    channels = q.means.shape[1]
+    q, channels = plan.q, plan.q.means.shape[1]
     if fmt.scale_offsets:
-        offsets = yield calibrate.offset_codec(channels), None if truth is None else calibrate.choose_offsets(q, truth)
-        if fmt.tile_offsets:
-            counts = mask.reshape(len(mask), -1).sum(axis=1)
-            counts = counts[counts > 0]  # the tiles with positions in this step, in row order
-            if counts.size:
-                deltas = yield (calibrate.delta_codec(counts.size, channels),
-                                None if truth is None else calibrate.tile_deltas(q, truth, offsets, counts))
-                offsets = calibrate.row_offsets(offsets, deltas, counts)
+        offsets = yield calibrate.offset_codec(channels), plan.offsets
+        counts = _tile_counts(mask)
+        if fmt.tile_offsets and counts.size:
+            deltas = yield calibrate.delta_codec(counts.size, channels), plan.deltas
+            offsets = calibrate.row_offsets(offsets, deltas, counts)
         q = q.with_scale_offsets(offsets)
     return (yield from _subpixel_steps(net, q, channels, truth))
 
@@ -459,15 +484,22 @@ def _batch_steps(net: Network, grid: "TileGrid | TileSequence", indices: range, 
     masks = [grid.stage_masks(indices, step.stage)[(..., *step.window)] for step in schedule]
     truths = [_stage_values(lattice[(..., *step.window)], step.stage, mask) if encoding else None
               for step, mask in zip(schedule, masks)]
-    started = []
-    if encoding:  # every step's input is known: all networks start now and run while earlier steps code
+    plans = []
+    if encoding:  # every step's input is known: its network and offset search start now, in the pool
         staged = np.zeros_like(decoded)
         for k, truth in enumerate(truths):
-            started.append(_start_step(net, features, staged, k, ring))
+            network = _start_step(net, features, staged, k, ring)
+            # A plan waits in a worker for its network's sub-batches, submitted before it:
+            # the pool takes jobs in order, so they are already running elsewhere or done.
+            plans.append(net.later(functools.partial(_plan_step, network, masks[k], params.fmt, truth),
+                                   kind="network"))
             _write_step(staged, grid, indices, schedule, k, masks[k], truth)
-    for k, step in enumerate(schedule):
-        mixture = started[k]() if encoding else _start_step(net, features, decoded, k, ring)()
-        values = yield from _stage_steps(net, mixture, masks[k], params.fmt, truths[k])
+    for k in range(len(schedule)):
+        if encoding:
+            plan = plans[k].result()
+        else:
+            plan = _plan_step(_start_step(net, features, decoded, k, ring), masks[k], params.fmt)
+        values = yield from _stage_steps(net, plan, masks[k], params.fmt, truths[k])
         if values.size and (values.min() < 0 or values.max() > 255):
             raise CorruptFileError("corrupt payload: decoded pixel out of range")
         _write_step(decoded, grid, indices, schedule, k, masks[k], values)

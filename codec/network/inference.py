@@ -118,10 +118,11 @@ class Network:
             return [call(item) for item in items]
         return list(self._pool.map(call, items))
 
-    def later(self, build: Callable[[], T]) -> "Later[T]":
+    def later(self, build: Callable[[], T], kind: str = "tables") -> "Later[T]":
         """build() started in the pool now (numpy releases the GIL): tables built while the
-        caller codes earlier ones. Without a pool it runs when its result is asked for."""
-        return Later(build, self._pool)
+        caller codes earlier ones, or ("network") the encoder's pixel steps run ahead. Without
+        a pool it runs when its result is asked for."""
+        return Later(build, self._pool, kind)
 
     def bottom_up(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         slices = self._slices(x.shape[0], x.shape[-2] * x.shape[-1])
@@ -200,10 +201,11 @@ class Network:
 
 
 class Later(Generic[T]):
-    """A result being computed in a thread pool, or without one, computed when asked for."""
+    """A result being computed in a thread pool, or without one, computed when asked for;
+    `kind` says what it is ("tables", "network"), for profiles."""
 
-    def __init__(self, build: Callable[[], T], pool: Optional[ThreadPoolExecutor]):
-        self._build = build
+    def __init__(self, build: Callable[[], T], pool: Optional[ThreadPoolExecutor], kind: str = "tables"):
+        self._build, self.kind = build, kind
         self._future = None if pool is None else pool.submit(build)
 
     def result(self) -> T:
