@@ -19,8 +19,9 @@ functions that do the work:
   ANS       constriction's calls for the pixels (`coders.categorical`);
   rest      everything else (parameter rounding, lattices, checksums).
 
-Reports the median over rounds of each phase, summed over the images; every file is
-decoded and compared with its image.
+Reports the median over rounds of each phase, summed over the images, and how long the
+pool's workers were busy: none, one, or two or more at once (jobs of the pool timed as they
+run); every file is decoded and compared with its image.
 
     python benchmarks/profile_coding.py                      # kodim03 and kodim08, v3 float vs v6
     python benchmarks/profile_coding.py IMG... --runs photo-rgb-2:3 photo-rgb-exact-1:6 --reps 7
@@ -34,6 +35,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,37 @@ def _timed(totals: collections.Counter, phase: str, function):
         finally:
             totals[phase] += time.perf_counter() - start
     return wrapper
+
+
+OCCUPANCY = ("pool: none busy", "pool: one busy", "pool: two or more busy")
+
+
+def record_pool_jobs(spans: list) -> None:
+    """Append (start, end) of every job any thread pool runs to `spans`."""
+    submit = ThreadPoolExecutor.submit
+
+    def timed_submit(self, fn, /, *args, **kwargs):
+        def job():
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spans.append((start, time.perf_counter()))
+        return submit(self, job)
+
+    ThreadPoolExecutor.submit = timed_submit
+
+
+def occupancy(spans: list, start: float, end: float) -> list[float]:
+    """Seconds of [start, end] with no job running, one, and two or more (`OCCUPANCY`)."""
+    inside = [(max(a, start), min(b, end)) for a, b in spans if b > start and a < end]
+    events = sorted([(a, 1) for a, _ in inside] + [(b, -1) for _, b in inside])
+    seconds, running, last = [0.0, 0.0, 0.0], 0, start
+    for moment, change in events:
+        seconds[min(running, 2)] += moment - last
+        running, last = running + change, moment
+    seconds[min(running, 2)] += max(0.0, end - last)
+    return seconds
 
 
 def instrument(totals: collections.Counter) -> None:
@@ -100,12 +133,15 @@ def main() -> None:
             vaezip.decompress(data)
     totals: collections.Counter = collections.Counter()
     instrument(totals)
+    spans: list = []
+    record_pool_jobs(spans)
     rounds = {(run, label): [] for run in runs for label in ("compress", "decompress")}
     print(f"load before: {os.getloadavg()[0]:.2f}", flush=True)
     for rep in range(args.reps):
         for run in runs if rep % 2 == 0 else runs[::-1]:
             for label in ("compress", "decompress"):
                 totals.clear()
+                spans.clear()
                 start = time.perf_counter()
                 for image, data in zip(images, files[run]):
                     if label == "compress":
@@ -116,13 +152,14 @@ def main() -> None:
                 phases = {phase: totals[phase] for phase in PHASES}
                 phases["total"] = time.perf_counter() - start
                 phases["rest"] = phases["total"] - sum(phases[p] for p in PHASES)
+                phases.update(zip(OCCUPANCY, occupancy(spans, start, start + phases["total"])))
                 rounds[run, label].append(phases)
     print(f"load after: {os.getloadavg()[0]:.2f}; {len(images)} images, medians of {args.reps} rounds, seconds")
     result = {"images": args.images, "reps": args.reps, "threads": inference.default_workers(), "runs": []}
     for label in ("compress", "decompress"):
         print(f"\n{label}\n| phase | " + " | ".join(f"{m} v{v}" for m, v in runs) + " |")
         print("|---" * (len(runs) + 1) + "|")
-        for phase in ("total",) + PHASES + ("rest",):
+        for phase in ("total",) + PHASES + ("rest",) + OCCUPANCY:
             medians = [float(np.median([r[phase] for r in rounds[run, label]])) for run in runs]
             print(f"| {phase} | " + " | ".join(f"{m:.3f}" for m in medians) + " |")
         totals_by_run = [float(np.median([r["total"] for r in rounds[run, label]])) for run in runs]
