@@ -6,10 +6,10 @@ compressing and decompressing every image with every run, the runs in alternatin
 not of separate processes). Each call's wall time is split into phases by wrapping the
 functions that do the work:
 
-  network   `inference.Network._map` and `_wait`: every network call (bottom-up, the
-            top-down steps, posteriors, the stage heads), run in the pool while the main
-            thread waits; the encoder starts a batch's pixel steps at once, each with
-            its offset search, and waits for each as it codes it (`Later` "network");
+  network   `inference.Network._map` and `Later` jobs of kind "network": every network
+            call (bottom-up, the top-down steps, posteriors, the stage heads), run in the
+            pool while the main thread waits; the encoder starts a batch's pixel steps at
+            once, each with its offset search, and waits for each as it codes it;
   tables    waiting for `inference.Later.result`: pixel tables are built in the pool
             while earlier chunks are coded, so only the part coding does not hide;
   latents   building, pushing and popping the latent codecs (`bitsback.latent_codec`);
@@ -97,7 +97,6 @@ def occupancy(spans: list, start: float, end: float) -> list[float]:
 def instrument(totals: collections.Counter) -> None:
     """Wrap the phase functions so that each call adds its wall time to `totals`."""
     inference.Network._map = _timed(totals, "network", inference.Network._map)
-    inference.Network._wait = staticmethod(_timed(totals, "network", inference.Network._wait))
     calibrate.choose_offsets = _timed(totals, "offsets", calibrate.choose_offsets)
     calibrate.tile_deltas = _timed(totals, "offsets", calibrate.tile_deltas)
     later_result = inference.Later.result

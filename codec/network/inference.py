@@ -27,8 +27,9 @@ calls bits-back coding makes: `bottom_up`, `top_down_steps`, `posteriors`, `stag
 
 from __future__ import annotations
 
+import functools
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, Optional, Sequence, TypeVar
@@ -92,19 +93,12 @@ class Network:
         return list(self._pool.map(call, *iterables))
 
     def _start(self, fn: Callable, *iterables) -> Callable[[], list]:
-        """`_map` started now: fn over the sub-batches, submitted to the pool (even a
-        single one, so the caller's own work overlaps it); returns the call that waits for
-        the results. Without a pool nothing starts: the call computes them."""
-        if self._pool is None:
-            return lambda: self._map(fn, *iterables)
+        """`_map` started now: fn over the sub-batches, each a `later` job ("network"), even a
+        single one, so the caller's own work overlaps it; returns the call that waits for
+        the results."""
         call = _in_inference_mode(fn)
-        futures = [self._pool.submit(call, *args) for args in zip(*iterables)]
-        return lambda: self._wait(futures)
-
-    @staticmethod
-    def _wait(futures: Sequence[Future]) -> list:
-        """The results of `_start`'s sub-batches, in order."""
-        return [future.result() for future in futures]
+        jobs = [self.later(functools.partial(call, *args), kind="network") for args in zip(*iterables)]
+        return lambda: [job.result() for job in jobs]
 
     def map_threads(self, fn: Callable, items: Sequence) -> list:
         """[fn(item) for item in items], side by side in the pool's threads, with autograd
