@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -130,6 +131,73 @@ def test_registry_add_snaps_a_fixed_point_model_to_its_grid(tmp_path, models_dir
         assert np.array_equal(vaezip.decompress(data, loaded=loaded), pixels)
         payloads.append(container.unpack(data)[1])
     assert np.array_equal(*payloads)  # the same bits; only the header's model identity differs
+
+
+@pytest.fixture
+def installed_models(models_dir, monkeypatch):
+    """`models_dir` as the models the package loads too (`registry.load_model`)."""
+    monkeypatch.setattr(registry, "_models_dir", lambda: models_dir)
+    for cached in (registry.specs, registry.defaults, registry.load_model):
+        cached.cache_clear()
+    yield models_dir
+    for cached in (registry.specs, registry.defaults, registry.load_model):
+        cached.cache_clear()
+
+
+def _register_unsnapped(models_dir: Path, loaded) -> dict:
+    """Store `loaded` as a model registered before `registry add` snapped weights to their grid."""
+    buffer = io.BytesIO()
+    torch.save(loaded.net.state_dict(), buffer)
+    raw = buffer.getvalue()
+    (models_dir / f"{loaded.spec.name}.ptz").write_bytes(packing.pack(raw))
+    entry = {"name": loaded.spec.name, "file": f"{loaded.spec.name}.ptz", "sha256": hashlib.sha256(raw).hexdigest(),
+             "config": loaded.spec.config.to_dict(), "modes": list(loaded.spec.modes), "training": {}}
+    path = models_dir / registry.REGISTRY_FILE
+    data = json.loads(path.read_text())
+    data["models"].append(entry)
+    path.write_text(json.dumps(data))
+    registry.specs.cache_clear()
+    return entry
+
+
+def test_registry_snap_restores_an_old_model_without_changing_its_files(installed_models):
+    """`vaezip registry snap`: an old fixed-point model re-stored on its integer grid keeps its
+    identity, decodes the files made before and re-encodes them to the same bytes."""
+    import vaezip
+
+    entry = _register_unsnapped(installed_models, make_tiny_fixed_model(3, "tiny-old-9", pixel_halo=True))
+    pixels = random_pixels("RGB", 48, 40, seed=4, smooth=True)
+    before = vaezip.compress(pixels, "tiny-old-9", effort=3)
+    stored_before = (installed_models / entry["file"]).stat().st_size
+
+    result = _run("registry", "snap", "tiny-old-9")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    stored = packing.read_weights(installed_models / entry["file"])
+    after = next(e for e in json.loads((installed_models / registry.REGISTRY_FILE).read_text())["models"]
+                 if e["name"] == "tiny-old-9")
+    assert after["sha256"] == printed["sha256"] == entry["sha256"]  # the identity in its files
+    assert after["stored_sha256"] == printed["stored_sha256"] == hashlib.sha256(stored).hexdigest() != entry["sha256"]
+    assert printed["bytes"] == [stored_before, (installed_models / entry["file"]).stat().st_size]
+    assert after["grid_snapped"]["channels"] > 0 and printed["grid_snapped"] == after["grid_snapped"]
+    unchanged = {k: v for k, v in after.items() if k not in ("stored_sha256", "grid_snapped")}
+    assert unchanged == json.loads(json.dumps(entry))
+
+    assert registry.load_model("tiny-old-9").spec.stored_sha256 == after["stored_sha256"]
+    assert np.array_equal(vaezip.decompress(before), pixels)
+    assert vaezip.compress(pixels, "tiny-old-9", effort=3) == before
+
+    _one_line_error(_run("registry", "snap", "tiny-old-9"), "already stored on its integer grid")
+    (installed_models / entry["file"]).write_bytes(packing.pack(stored[:-1] + bytes([stored[-1] ^ 1])))
+    registry.load_model.cache_clear()
+    with pytest.raises(vaezip.errors.ModelError, match="sha256"):
+        registry.load_model("tiny-old-9")
+
+
+def test_registry_snap_refuses_float_and_unknown_models(installed_models):
+    _register_unsnapped(installed_models, make_tiny_model(1, "tiny-float-9"))
+    _one_line_error(_run("registry", "snap", "tiny-float-9"), "float model")
+    _one_line_error(_run("registry", "snap", "no-such-model"), "unknown model")
 
 
 def test_prune(run_files, tmp_path):

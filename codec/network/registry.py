@@ -4,7 +4,9 @@ Entries live in `models/registry.json`, weights beside it as package data found
 through `importlib.resources`, so a non-editable install works. Weights are stored
 packed (`NAME.ptz`, see `packing`); the entry's sha256 is that of the unpacked
 `torch.save` bytes and is checked in full before `torch.load(..., weights_only=True)`;
-loading is strict.
+loading is strict. A fixed-point model registered before weights were snapped to their
+integer grid can be re-stored snapped (`restore_on_grid`: the same integers, so the same
+files): its sha256 stays its identity and `stored_sha256` checks the new bytes.
 A retrain gets a new name; old names stay so old files still decode.
 
 Add an entry (prints it and writes registry.json, no hand-typed hashes):
@@ -32,8 +34,10 @@ REGISTRY_FILE = "registry.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registered model. `sha256` is the hex digest of the weights' `torch.save` bytes
-    (of the file, once unpacked where it is stored packed)."""
+    """One registered model. `sha256` is the hex digest of the weights' `torch.save` bytes as
+    registered (of the file, once unpacked where it is stored packed): the model's identity.
+    `stored_sha256`, when set, is that of the bytes stored now, which `restore_on_grid` made
+    from the registered ones (the same integer weights)."""
 
     name: str
     file: str
@@ -42,6 +46,7 @@ class ModelSpec:
     modes: tuple[str, ...] = ()
     training: dict = field(default_factory=dict, compare=False)
     bpd: dict = field(default_factory=dict, compare=False)
+    stored_sha256: str = ""
 
     @property
     def hash_prefix(self) -> bytes:
@@ -77,6 +82,7 @@ def specs() -> dict[str, ModelSpec]:
             name=entry["name"], file=entry["file"], sha256=entry["sha256"],
             config=ModelConfig.from_dict(entry["config"]), modes=tuple(entry.get("modes", ())),
             training=entry.get("training", {}), bpd=entry.get("bpd", {}),
+            stored_sha256=entry.get("stored_sha256", ""),
         )
     return out
 
@@ -128,7 +134,7 @@ def load_model(name: str) -> LoadedModel:
             raw = packing.read_weights(path)
         except packing.PackError as exc:
             raise ModelError(f"weights of model {name!r} are corrupt ({spec.file}: {exc})") from None
-    if hashlib.sha256(raw).hexdigest() != spec.sha256:
+    if hashlib.sha256(raw).hexdigest() != (spec.stored_sha256 or spec.sha256):
         raise ModelError(f"weights of model {name!r} fail the sha256 check ({spec.file})")
     return model_from_weights(spec, raw)
 
@@ -159,15 +165,28 @@ def model_from_weights(spec: ModelSpec, weights) -> LoadedModel:
 def _snapped_weights(name: str, config: ModelConfig, raw: bytes) -> tuple[bytes, dict]:
     """A fixed-point model's `torch.save` bytes with its float weights snapped to their integer
     grid (`fixedpoint.snap_network`: the same integers, so the same coding, at under half the
-    packed size) and what was snapped."""
+    packed size) and what was snapped. Raises ModelError if anything but convolution weights
+    changed or a layer's integers did."""
     import torch
 
-    from vaezip.network.fixedpoint import snap_network
+    from vaezip.network.fixedpoint import FixedConv2d, snap_network
 
     loaded = model_from_weights(ModelSpec(name, "", "", config, ()), raw)
-    channels, total = snap_network(loaded.net)
+    before = {key: value.clone() for key, value in loaded.net.state_dict().items()}
+    layers = {f"{n}.weight": m for n, m in loaded.net.named_modules() if isinstance(m, FixedConv2d)}
+    integers = {key: m.exact_parameters() for key, m in layers.items()}
+    try:
+        channels, total = snap_network(loaded.net)
+    except RuntimeError as exc:
+        raise ModelError(f"model {name!r}: {exc}") from None
+    after = loaded.net.state_dict()
+    changed = {key for key, value in after.items() if not torch.equal(value, before[key])}
+    same = all(torch.equal(a, b) for key, m in layers.items()
+               for a, b in zip(integers[key], m.exact_parameters()))
+    if not changed <= layers.keys() or not same:
+        raise ModelError(f"model {name!r}: snapping to the grid changed more than the float weights")
     out = io.BytesIO()
-    torch.save(loaded.net.state_dict(), out)
+    torch.save(after, out)
     return out.getvalue(), {"channels": channels, "of": total}
 
 
@@ -233,4 +252,40 @@ def add_entry(name: str, weights: Path, meta: Path, modes: list[str], make_defau
         data["defaults"] = {**data.get("defaults", {}), **{mode: name for mode in modes}}
     with atomic_write(registry_path) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
+    return entry
+
+
+def restore_on_grid(name: str) -> dict:
+    """Re-store the registered fixed-point model `name` with its float weights snapped to their
+    integer grid (as `add_entry` stores new ones): the same integers, so every file made with
+    it decodes and re-encodes to the same bytes, in about 40 % of the packed size. Its `sha256`
+    (the identity in its files) is kept; `stored_sha256` checks the new bytes. Returns the
+    updated entry."""
+    models_dir = source_models_dir()
+    registry_path = models_dir / REGISTRY_FILE
+    data = json.loads(registry_path.read_text())
+    entry = next((e for e in data["models"] if e["name"] == name), None)
+    if entry is None:
+        get_spec(name)  # raises with the registered names
+        raise ModelError(f"model {name!r} is not in {registry_path}")
+    config = ModelConfig.from_dict(entry["config"])
+    if config.fixed_bits is None:
+        raise ModelError(f"model {name!r} is a float model: its weights are not on an integer grid")
+    if "grid_snapped" in entry:
+        raise ModelError(f"model {name!r} is already stored on its integer grid")
+    target = models_dir / entry["file"]
+    try:
+        raw = packing.read_weights(target)
+    except (OSError, packing.PackError) as exc:
+        raise ModelError(f"weights of model {name!r} are unreadable ({entry['file']}: {exc})") from None
+    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise ModelError(f"weights of model {name!r} fail the sha256 check ({entry['file']})")
+    snapped_raw, snapped = _snapped_weights(name, config, raw)
+    entry.update(stored_sha256=hashlib.sha256(snapped_raw).hexdigest(), grid_snapped=snapped)
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(packing.pack(snapped_raw))
+    with atomic_write(registry_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    specs.cache_clear()
+    load_model.cache_clear()
     return entry
