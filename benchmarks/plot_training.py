@@ -7,7 +7,8 @@ Two panels, because the two generations measure on different held-out crops:
     that reads the ring around each tile on crops 4 px wider, a different sample: dashed).
     A warm-started model continues its parent's line: the x axis counts the crops seen on
     these banks along the whole chain of warm starts (earlier sessions of the same model
-    included), so one line per lineage reads left to right.
+    included), so one line per lineage reads left to right. A model registered from a run
+    that an earlier registered model was also taken from draws only the run's later rows.
 
     python benchmarks/plot_training.py docs/training_curve.png
 """
@@ -65,6 +66,23 @@ def curve_start(spec: registry.ModelSpec) -> int:
     return crops_before(parent(spec)) if parent(spec) in registry.specs() else 0
 
 
+def new_rows(spec: registry.ModelSpec) -> list:
+    """`spec`'s curve from where the longest earlier-registered curve of the same run ends (its
+    last row kept, so the lines join): a resumed run's record holds the whole run."""
+    curve = spec.training.get("curve", [])
+    shown_until = None
+    for other in registry.specs().values():
+        if other.name == spec.name:
+            break
+        rows = other.training.get("curve", [])
+        if len(rows) > 1 and len(rows) < len(curve) and rows[:-1] == curve[:len(rows) - 1] \
+                and parent(other) == parent(spec):
+            shown_until = rows[-1] if shown_until is None or rows[-1][0] > shown_until[0] else shown_until
+    if shown_until is None:
+        return curve
+    return [shown_until] + [row for row in curve if row[0] > shown_until[0]]
+
+
 def main(out: str) -> None:
     fig, (gen1, gen2) = plt.subplots(1, 2, figsize=(11, 4.2))
     gen2.set_prop_cycle(color=plt.cm.tab20.colors)  # more models than the default cycle's 10 colours
@@ -74,7 +92,7 @@ def main(out: str) -> None:
             continue
         batch = spec.training.get("batch", 64)
         if on_gen2_bank(spec):
-            start = curve_start(spec)
+            start, curve = curve_start(spec), new_rows(spec)
             x = [(start + row[0] * batch) / 1e3 for row in curve]
             if spec.config.pixel_halo:  # its held-out crops are 68 px (the ring): another sample of the photos
                 gen2.plot(x, [row[2] for row in curve], marker="o", ms=3, ls="--",
