@@ -165,28 +165,18 @@ def model_from_weights(spec: ModelSpec, weights) -> LoadedModel:
 def _snapped_weights(name: str, config: ModelConfig, raw: bytes) -> tuple[bytes, dict]:
     """A fixed-point model's `torch.save` bytes with its float weights snapped to their integer
     grid (`fixedpoint.snap_network`: the same integers, so the same coding, at under half the
-    packed size) and what was snapped. Raises ModelError if anything but convolution weights
-    changed or a layer's integers did."""
+    packed size) and what was snapped. Raises ModelError if a layer's integers would change."""
     import torch
 
-    from vaezip.network.fixedpoint import FixedConv2d, snap_network
+    from vaezip.network.fixedpoint import snap_network
 
     loaded = model_from_weights(ModelSpec(name, "", "", config, ()), raw)
-    before = {key: value.clone() for key, value in loaded.net.state_dict().items()}
-    layers = {f"{n}.weight": m for n, m in loaded.net.named_modules() if isinstance(m, FixedConv2d)}
-    integers = {key: m.exact_parameters() for key, m in layers.items()}
     try:
         channels, total = snap_network(loaded.net)
     except RuntimeError as exc:
         raise ModelError(f"model {name!r}: {exc}") from None
-    after = loaded.net.state_dict()
-    changed = {key for key, value in after.items() if not torch.equal(value, before[key])}
-    same = all(torch.equal(a, b) for key, m in layers.items()
-               for a, b in zip(integers[key], m.exact_parameters()))
-    if not changed <= layers.keys() or not same:
-        raise ModelError(f"model {name!r}: snapping to the grid changed more than the float weights")
     out = io.BytesIO()
-    torch.save(after, out)
+    torch.save(loaded.net.state_dict(), out)
     return out.getvalue(), {"channels": channels, "of": total}
 
 
@@ -224,12 +214,22 @@ def source_models_dir() -> Path:
     return checkout if (checkout / REGISTRY_FILE).is_file() else Path(str(_models_dir()))
 
 
+def _read_entries(registry_path: Path) -> dict:
+    """The checkout's registry.json as stored (an empty registry where there is none yet)."""
+    return json.loads(registry_path.read_text()) if registry_path.exists() else {"models": []}
+
+
+def _write_entries(registry_path: Path, data: dict) -> None:
+    with atomic_write(registry_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def add_entry(name: str, weights: Path, meta: Path, modes: list[str], make_default: bool = False) -> dict:
     """Pack weights into the checkout's models/ and add (or refuse to replace) a registry entry;
     with `make_default`, the registry's "defaults" name it for each of its `modes`."""
     models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
-    data = json.loads(registry_path.read_text()) if registry_path.exists() else {"models": []}
+    data = _read_entries(registry_path)
     if any(e["name"] == name for e in data["models"]):
         raise ModelError(f"model name {name!r} is taken; names are never reused")
     record = read_record(meta)
@@ -250,8 +250,7 @@ def add_entry(name: str, weights: Path, meta: Path, modes: list[str], make_defau
     data["models"].append(entry)
     if make_default:
         data["defaults"] = {**data.get("defaults", {}), **{mode: name for mode in modes}}
-    with atomic_write(registry_path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    _write_entries(registry_path, data)
     return entry
 
 
@@ -263,7 +262,7 @@ def restore_on_grid(name: str) -> dict:
     updated entry."""
     models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
-    data = json.loads(registry_path.read_text())
+    data = _read_entries(registry_path)
     entry = next((e for e in data["models"] if e["name"] == name), None)
     if entry is None:
         get_spec(name)  # raises with the registered names
@@ -284,8 +283,7 @@ def restore_on_grid(name: str) -> dict:
     entry.update(stored_sha256=hashlib.sha256(snapped_raw).hexdigest(), grid_snapped=snapped)
     with atomic_write(target) as tmp:
         tmp.write_bytes(packing.pack(snapped_raw))
-    with atomic_write(registry_path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    _write_entries(registry_path, data)
     specs.cache_clear()
     load_model.cache_clear()
     return entry
