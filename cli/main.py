@@ -291,7 +291,8 @@ def info(file, as_json) -> None:
         ("payload", f"{len(words)} words ({4 * len(words)} bytes), header {len(data) - 4 * len(words)} bytes"),
         ("bits/subpixel", f"{bpd:.4f}"),
         ("icc profile", f"{len(header.icc_profile)} bytes" if header.icc_profile else "none"),
-        ("written by", header.runtime or "?"),
+        ("written by", header.runtime or ("- (not recorded from format version 10 on)"
+                                          if header.fmt.compact_header else "?")),
     ]
     for key, value in rows:
         click.echo(f"{key:>14}: {value}")

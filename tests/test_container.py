@@ -21,8 +21,9 @@ from vaezip.format.container import (
     pixel_checksum,
     read_header,
     unpack,
+    varint,
 )
-from vaezip.format.versions import CURRENT, KNOWN_VERSIONS
+from vaezip.format.versions import CURRENT, KNOWN_VERSIONS, get
 from vaezip.imaging.images import SUPPORTED_MODES, Image, encode_transparency
 
 HEADER = Header(
@@ -39,7 +40,10 @@ HEADER = Header(
     transparency=encode_transparency(1),
     icc_profile=b"icc",
     runtime="torch=2.13.0",
+    version=9,  # the fixed-width layout of versions 1 to 9
 )
+COMPACT = dataclasses.replace(HEADER, version=10)
+"""HEADER in version 10's compact layout (varints, no runtime)."""
 WORDS = np.array([0, 1, 0xDEADBEEF, 0xFFFFFFFF], dtype=np.uint32)
 
 
@@ -51,7 +55,7 @@ def test_layout_is_pinned():
     expected_body = b"".join(
         [
             MAGIC,
-            b"\x09\x00",  # version (the current one; 6 to 9 have 5's layout)
+            b"\x09\x00",  # version (6 to 9 have 5's layout)
             b"\x01P",
             b"\x03\x00\x00\x00\x02\x00\x00\x00",  # width, height
             b"\x07\x00tiny-v1",
@@ -74,6 +78,54 @@ def test_layout_is_pinned():
     assert pack(HEADER, WORDS) == _with_crc(expected_body)
 
 
+def _compact_body(width=b"\x03", tile=b"\x20", schedule=b"\x02\x01\x04", count=b"\x04", words=WORDS) -> bytes:
+    """COMPACT's body (no CRC) as the container docstring spells it, with raw field bytes swappable."""
+    return b"".join([
+        MAGIC,
+        b"\x0a\x00",  # version 10
+        b"\x01P",
+        width, b"\x02",  # width, height
+        b"\x07tiny-v1",
+        bytes(range(8)),
+        tile,
+        schedule,  # count, then the entries
+        b"\x02",  # initial words
+        bytes(range(100, 116)),
+        b"\x06\x01\x02\x03\x04\x05\x06",
+        b"\x03I\x01\x00",
+        b"\x03icc",
+        b"\x03",  # effort; no runtime
+        count,
+        np.asarray(words, "<u4").tobytes(),
+    ])
+
+
+def test_compact_layout_is_pinned():
+    assert CURRENT.compact_header and COMPACT.runtime == ""
+    assert pack(COMPACT, WORDS) == _with_crc(_compact_body())
+    assert [varint(v) for v in (0, 127, 128, 300, 0x8011, 2**32 - 1)] == [
+        b"\x00", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x91\x80\x02", b"\xff\xff\xff\xff\x0f"]
+    wide = dataclasses.replace(COMPACT, width=300, schedule=(0x8011,))
+    expected = _compact_body(width=b"\xac\x02", schedule=b"\x01\x91\x80\x02")
+    assert pack(wide, WORDS) == _with_crc(expected)
+    assert unpack(pack(wide, WORDS))[0] == wide
+    assert len(pack(HEADER, WORDS)) - len(pack(COMPACT, WORDS)) == 14 + 22  # the runtime; 11 fields, 22 bytes shorter as varints
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"width": b"\x83\x00"}, "shortest form"),
+    ({"tile": b"\x80\x80\x80\x01"}, "too many bytes"),
+    ({"tile": b"\x80\x80\x04"}, "65536 exceeds 65535"),
+    ({"schedule": b"\x01\xff\xff\x04"}, "exceeds 65535"),
+    ({"width": b"\x80\x80\x04"}, "size"),  # a valid u32, a width over 65535
+    ({"count": b"\x05"}, "payload"),
+    ({"count": b"\xff\xff\xff\xff\x1f"}, "payload word count"),
+])
+def test_compact_fields_refused(fields, message):
+    with pytest.raises(CorruptFileError, match=message):
+        unpack(_with_crc(_compact_body(**fields)))
+
+
 def test_modes_of_other_depths_need_version_4():
     deep = dataclasses.replace(HEADER, mode="RGB;16", palette=b"", transparency=encode_transparency((1, 2, 65535)))
     assert unpack(pack(deep, WORDS))[0] == deep
@@ -92,11 +144,12 @@ def test_pixel_checksum_covers_both_bytes_of_16_bit_samples():
     assert checksum != pixel_checksum(Image("L", np.full((2, 3, 1), 2, np.uint8)))
 
 
-def test_round_trip_small():
-    header, words = unpack(pack(HEADER, WORDS))
-    assert header == HEADER
+@pytest.mark.parametrize("header", [HEADER, COMPACT], ids=["fixed", "compact"])
+def test_round_trip_small(header):
+    back, words = unpack(pack(header, WORDS))
+    assert back == header
     assert words.dtype == np.uint32 and np.array_equal(words, WORDS)
-    assert read_header(pack(HEADER, WORDS)) == HEADER
+    assert read_header(pack(header, WORDS)) == header
 
 
 @st.composite
@@ -126,6 +179,7 @@ def headers(draw):
         transparency=encode_transparency(draw(transparency)),
         icc_profile=draw(st.binary(max_size=100)),
         runtime=draw(st.text(max_size=40)),
+        version=draw(st.sampled_from([v for v in KNOWN_VERSIONS if mode in get(v).modes])),
     )
 
 
@@ -139,23 +193,26 @@ def test_round_trip_any_header(header, word_list):
     assert back_words.dtype == np.uint32 and np.array_equal(back_words, words)
 
 
-def test_every_truncation_is_refused():
-    data = pack(HEADER, WORDS)
+@pytest.mark.parametrize("header", [HEADER, COMPACT], ids=["fixed", "compact"])
+def test_every_truncation_is_refused(header):
+    data = pack(header, WORDS)
     for length in range(len(data)):
         with pytest.raises(CorruptFileError):
             unpack(data[:length])
 
 
-def test_every_truncation_with_recomputed_crc_is_refused():
+@pytest.mark.parametrize("header", [HEADER, COMPACT], ids=["fixed", "compact"])
+def test_every_truncation_with_recomputed_crc_is_refused(header):
     """The field parser itself must catch short data, not only the CRC."""
-    body = pack(HEADER, WORDS)[:-4]
+    body = pack(header, WORDS)[:-4]
     for length in range(len(MAGIC) + 2, len(body)):
         with pytest.raises(CorruptFileError):
             unpack(_with_crc(body[:length]))
 
 
-def test_random_bit_flips_are_refused():
-    data = pack(HEADER, WORDS)
+@pytest.mark.parametrize("header", [HEADER, COMPACT], ids=["fixed", "compact"])
+def test_random_bit_flips_are_refused(header):
+    data = pack(header, WORDS)
     rng = np.random.default_rng(1234)
     for bit in rng.integers(0, 8 * len(data), size=300):
         damaged = bytearray(data)
@@ -164,10 +221,11 @@ def test_random_bit_flips_are_refused():
             unpack(bytes(damaged))
 
 
-def test_bit_flips_with_recomputed_crc_never_escape_as_other_errors():
+@pytest.mark.parametrize("header", [HEADER, COMPACT], ids=["fixed", "compact"])
+def test_bit_flips_with_recomputed_crc_never_escape_as_other_errors(header):
     """Every bit flip, and random byte changes, behind a valid CRC: a CorruptFileError, or a
     header and payload that `pack` writes back to exactly the damaged bytes (a valid file)."""
-    body = pack(HEADER, WORDS)[:-4]
+    body = pack(header, WORDS)[:-4]
     rng = np.random.default_rng(99)
     damaged_bodies = []
     for bit in range(8 * len(MAGIC) + 16, 8 * len(body)):
@@ -241,10 +299,13 @@ def test_invalid_fields_with_valid_crc(changes, message):
         unpack(_with_crc(_body_with(**changes)))
 
 
-def test_huge_payload_count_refused_without_allocating():
-    body = pack(HEADER, np.zeros(0, np.uint32))[:-4]
-    assert body.endswith(b"\x00\x00\x00\x00")
-    data = _with_crc(body[:-4] + struct.pack("<I", 2**31) + b"\x00" * 16)
+@pytest.mark.parametrize("header,count", [(HEADER, struct.pack("<I", 2**31)), (COMPACT, varint(2**31))],
+                         ids=["fixed", "compact"])
+def test_huge_payload_count_refused_without_allocating(header, count):
+    empty = pack(header, np.zeros(0, np.uint32))[:-4]
+    zero = b"\x00" * (1 if header.fmt.compact_header else 4)
+    assert empty.endswith(zero)
+    data = _with_crc(empty[: -len(zero)] + count + b"\x00" * 16)
     tracemalloc.start()
     start = time.perf_counter()
     with pytest.raises(CorruptFileError, match="payload"):
@@ -308,12 +369,12 @@ def test_pixel_checksum_covers_lossless_fields():
     assert pixel_checksum(index) != pixel_checksum(Image("P", index.pixels, b"\x00\x00\x01"))
 
 
-def test_all_versions_share_the_layout():
-    """Versions differ in how the payload is coded, not in the header layout, except for
-    version 5's effort byte after the runtime."""
+def test_versions_1_to_9_share_the_layout():
+    """Versions 1 to 9 differ in how the payload is coded, not in the header layout, except
+    for version 5's effort byte after the runtime."""
     current = pack(HEADER, WORDS)
     payload = 4 + 4 * len(WORDS) + 4  # word count, words, CRC
-    for version in KNOWN_VERSIONS:
+    for version in [v for v in KNOWN_VERSIONS if not get(v).compact_header]:
         other = pack(dataclasses.replace(HEADER, version=version), WORDS)
         effort = bytes([HEADER.effort]) if version < 5 else b""  # what the older header lacks
         assert other[:8] == current[:8] and other[8] == version

@@ -176,9 +176,10 @@ def cpu_vendor() -> str:
 
 
 def mismatch_note(written_by: str, fmt: Optional[versions.Format] = None) -> str:
-    """' (written by X; this is Y)' when a file's runtime differs from this one, else ''; for a
-    file whose network ran in a float format (`fmt`, versions 1 to 5), also what that means."""
-    notes = [] if written_by == runtime() else [f"written by {written_by}; this is {runtime()}"]
+    """' (written by X; this is Y)' when a file's runtime differs from this one, else '' (and
+    for "", not recorded: format versions with `compact_header`); for a file whose network ran
+    in a float format (`fmt`, versions 1 to 5), also what that means."""
+    notes = [] if written_by in ("", runtime()) else [f"written by {written_by}; this is {runtime()}"]
     if fmt is not None and not fmt.numerics.exact:
         notes.append(f"format version {fmt.version} runs a float network, whose files decode only where the "
                      "float arithmetic matches the writing machine's (docs/PORTABILITY.md)")

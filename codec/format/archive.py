@@ -3,7 +3,7 @@
 Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
 
     magic         8 bytes   b"VZPK\\r\\n\\x1a\\n"  (differs from .vz's b"VZIP\\r\\n\\x1a\\n")
-    version       u16       1 to 5 (`versions`)
+    version       u16       1 to 10 (`versions`)
     count         u32       number of images, >= 1
     table_size    u32       bytes of the image table, uncompressed
     table_zsize   u32       bytes of the zlib stream that follows
@@ -11,10 +11,11 @@ Every integer little-endian, strings UTF-8 with a u16 length prefix ("text"):
     payload       u32 count + count x u32   ANS words of all images, chained
     crc32         u32       zlib.crc32 of every byte before it
 
-Versions with `archive_columns` (2 to 5) store the table column by column, so
+Versions with `archive_columns` (2 on) store the table column by column, so
 that fields repeating from image to image deflate to almost nothing:
 
-    runtime       text      library versions that affect the numbers
+    runtime       text      library versions that wrote it (not in versions with
+                            `compact_header`, 10 on)
     checksum      16 bytes  `set_checksum` of every image's `container.pixel_checksum`
     names         u8 kind, then kind 0: count x text;
                             kind 1 (numbered): prefix text, first u32, digits u8,
@@ -257,7 +258,8 @@ def _columns_table(entries: Sequence[Entry]) -> bytes:
         [_bytes16(h.transparency) for h in headers],
         [struct.pack("<I", len(h.icc_profile)) + h.icc_profile for h in headers],
     ]
-    head = _text(headers[0].runtime) + set_checksum([h.pixel_checksum for h in headers])
+    runtime = b"" if headers[0].fmt.compact_header else _text(headers[0].runtime)
+    head = runtime + set_checksum([h.pixel_checksum for h in headers])
     return head + _names_block([e.name for e in entries]) + b"".join(b"".join(c) for c in columns)
 
 
@@ -341,7 +343,7 @@ def _read_names(table: Reader, count: int) -> list[str]:
 
 
 def _read_columns(table: Reader, count: int, version: int) -> tuple[list[Entry], bytes]:
-    runtime = table.text("runtime", table.u16("runtime length"))
+    runtime = "" if versions.get(version).compact_header else table.text("runtime", table.u16("runtime length"))
     checksum = table.take(container.CHECKSUM_BYTES, "set checksum")
     names = _read_names(table, count)
     flags = [table.u8("image flags") for _ in range(count)]

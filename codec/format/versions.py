@@ -20,6 +20,8 @@ Torch-free: the byte-level format (`container`, `archive`) reads it too.
     8        as 7, and a model with `ModelConfig.pixel_halo` reads the ring of neighbouring
              pixels around each tile (the neighbours in the same or a later batch)
     9        as 8, and each tile of a batch codes its own change to the batch's scale offsets
+    10       as 9 in a compact header: no runtime string (the fixed-point numbers do not depend
+             on it), counts, sizes and lengths as LEB128 varints; a .vzp table without runtime
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Format:
             (`ModelConfig.pixel_halo`, `bitsback.TileRing`; else the model must not).
         tile_offsets: each tile codes, after its batch's scale offsets of a pixel step, a
             change to them for its own positions (`calibrate.tile_deltas`).
+        compact_header: a .vz header stores no `runtime` string and its counts, sizes and
+            lengths as LEB128 varints (`container`); a .vzp table stores no runtime either.
     """
 
     version: int
@@ -89,6 +93,7 @@ class Format:
     stage0_steps: bool = False
     pixel_halo: bool = False
     tile_offsets: bool = False
+    compact_header: bool = False
 
 
 _NATIVE = Numerics(onednn=False, sub_batch_pixels=None)
@@ -118,10 +123,12 @@ _V8 = Format(8, _EXACT, (-1024, 1279), binned_tables=True, scale_offsets=True,
 
 _V9 = replace(_V8, version=9, tile_offsets=True)
 
-FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)}
+_V10 = replace(_V9, version=10, compact_header=True)
+
+FORMATS: dict[int, Format] = {f.version: f for f in (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10)}
 """Every version this build reads, by number."""
 KNOWN_VERSIONS: tuple[int, ...] = tuple(FORMATS)
-CURRENT: Format = _V9
+CURRENT: Format = _V10
 """The version this build writes with a fixed-point model (`ModelConfig.fixed_bits`)."""
 NEWEST_FLOAT: Format = _V5
 """The version this build writes with a float model (versions 1-5 run float networks)."""
