@@ -8,6 +8,7 @@ tiling. Strategies are model variants of the shipped weights:
   unpruned  every latent channel coded (the config before pruning).
 
     python benchmarks/overhead.py [--images 1 5 13 23] [--sizes 32 64 128 256 full]
+        [--model NAME] [--strategies pruned unpruned] [--version N]
 
 Default: all 24 Kodak images (crops are evaluation data: the models never saw Kodak).
 """
@@ -49,10 +50,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=list(range(1, 25)))
     parser.add_argument("--sizes", nargs="+", default=["32", "64", "128", "256", "full"])
     parser.add_argument("--model", default="photo-rgb-1")
+    parser.add_argument("--strategies", nargs="+", choices=["pruned", "unpruned"], default=["pruned", "unpruned"])
+    parser.add_argument("--version", type=int, default=None, help="format version (default: the model's newest)")
     parser.add_argument("--json-out", default="/tmp/vaezip-overhead.json")
     args = parser.parse_args()
     sizes = [s if s == "full" else int(s) for s in args.sizes]
-    models = variants(args.model)
+    models = {name: loaded for name, loaded in variants(args.model).items() if name in args.strategies}
     rows = []
     for size in sizes:
         for strategy, loaded in models.items():
@@ -61,7 +64,7 @@ def main() -> None:
             start = time.perf_counter()
             for index in args.images:
                 pixels = crop(np.asarray(PILImage.open(KODAK.format(index)).convert("RGB")), size)
-                data = api.compress(pixels, loaded=loaded)
+                data = api.compress(pixels, loaded=loaded, version=args.version)
                 back = api.decompress(data, loaded=loaded)
                 if not np.array_equal(back, pixels):
                     raise SystemExit(f"round trip failed: kodim{index:02d} size {size} {strategy}")
@@ -86,7 +89,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(args.json_out, "w") as f:
-        json.dump({"images": args.images, "model": args.model, "rows": rows}, f, indent=1)
+        json.dump({"images": args.images, "model": args.model, "version": args.version, "rows": rows}, f, indent=1)
     print("\n| size | strategy | −ELBO bpd | file bpd | overhead (total) | worst image | of which header | PNG bpd | files > PNG |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -37,7 +37,7 @@ def compress(image: ImageLike, model: Optional[str] = None, *, loaded: LoadedMod
         progress: called with the number of tiles finished.
         version: format version to write (`versions.KNOWN_VERSIONS`; older ones for
             compatibility tests); None: the newest the model codes (`versions.newest`:
-            6 for a fixed-point model, 5 for a float one).
+            `CURRENT` for a fixed-point model, 5 for a float one).
         effort: encoder effort 1..9 (`versions.EFFORTS`, like cjxl's -e): a higher one
             encodes more slowly into a smaller file (`coding.adapt.EFFORT_SETTINGS`);
             decoding time does not depend on it.
