@@ -29,6 +29,7 @@ outputs (`_StopSignals`); a second signal interrupts at once.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -859,6 +860,10 @@ def train(
         if started_group:  # every rank done before the group goes: gloo aborts a rank whose peer left first
             import torch.distributed as dist
 
+            # DDP's reducer sits in reference cycles that hold the group: free them now, so that
+            # destroying the group joins gloo's threads here and not during interpreter shutdown
+            # (a rank aborted there once: "terminate called without an active exception").
+            gc.collect()
             dist.barrier()
         return result
     finally:
