@@ -408,7 +408,7 @@ def header_fields(header: Header) -> bytes:
         header.model_hash,
         u16(header.tile_size),
         u16(len(header.schedule)),
-        b"".join(u16(n) for n in header.schedule) if compact else np.asarray(header.schedule, dtype="<u2").tobytes(),
+        b"".join(u16(n) for n in header.schedule),
         u32(header.num_initial_words),
         header.pixel_checksum,
         u16(len(header.palette)) + header.palette,
@@ -443,11 +443,7 @@ def read_header_fields(reader: Reader, version: int) -> Header:
     model_name = reader.text("model name", u16("model name length"))
     model_hash = reader.take(MODEL_HASH_BYTES, "model hash")
     tile_size = u16("tile size")
-    entries = u16("schedule length")
-    if compact:
-        schedule = tuple(u16("schedule entry") for _ in range(entries))
-    else:
-        schedule = tuple(int(n) for n in reader.array(entries, "<u2", "schedule"))
+    schedule = tuple(u16("schedule entry") for _ in range(u16("schedule length")))
     num_initial_words = u32("initial word count")
     checksum = reader.take(CHECKSUM_BYTES, "pixel checksum")
     palette = reader.take(u16("palette length"), "palette")
