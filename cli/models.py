@@ -1,4 +1,4 @@
-"""`vaezip registry add`/`snap` and `vaezip prune`: turning a training run into a registered model.
+"""`vaezip registry add`/`snap`/`delta` and `vaezip prune`: turning a training run into a registered model.
 
 Thin layers over `vaezip.network.registry` and `vaezip.training.prune.prune`; torch is
 imported inside the commands, so `vaezip --help` stays fast.
@@ -77,6 +77,24 @@ def registry_snap(names) -> None:
         after = (registry.source_models_dir() / entry["file"]).stat().st_size
         click.echo(json.dumps({"name": name, "sha256": entry["sha256"], "stored_sha256": entry["stored_sha256"],
                                "grid_snapped": entry["grid_snapped"], "bytes": [before, after]}))
+
+
+@registry_group.command("delta")
+@click.argument("name")
+@click.argument("base")
+def registry_delta(name, base) -> None:
+    """Re-store registered model NAME as its difference from registered model BASE (its successor
+    in a training campaign): the same bytes once unpacked, so the same sha256s and the same files,
+    in about half the space. Loading NAME then reads BASE first. Refuses a cycle and a difference
+    that is not smaller. Prints the sizes before and after.
+    """
+    from vaezip.network import registry
+
+    path = registry.source_models_dir() / registry.get_spec(name).file
+    before = path.stat().st_size if path.is_file() else None
+    entry = registry.restore_as_delta(name, base)
+    click.echo(json.dumps({"name": name, "delta_base": entry["delta_base"], "sha256": entry["sha256"],
+                           "bytes": [before, (registry.source_models_dir() / entry["file"]).stat().st_size]}))
 
 
 @click.command("prune")

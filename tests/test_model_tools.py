@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import make_tiny_fixed_model, make_tiny_model, random_image, random_pixels
 
 from vaezip.cli.main import main
+from vaezip.errors import ModelError
 from vaezip.imaging.images import write_png
 from vaezip.network import packing, registry
 from vaezip.network.config import ModelConfig
@@ -198,6 +199,85 @@ def test_registry_snap_refuses_float_and_unknown_models(installed_models):
     _register_unsnapped(installed_models, make_tiny_model(1, "tiny-float-9"))
     _one_line_error(_run("registry", "snap", "tiny-float-9"), "float model")
     _one_line_error(_run("registry", "snap", "no-such-model"), "unknown model")
+
+
+def _successor(loaded, name: str, step: float = 0.001):
+    """`loaded` after a little more training: a few weights of each layer moved by `step`."""
+    successor = make_tiny_fixed_model(3, name, pixel_halo=True)
+    with torch.no_grad():
+        for key, value in successor.net.state_dict().items():
+            value.copy_(loaded.net.state_dict()[key])
+            if key.endswith(".weight") and value.is_floating_point():
+                value.view(-1)[::7] *= 1 + step
+    return successor
+
+
+def test_registry_delta_stores_a_model_as_its_difference(installed_models):
+    """`vaezip registry delta`: a superseded model stored as its difference from its successor
+    keeps its identity, loads the same bytes and decodes and re-encodes its files unchanged."""
+    import vaezip
+
+    older = make_tiny_fixed_model(3, "tiny-old-9", pixel_halo=True)
+    entry = _register_unsnapped(installed_models, older)
+    _register_unsnapped(installed_models, _successor(older, "tiny-new-9"))
+    pixels = random_pixels("RGB", 48, 40, seed=5, smooth=True)
+    before = vaezip.compress(pixels, "tiny-old-9", effort=3)
+    raw = registry.stored_weights("tiny-old-9")
+    stored_before = (installed_models / entry["file"]).stat().st_size
+
+    result = _run("registry", "delta", "tiny-old-9", "tiny-new-9")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    after = (installed_models / entry["file"]).stat().st_size
+    assert printed == {"name": "tiny-old-9", "delta_base": "tiny-new-9", "sha256": entry["sha256"],
+                       "bytes": [stored_before, after]}
+    assert after < stored_before / 2
+    assert (installed_models / entry["file"]).read_bytes()[:8] == packing.DELTA_MAGIC
+    stored = next(e for e in json.loads((installed_models / registry.REGISTRY_FILE).read_text())["models"]
+                  if e["name"] == "tiny-old-9")
+    assert stored == {**json.loads(json.dumps(entry)), "delta_base": "tiny-new-9"}
+    assert registry.stored_weights("tiny-old-9") == raw
+    assert np.array_equal(vaezip.decompress(before), pixels)
+    assert vaezip.compress(pixels, "tiny-old-9", effort=3) == before
+
+    cycle = "a cycle (tiny-new-9 -> tiny-old-9 -> tiny-new-9)"
+    _one_line_error(_run("registry", "delta", "tiny-new-9", "tiny-old-9"), cycle)
+    _one_line_error(_run("registry", "delta", "tiny-new-9", "tiny-new-9"), "a cycle")
+    _one_line_error(_run("registry", "delta", "tiny-old-9", "tiny-new-9"), "not less than")  # already a difference
+    _one_line_error(_run("registry", "delta", "tiny-old-9", "no-such-model"), "unknown model")
+    _one_line_error(_run("registry", "snap", "tiny-new-9"), "is the base of tiny-old-9")
+
+    base_file = installed_models / "tiny-new-9.ptz"
+    base_raw = registry.stored_weights("tiny-new-9")
+    base_file.write_bytes(packing.pack(base_raw[:-1] + bytes([base_raw[-1] ^ 1])))
+    registry.load_model.cache_clear()
+    with pytest.raises(ModelError, match="'tiny-new-9' fail the sha256"):
+        registry.load_model("tiny-old-9")  # the base is checked before it is used
+    base_file.unlink()
+    with pytest.raises(ModelError, match="'tiny-new-9' are missing"):
+        registry.load_model("tiny-old-9")
+    assert not (installed_models / "tiny-new-9.ptz").exists()
+
+
+def test_a_delta_unpacked_with_the_wrong_base_is_refused(installed_models):
+    older = make_tiny_fixed_model(3, "tiny-old-9", pixel_halo=True)
+    entry = _register_unsnapped(installed_models, older)
+    _register_unsnapped(installed_models, _successor(older, "tiny-new-9"))
+    _register_unsnapped(installed_models, _successor(older, "tiny-other-9", step=0.002))
+    assert _run("registry", "delta", "tiny-old-9", "tiny-new-9").exit_code == 0
+    path = installed_models / registry.REGISTRY_FILE
+    data = json.loads(path.read_text())
+    next(e for e in data["models"] if e["name"] == "tiny-old-9")["delta_base"] = "tiny-other-9"
+    path.write_text(json.dumps(data))
+    registry.specs.cache_clear()
+    with pytest.raises(ModelError, match=f"corrupt \\({entry['file']}: a difference from other weights"):
+        registry.load_model("tiny-old-9")
+    for name, base in (("tiny-old-9", "tiny-new-9"), ("tiny-new-9", "tiny-old-9")):  # a hand-made cycle
+        next(e for e in data["models"] if e["name"] == name)["delta_base"] = base
+    path.write_text(json.dumps(data))
+    registry.specs.cache_clear()
+    with pytest.raises(ModelError, match="difference from themselves"):
+        registry.stored_weights("tiny-new-9")
 
 
 def test_prune(run_files, tmp_path):

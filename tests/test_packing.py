@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 
@@ -47,3 +48,37 @@ def test_damage_is_refused():
     wrong_length = struct.pack("<8sQ", packing.MAGIC, 8) + packed[16:]
     with pytest.raises(packing.PackError, match="header says 8"):
         packing.unpack(wrong_length)
+
+
+@pytest.mark.parametrize("base_length", [0, 4000, 4097, 5000])
+def test_delta_round_trip_against_any_base(base_length):
+    rng = np.random.default_rng(base_length)
+    raw = rng.integers(0, 256, 4097, dtype=np.uint8).tobytes()
+    base = bytearray(raw[:base_length] + bytes(max(0, base_length - len(raw))))
+    for i in range(0, len(base), 97):  # a few changed bytes: a successor's weights
+        base[i] ^= 1
+    base = bytes(base)
+    packed = packing.pack_delta(raw, base)
+    assert packed[:8] == packing.DELTA_MAGIC
+    assert packing.delta_base(packed) == hashlib.sha256(base).hexdigest()
+    assert packing.delta_base(packing.pack(raw)) is None
+    assert packing.unpack(packed, base) == raw
+    if base_length >= 4000:  # mostly equal bytes: the difference packs far smaller than the whole
+        assert len(packed) < len(packing.pack(raw)) / 4
+
+
+def test_delta_needs_its_own_base(tmp_path):
+    raw, base = b"weights, after" * 50, b"weights before" * 50
+    packed = packing.pack_delta(raw, base)
+    with pytest.raises(packing.PackError, match="without them"):
+        packing.unpack(packed)
+    with pytest.raises(packing.PackError, match="other weights"):
+        packing.unpack(packed, base[:-1] + b"!")
+    with pytest.raises(packing.PackError, match="too short"):
+        packing.unpack(packed[:30], base)
+    with pytest.raises(packing.PackError, match="zlib"):
+        packing.unpack(packed[:-3], base)
+    path = tmp_path / f"w{packing.SUFFIX}"
+    path.write_bytes(packed)
+    assert packing.read_weights(path, base) == raw
+    assert packing.unpack(packing.pack(raw), base) == raw  # a whole file ignores a base

@@ -45,7 +45,15 @@ def test_entry_file_hash_and_strict_load(name):
     path = Path(str(registry._models_dir() / spec.file))
     assert path.is_file(), path
     assert path.suffix == packing.SUFFIX  # stored packed; the sha256 is that of the unpacked bytes
-    raw = packing.read_weights(path)
+    packed = path.read_bytes()
+    if spec.delta_base:  # stored as the difference from its successor's bytes (`registry delta`)
+        base = registry.stored_weights(spec.delta_base)
+        assert packing.delta_base(packed) == hashlib.sha256(base).hexdigest()
+        raw = packing.unpack(packed, base)
+    else:
+        assert packing.delta_base(packed) is None
+        raw = packing.unpack(packed)
+    assert raw == registry.stored_weights(name)
     # Re-stored on the integer grid (`registry snap`): the stored bytes have their own hash,
     # the registered one stays the identity in the model's files.
     assert hashlib.sha256(raw).hexdigest() == (spec.stored_sha256 or spec.sha256)

@@ -6,7 +6,9 @@ packed (`NAME.ptz`, see `packing`); the entry's sha256 is that of the unpacked
 `torch.save` bytes and is checked in full before `torch.load(..., weights_only=True)`;
 loading is strict. A fixed-point model registered before weights were snapped to their
 integer grid can be re-stored snapped (`restore_on_grid`: the same integers, so the same
-files): its sha256 stays its identity and `stored_sha256` checks the new bytes.
+files): its sha256 stays its identity and `stored_sha256` checks the new bytes. A superseded
+model can be stored as its difference from its successor (`restore_as_delta`, the entry's
+`delta_base`): loading it reads the successor's bytes first.
 A retrain gets a new name; old names stay so old files still decode.
 
 Add an entry (prints it and writes registry.json, no hand-typed hashes):
@@ -37,7 +39,8 @@ class ModelSpec:
     """One registered model. `sha256` is the hex digest of the weights' `torch.save` bytes as
     registered (of the file, once unpacked where it is stored packed): the model's identity.
     `stored_sha256`, when set, is that of the bytes stored now, which `restore_on_grid` made
-    from the registered ones (the same integer weights)."""
+    from the registered ones (the same integer weights). `delta_base`, when set, names the model
+    whose stored bytes this file is a difference from (`packing.pack_delta`)."""
 
     name: str
     file: str
@@ -47,6 +50,7 @@ class ModelSpec:
     training: dict = field(default_factory=dict, compare=False)
     bpd: dict = field(default_factory=dict, compare=False)
     stored_sha256: str = ""
+    delta_base: str = ""
 
     @property
     def hash_prefix(self) -> bytes:
@@ -82,7 +86,7 @@ def specs() -> dict[str, ModelSpec]:
             name=entry["name"], file=entry["file"], sha256=entry["sha256"],
             config=ModelConfig.from_dict(entry["config"]), modes=tuple(entry.get("modes", ())),
             training=entry.get("training", {}), bpd=entry.get("bpd", {}),
-            stored_sha256=entry.get("stored_sha256", ""),
+            stored_sha256=entry.get("stored_sha256", ""), delta_base=entry.get("delta_base", ""),
         )
     return out
 
@@ -125,18 +129,28 @@ def sha256_file(path) -> str:
 @lru_cache(maxsize=4)
 def load_model(name: str) -> LoadedModel:
     """Load a registered model once per process, after checking its full sha256."""
+    return model_from_weights(get_spec(name), stored_weights(name))
+
+
+def stored_weights(name: str, _needed_by: tuple[str, ...] = ()) -> bytes:
+    """The `torch.save` bytes stored for registered model `name`, checked against their sha256
+    (a model stored as a difference unpacks with its `delta_base`'s bytes, checked first)."""
+    if name in _needed_by:
+        raise ModelError(f"weights of model {name!r} are stored as a difference from themselves "
+                         f"({' -> '.join(_needed_by + (name,))})")
     spec = get_spec(name)
+    base = stored_weights(spec.delta_base, _needed_by + (name,)) if spec.delta_base else None
     resource = _models_dir() / spec.file
     with resources.as_file(resource) as path:
         if not Path(path).is_file():
             raise ModelError(f"weights of model {name!r} are missing ({spec.file})")
         try:
-            raw = packing.read_weights(path)
+            raw = packing.read_weights(path, base)
         except packing.PackError as exc:
             raise ModelError(f"weights of model {name!r} are corrupt ({spec.file}: {exc})") from None
     if hashlib.sha256(raw).hexdigest() != (spec.stored_sha256 or spec.sha256):
         raise ModelError(f"weights of model {name!r} fail the sha256 check ({spec.file})")
-    return model_from_weights(spec, raw)
+    return raw
 
 
 def model_from_weights(spec: ModelSpec, weights) -> LoadedModel:
@@ -272,18 +286,59 @@ def restore_on_grid(name: str) -> dict:
         raise ModelError(f"model {name!r} is a float model: its weights are not on an integer grid")
     if "grid_snapped" in entry:
         raise ModelError(f"model {name!r} is already stored on its integer grid")
+    _refuse_if_a_delta_base(data, name)
     target = models_dir / entry["file"]
-    try:
-        raw = packing.read_weights(target)
-    except (OSError, packing.PackError) as exc:
-        raise ModelError(f"weights of model {name!r} are unreadable ({entry['file']}: {exc})") from None
-    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
-        raise ModelError(f"weights of model {name!r} fail the sha256 check ({entry['file']})")
-    snapped_raw, snapped = _snapped_weights(name, config, raw)
+    snapped_raw, snapped = _snapped_weights(name, config, stored_weights(name))
     entry.update(stored_sha256=hashlib.sha256(snapped_raw).hexdigest(), grid_snapped=snapped)
+    entry.pop("delta_base", None)  # stored whole
     with atomic_write(target) as tmp:
         tmp.write_bytes(packing.pack(snapped_raw))
     _write_entries(registry_path, data)
     specs.cache_clear()
     load_model.cache_clear()
     return entry
+
+
+def restore_as_delta(name: str, base: str) -> dict:
+    """Re-store registered model `name` as the difference from registered model `base`'s stored
+    bytes (`packing.pack_delta`): the same bytes once unpacked, so the same sha256s and the same
+    files, in about half the space when `base` continues `name`'s training. Loading `name` then
+    reads `base` first. Refuses a `base` stored relative to `name` (a cycle) and a difference not
+    smaller than what is stored now. Returns the updated entry."""
+    models_dir = source_models_dir()
+    registry_path = models_dir / REGISTRY_FILE
+    data = _read_entries(registry_path)
+    entries = {e["name"]: e for e in data["models"]}
+    for wanted in (name, base):
+        if wanted not in entries:
+            get_spec(wanted)  # raises with the registered names
+            raise ModelError(f"model {wanted!r} is not in {registry_path}")
+    link, chain = base, [name, base]
+    while link != name and entries[link].get("delta_base"):
+        link = entries[link]["delta_base"]
+        chain.append(link)
+    if link == name:
+        raise ModelError(f"model {base!r} is stored relative to {name!r}: a cycle ({' -> '.join(chain)})")
+    raw, base_raw = stored_weights(name), stored_weights(base)
+    packed = packing.pack_delta(raw, base_raw)
+    target = models_dir / entries[name]["file"]
+    if len(packed) >= target.stat().st_size:
+        raise ModelError(f"model {name!r} as a difference from {base!r} takes {len(packed):,} bytes, "
+                         f"not less than the {target.stat().st_size:,} stored now")
+    if packing.unpack(packed, base_raw) != raw:  # pragma: no cover - a packing bug, never a user error
+        raise ModelError(f"model {name!r}: the difference from {base!r} does not unpack to its weights")
+    entries[name]["delta_base"] = base
+    _write_entries(registry_path, data)  # first: a whole file under a delta entry still loads
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(packed)
+    specs.cache_clear()
+    load_model.cache_clear()
+    return entries[name]
+
+
+def _refuse_if_a_delta_base(data: dict, name: str) -> None:
+    """Models stored as a difference from `name`'s bytes need those bytes unchanged."""
+    dependents = [e["name"] for e in data["models"] if e.get("delta_base") == name]
+    if dependents:
+        raise ModelError(f"model {name!r} is the base of {', '.join(dependents)} (stored as differences "
+                         f"from its bytes); its stored bytes cannot change")
