@@ -85,8 +85,8 @@ def registry_snap(names) -> None:
 def registry_delta(name, base) -> None:
     """Re-store registered model NAME as its difference from registered model BASE (its successor
     in a training campaign): the same bytes once unpacked, so the same sha256s and the same files,
-    in about half the space. Loading NAME then reads BASE first. Refuses a cycle and a difference
-    that is not smaller. Prints the sizes before and after.
+    in about half the space. Loading NAME then reads BASE first. Refuses a default model, a cycle
+    and a difference that is not smaller. Prints the sizes before and after.
     """
     from vaezip.network import registry
 

@@ -245,6 +245,8 @@ def test_registry_delta_stores_a_model_as_its_difference(installed_models):
     _one_line_error(_run("registry", "delta", "tiny-new-9", "tiny-new-9"), "a cycle")
     _one_line_error(_run("registry", "delta", "tiny-old-9", "tiny-new-9"), "not less than")  # already a difference
     _one_line_error(_run("registry", "delta", "tiny-old-9", "no-such-model"), "unknown model")
+    default = registry.default_model("RGB")
+    _one_line_error(_run("registry", "delta", default, "tiny-new-9"), "is the default for RGB")
     _one_line_error(_run("registry", "snap", "tiny-new-9"), "is the base of tiny-old-9")
 
     base_file = installed_models / "tiny-new-9.ptz"

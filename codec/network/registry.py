@@ -303,8 +303,9 @@ def restore_as_delta(name: str, base: str) -> dict:
     """Re-store registered model `name` as the difference from registered model `base`'s stored
     bytes (`packing.pack_delta`): the same bytes once unpacked, so the same sha256s and the same
     files, in about half the space when `base` continues `name`'s training. Loading `name` then
-    reads `base` first. Refuses a `base` stored relative to `name` (a cycle) and a difference not
-    smaller than what is stored now. Returns the updated entry."""
+    reads `base` first. Refuses a default model (loaded by every compress), a `base` stored
+    relative to `name` (a cycle) and a difference not smaller than what is stored now. Returns the
+    updated entry."""
     models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
     data = _read_entries(registry_path)
@@ -313,6 +314,9 @@ def restore_as_delta(name: str, base: str) -> dict:
         if wanted not in entries:
             get_spec(wanted)  # raises with the registered names
             raise ModelError(f"model {wanted!r} is not in {registry_path}")
+    default_for = sorted(mode for mode, chosen in data.get("defaults", {}).items() if chosen == name)
+    if default_for:
+        raise ModelError(f"model {name!r} is the default for {', '.join(default_for)}: it stays stored whole")
     link, chain = base, [name, base]
     while link != name and entries[link].get("delta_base"):
         link = entries[link]["delta_base"]
