@@ -277,10 +277,7 @@ def restore_on_grid(name: str) -> dict:
     models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
     data = _read_entries(registry_path)
-    entry = next((e for e in data["models"] if e["name"] == name), None)
-    if entry is None:
-        get_spec(name)  # raises with the registered names
-        raise ModelError(f"model {name!r} is not in {registry_path}")
+    entry = _stored_entry(data, name, registry_path)
     config = ModelConfig.from_dict(entry["config"])
     if config.fixed_bits is None:
         raise ModelError(f"model {name!r} is a float model: its weights are not on an integer grid")
@@ -309,11 +306,9 @@ def restore_as_delta(name: str, base: str) -> dict:
     models_dir = source_models_dir()
     registry_path = models_dir / REGISTRY_FILE
     data = _read_entries(registry_path)
+    entry = _stored_entry(data, name, registry_path)
+    _stored_entry(data, base, registry_path)
     entries = {e["name"]: e for e in data["models"]}
-    for wanted in (name, base):
-        if wanted not in entries:
-            get_spec(wanted)  # raises with the registered names
-            raise ModelError(f"model {wanted!r} is not in {registry_path}")
     default_for = sorted(mode for mode, chosen in data.get("defaults", {}).items() if chosen == name)
     if default_for:
         raise ModelError(f"model {name!r} is the default for {', '.join(default_for)}: it stays stored whole")
@@ -325,19 +320,28 @@ def restore_as_delta(name: str, base: str) -> dict:
         raise ModelError(f"model {base!r} is stored relative to {name!r}: a cycle ({' -> '.join(chain)})")
     raw, base_raw = stored_weights(name), stored_weights(base)
     packed = packing.pack_delta(raw, base_raw)
-    target = models_dir / entries[name]["file"]
+    target = models_dir / entry["file"]
     if len(packed) >= target.stat().st_size:
         raise ModelError(f"model {name!r} as a difference from {base!r} takes {len(packed):,} bytes, "
                          f"not less than the {target.stat().st_size:,} stored now")
     if packing.unpack(packed, base_raw) != raw:  # pragma: no cover - a packing bug, never a user error
         raise ModelError(f"model {name!r}: the difference from {base!r} does not unpack to its weights")
-    entries[name]["delta_base"] = base
+    entry["delta_base"] = base
     _write_entries(registry_path, data)  # first: a whole file under a delta entry still loads
     with atomic_write(target) as tmp:
         tmp.write_bytes(packed)
     specs.cache_clear()
     load_model.cache_clear()
-    return entries[name]
+    return entry
+
+
+def _stored_entry(data: dict, name: str, registry_path: Path) -> dict:
+    """`name`'s entry in the checkout's registry `data` (read from `registry_path`)."""
+    entry = next((e for e in data["models"] if e["name"] == name), None)
+    if entry is None:
+        get_spec(name)  # raises with the registered names
+        raise ModelError(f"model {name!r} is not in {registry_path}")
+    return entry
 
 
 def _refuse_if_a_delta_base(data: dict, name: str) -> None:
