@@ -9,6 +9,7 @@ Two panels, because the two generations measure on different held-out crops:
     these banks along the whole chain of warm starts (earlier sessions of the same model
     included), so one line per lineage reads left to right. A model registered from a run
     that an earlier registered model was also taken from draws only the run's later rows.
+    A family's sessions (photo-rgb-halo-1 ... -14) share one colour and one legend entry.
 
     python benchmarks/plot_training.py docs/training_curve.png
 """
@@ -83,9 +84,25 @@ def new_rows(spec: registry.ModelSpec) -> list:
     return [shown_until] + [row for row in curve if row[0] > shown_until[0]]
 
 
+def lineage_of(name: str) -> str:
+    """A model's family: its name without the session number (photo-rgb-halo-14 -> photo-rgb-halo)."""
+    return re.sub(r"-\d+$", "", name)
+
+
+def lineage_labels(specs: list[registry.ModelSpec]) -> dict[str, str]:
+    """The legend entry of each family: its one name, or its first name and last number."""
+    members: dict[str, list[str]] = {}
+    for spec in specs:
+        members.setdefault(lineage_of(spec.name), []).append(spec.name)
+    return {lineage: names[0] if len(names) == 1 else f"{names[0]} … {names[-1].rsplit('-', 1)[1]}"
+            for lineage, names in members.items()}
+
+
 def main(out: str) -> None:
     fig, (gen1, gen2) = plt.subplots(1, 2, figsize=(11, 4.2))
     gen2.set_prop_cycle(color=plt.cm.tab20.colors)  # more models than the default cycle's 10 colours
+    lineages = lineage_labels([spec for spec in registry.specs().values() if on_gen2_bank(spec)])
+    colours: dict[str, tuple] = {}
     for spec in registry.specs().values():
         curve = spec.training.get("curve", [])
         if not curve or spec.name.startswith("mnist"):
@@ -94,11 +111,14 @@ def main(out: str) -> None:
         if on_gen2_bank(spec):
             start, curve = curve_start(spec), new_rows(spec)
             x = [(start + row[0] * batch) / 1e3 for row in curve]
-            if spec.config.pixel_halo:  # its held-out crops are 68 px (the ring): another sample of the photos
-                gen2.plot(x, [row[2] for row in curve], marker="o", ms=3, ls="--",
-                          label=f"{spec.name} (other crops: 68 px with the ring)")
-            else:
-                gen2.plot(x, [row[2] for row in curve], marker="o", ms=3, label=spec.name)
+            lineage = lineage_of(spec.name)
+            label = lineages.pop(lineage, None)  # one legend entry a lineage
+            if spec.config.pixel_halo and label is not None:  # its held-out crops are 68 px (the ring)
+                label += " (68 px crops: the ring)"
+            style = {"color": colours[lineage]} if lineage in colours else {}
+            (line,) = gen2.plot(x, [row[2] for row in curve], marker="o", ms=3,
+                                ls="--" if spec.config.pixel_halo else "-", label=label, **style)
+            colours.setdefault(lineage, line.get_color())
         else:
             x = [row[0] * batch / 1e3 for row in curve]
             (line,) = gen1.plot(x, [row[2] for row in curve], marker="o", ms=3, label=f"{spec.name} held-out")
@@ -111,7 +131,8 @@ def main(out: str) -> None:
         ax.set_xlabel("crops seen (thousands)")
         ax.set_ylabel("held-out −ELBO, bits per subpixel")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    gen1.legend(fontsize=7)
+    gen2.legend(fontsize=7, loc="upper right")  # the curves fall from the upper left
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
