@@ -9,7 +9,7 @@ Two panels, because the two generations measure on different held-out crops:
     these banks along the whole chain of warm starts (earlier sessions of the same model
     included), so one line per lineage reads left to right. A model registered from a run
     that an earlier registered model was also taken from draws only the run's later rows.
-    A family's sessions (photo-rgb-halo-1 ... -14) share one colour and one legend entry.
+    A family's sessions (photo-rgb-halo-1 ... -N) share one colour and one legend entry.
 
     python benchmarks/plot_training.py docs/training_curve.png
 """
@@ -112,12 +112,12 @@ def main(out: str) -> None:
             start, curve = curve_start(spec), new_rows(spec)
             x = [(start + row[0] * batch) / 1e3 for row in curve]
             lineage = lineage_of(spec.name)
-            label = lineages.pop(lineage, None)  # one legend entry a lineage
-            if spec.config.pixel_halo and label is not None:  # its held-out crops are 68 px (the ring)
-                label += " (68 px crops: the ring)"
-            style = {"color": colours[lineage]} if lineage in colours else {}
+            if lineage in colours:  # a later session: the family's colour, no second legend entry
+                style = {"color": colours[lineage]}
+            else:  # a ring model's held-out crops are 68 px (the ring): another sample of the photos
+                style = {"label": lineages[lineage] + (" (68 px crops: the ring)" if spec.config.pixel_halo else "")}
             (line,) = gen2.plot(x, [row[2] for row in curve], marker="o", ms=3,
-                                ls="--" if spec.config.pixel_halo else "-", label=label, **style)
+                                ls="--" if spec.config.pixel_halo else "-", **style)
             colours.setdefault(lineage, line.get_color())
         else:
             x = [row[0] * batch / 1e3 for row in curve]
