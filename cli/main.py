@@ -17,6 +17,7 @@ from typing import Optional
 
 import click
 
+from vaezip import kernels
 from vaezip.errors import VaezipError
 from vaezip.files import atomic_write, check_output
 from vaezip.imaging.images import PNG_LEVEL
@@ -88,6 +89,23 @@ def _tile_count(height: int, width: int) -> int:
     return -(-height // MAX_TILE) * -(-width // MAX_TILE)
 
 
+def _lift_cap_for_models(model: Optional[str]) -> None:
+    """Lift oneDNN's AVX2 cap (`kernels.lift_cap`) when `model`, or else every default model,
+    is fixed-point: the files written then decode exactly whatever kernels ran."""
+    from vaezip.network import registry
+
+    names = [model] if model else [registry.default_model(mode) for mode in ("RGB", "L")]
+    specs = registry.specs()
+    if all(name in specs and specs[name].config.fixed_bits is not None for name in names if name):
+        kernels.lift_cap()
+
+
+def _lift_cap_for_formats(format_versions) -> None:
+    """Lift oneDNN's AVX2 cap (`kernels.lift_cap`) when every file decoded has an exact format."""
+    if kernels.exact_only(format_versions):
+        kernels.lift_cap()
+
+
 def _inputs_exist(paths) -> None:
     for p in paths:
         if not Path(p).exists():
@@ -128,6 +146,7 @@ def compress(images, output, model, jobs, effort, force, as_json) -> None:
     targets = _compress_targets(images, output)
     for source, target in targets:
         check_output(target, force)
+    _lift_cap_for_models(model)
     records: dict[Path, dict] = {}
 
     def report(done) -> None:
@@ -204,6 +223,10 @@ def decompress(files, output, png_level, force, as_json) -> None:
     targets = _targets(files, output, _decoded_name)
     for source, target in targets:
         check_output(target, force)
+    try:
+        _lift_cap_for_formats(read_header(source.read_bytes()).version for source, _ in targets)
+    except VaezipError:
+        pass  # the file is reported where it is decoded; the cap stays
     records = []
     for source, target in targets:
         start = time.perf_counter()
@@ -351,6 +374,7 @@ def pack(inputs, output, model, force, as_json) -> None:
         if name in seen:
             raise VaezipError(f"{seen[name]} and {path} would both be stored as {name!r}")
         seen[name] = path
+    _lift_cap_for_models(model)
     start = time.perf_counter()
     items = [(name, read_image(path)) for name, path in members]
     tiles = sum(_tile_count(img.height, img.width) for _, img in items if img.mode in ("L", "LA", "RGB", "RGBA"))
@@ -413,6 +437,7 @@ def unpack(archive_file, output, png_level, force, as_json) -> None:
         raise VaezipError(f"{output}: not a folder")
     targets = [output / _unpacked_name(e.name) for e in entries]
     _check_unpack_targets(output, targets, [e.name for e in entries], force)
+    _lift_cap_for_formats(e.header.version for e in entries)
     start = time.perf_counter()
     bar, task = _progress(sum(archive.tile_count(e.header) for e in entries), f"unpack {archive_file.name}")
     with bar:

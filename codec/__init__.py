@@ -6,12 +6,11 @@ does not pay for importing torch.
 
 from __future__ import annotations
 
-import os as _os
+from vaezip import kernels as _kernels
 
-# Format versions 2 to 5 sum convolutions with the oneDNN kernels its JIT picks for the
-# CPU. Capped at AVX2 (read once, at torch's first convolution), every x86-64 CPU with
-# AVX2 runs the same kernels, so files move between them (docs/PORTABILITY.md).
-_os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+# oneDNN capped at AVX2 before torch's first convolution: the float-network formats (2 to 5)
+# then decode on every AVX2 CPU; the command line lifts it for exact formats (`kernels`).
+_kernels.set_cap()
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,108 @@
+"""oneDNN's AVX2 cap (`vaezip.kernels`): set by `import vaezip`, lifted by the command line only
+where every format it codes is exact, kept for float-network files and for a level the user set.
+
+oneDNN reads the cap once per process, so these tests run fresh interpreters. The level a
+process ran at is the "isa" line oneDNN prints with ONEDNN_VERBOSE=1, compared with reference
+processes capped at AVX2 and uncapped (on a CPU without AVX-512 both say AVX2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaezip import kernels
+from vaezip.imaging.images import pixels_equal, read_image
+
+VAEZIP = Path(sys.executable).parent / "vaezip"
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _python(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in (kernels.VARIABLE, "ONEDNN_VERBOSE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**clean, **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_import_caps_and_lift_uncaps_once():
+    out = _python("import os, vaezip; from vaezip import kernels; v = kernels.VARIABLE\n"
+                  "print(os.environ[v], kernels.lift_cap(), os.environ[v], kernels.lift_cap())")
+    assert out.split() == ["AVX2", "True", "DEFAULT", "False"]
+
+
+@pytest.mark.parametrize("level", ["AVX2", "SSE41", "DEFAULT"])
+def test_a_level_the_user_set_stays(level):
+    out = _python("import os, vaezip; from vaezip import kernels\n"
+                  "print(kernels.lift_cap(), os.environ[kernels.VARIABLE])", ONEDNN_MAX_CPU_ISA=level)
+    assert out.split() == ["False", level]
+
+
+def test_no_lift_once_torch_is_imported():
+    """Torch may have run a convolution, which read the cap: lifting then would be a lie."""
+    out = _python("import os, vaezip, torch; from vaezip import kernels\n"
+                  "print(kernels.lift_cap(), os.environ[kernels.VARIABLE])")
+    assert out.split() == ["False", "AVX2"]
+
+
+def test_exact_only():
+    assert kernels.exact_only([6, 10])
+    assert kernels.exact_only([])
+    assert not kernels.exact_only([10, 5])
+    assert not kernels.exact_only([2])
+    assert not kernels.exact_only([10, 9999])
+
+
+def _isa_line(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if ",info,cpu,isa:" in line]
+    assert lines, stdout[-2000:]
+    return lines[0].split(",info,cpu,")[1]
+
+
+def _reference_isa(level: str) -> str:
+    """The isa line of a plain torch convolution (channels-last, so oneDNN runs it) at `level`."""
+    code = ("import torch\nx = torch.ones(1, 64, 32, 32).to(memory_format=torch.channels_last)\n"
+            "torch.nn.functional.conv2d(x, torch.ones(64, 64, 3, 3).to(memory_format=torch.channels_last))")
+    return _isa_line(_python(code, ONEDNN_VERBOSE="1", ONEDNN_MAX_CPU_ISA=level))
+
+
+def _vaezip(*args) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k != kernels.VARIABLE}
+    return subprocess.run([str(VAEZIP), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**clean, "ONEDNN_VERBOSE": "1"})
+
+
+def test_command_line_lifts_the_cap_for_exact_formats_only(tmp_path):
+    if not VAEZIP.exists():
+        pytest.skip("vaezip console script not installed beside this interpreter")
+    uncapped, capped = _reference_isa(kernels.UNCAPPED), _reference_isa(kernels.CAP)
+    png = GOLDEN / "rgb_kodim23_96x96.png"
+    original = read_image(png)
+
+    # The default models are fixed-point (format 10): coded and decoded at the CPU's widest level.
+    proc = _vaezip("compress", png, "-o", tmp_path / "a.vz")
+    assert proc.returncode == 0, proc.stderr
+    assert _isa_line(proc.stdout) == uncapped
+    proc = _vaezip("decompress", tmp_path / "a.vz", "-o", tmp_path / "a.png")
+    assert proc.returncode == 0, proc.stderr
+    assert _isa_line(proc.stdout) == uncapped
+    assert pixels_equal(read_image(tmp_path / "a.png"), original)
+
+    # A float model writes format 5, whose numbers depend on the kernels: capped.
+    proc = _vaezip("compress", png, "--model", "photo-rgb-2", "-o", tmp_path / "b.vz")
+    assert proc.returncode == 0, proc.stderr
+    assert _isa_line(proc.stdout) == capped
+    proc = _vaezip("decompress", tmp_path / "b.vz", "-o", tmp_path / "b.png")
+    assert proc.returncode == 0, proc.stderr
+    assert _isa_line(proc.stdout) == capped
+    assert pixels_equal(read_image(tmp_path / "b.png"), original)
+
+    # A format-5 file beside a format-10 one: the whole command stays capped. (This CPU may not
+    # decode the golden format-5 file, written elsewhere; its checksum then fails loudly.)
+    (tmp_path / "mixed").mkdir()
+    proc = _vaezip("decompress", tmp_path / "a.vz", GOLDEN / "v5" / "rgb_kodim23_48x40.vz", "-o", tmp_path / "mixed")
+    assert _isa_line(proc.stdout) == capped
