@@ -23,14 +23,19 @@ CAP = "AVX2"
 UNCAPPED = "DEFAULT"
 """oneDNN's value for no restriction (ISAs it supports only in preview stay off)."""
 
+MARK = "VAEZIP_ONEDNN_CAP"
+"""Set beside `VARIABLE` to the same level by `set_cap`: a process that inherits both (a command
+run from a program that imported vaezip) knows the level is vaezip's default, not the user's."""
+
 _capped_here = False
 
 
 def set_cap() -> None:
-    """Cap oneDNN at AVX2, unless the environment already names a level (the user's choice)."""
+    """Cap oneDNN at AVX2, unless the environment names a level of its own (the user's choice,
+    or a cap a parent process lifted for this one)."""
     global _capped_here
-    if VARIABLE not in os.environ:
-        os.environ[VARIABLE] = CAP
+    if VARIABLE not in os.environ or os.environ[VARIABLE] == os.environ.get(MARK):
+        os.environ[VARIABLE] = os.environ[MARK] = CAP
         _capped_here = True
 
 
@@ -45,6 +50,7 @@ def lift_cap() -> bool:
     if not _capped_here or "torch" in sys.modules:
         return False
     os.environ[VARIABLE] = UNCAPPED
+    del os.environ[MARK]
     _capped_here = False
     return True
 

@@ -22,7 +22,7 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def _python(code: str, **env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in (kernels.VARIABLE, "ONEDNN_VERBOSE")}
+    clean = {k: v for k, v in os.environ.items() if k not in (kernels.VARIABLE, kernels.MARK, "ONEDNN_VERBOSE")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**clean, **env})
     assert proc.returncode == 0, proc.stderr
@@ -40,6 +40,16 @@ def test_a_level_the_user_set_stays(level):
     out = _python("import os, vaezip; from vaezip import kernels\n"
                   "print(kernels.lift_cap(), os.environ[kernels.VARIABLE])", ONEDNN_MAX_CPU_ISA=level)
     assert out.split() == ["False", level]
+
+
+def test_an_inherited_cap_is_vaezips():
+    """A command started by a program that imported vaezip inherits its cap, not a user's
+    choice; a lifted cap passes to the processes a command starts (`--jobs`)."""
+    code = ("import os, vaezip; from vaezip import kernels\n"
+            "print(kernels.lift_cap(), os.environ[kernels.VARIABLE], kernels.MARK in os.environ)")
+    assert _python(code, ONEDNN_MAX_CPU_ISA="AVX2", VAEZIP_ONEDNN_CAP="AVX2").split() == ["True", "DEFAULT", "False"]
+    assert _python(code, ONEDNN_MAX_CPU_ISA="DEFAULT").split() == ["False", "DEFAULT", "False"]
+    assert _python(code, ONEDNN_MAX_CPU_ISA="SSE41", VAEZIP_ONEDNN_CAP="AVX2").split() == ["False", "SSE41", "True"]
 
 
 def test_no_lift_once_torch_is_imported():
@@ -71,9 +81,9 @@ def _reference_isa(level: str) -> str:
 
 
 def _vaezip(*args) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k != kernels.VARIABLE}
-    return subprocess.run([str(VAEZIP), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**clean, "ONEDNN_VERBOSE": "1"})
+    # Started as from a program that imported vaezip: the cap it inherits is vaezip's.
+    env = {**os.environ, kernels.VARIABLE: kernels.CAP, kernels.MARK: kernels.CAP, "ONEDNN_VERBOSE": "1"}
+    return subprocess.run([str(VAEZIP), *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
