@@ -17,10 +17,10 @@ from typing import Optional
 
 import click
 
-from vaezip import kernels
 from vaezip.errors import VaezipError
 from vaezip.files import atomic_write, check_output
 from vaezip.imaging.images import PNG_LEVEL
+from vaezip.network import kernels
 
 
 class VaezipGroup(click.Group):

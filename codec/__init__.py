@@ -6,7 +6,7 @@ does not pay for importing torch.
 
 from __future__ import annotations
 
-from vaezip import kernels as _kernels
+from vaezip.network import kernels as _kernels
 
 # oneDNN capped at AVX2 before torch's first convolution: the float-network formats (2 to 5)
 # then decode on every AVX2 CPU; the command line lifts it for exact formats (`kernels`).

@@ -1,4 +1,4 @@
-"""oneDNN's AVX2 cap (`vaezip.kernels`): set by `import vaezip`, lifted by the command line only
+"""oneDNN's AVX2 cap (`vaezip.network.kernels`): set by `import vaezip`, lifted by the command line only
 where every format it codes is exact, kept for float-network files and for a level the user set.
 
 oneDNN reads the cap once per process, so these tests run fresh interpreters. The level a
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vaezip import kernels
 from vaezip.imaging.images import pixels_equal, read_image
+from vaezip.network import kernels
 
 VAEZIP = Path(sys.executable).parent / "vaezip"
 GOLDEN = Path(__file__).parent / "golden"
@@ -30,14 +30,14 @@ def _python(code: str, **env: str) -> str:
 
 
 def test_import_caps_and_lift_uncaps_once():
-    out = _python("import os, vaezip; from vaezip import kernels; v = kernels.VARIABLE\n"
+    out = _python("import os, vaezip; from vaezip.network import kernels; v = kernels.VARIABLE\n"
                   "print(os.environ[v], kernels.lift_cap(), os.environ[v], kernels.lift_cap())")
     assert out.split() == ["AVX2", "True", "DEFAULT", "False"]
 
 
 @pytest.mark.parametrize("level", ["AVX2", "SSE41", "DEFAULT"])
 def test_a_level_the_user_set_stays(level):
-    out = _python("import os, vaezip; from vaezip import kernels\n"
+    out = _python("import os, vaezip; from vaezip.network import kernels\n"
                   "print(kernels.lift_cap(), os.environ[kernels.VARIABLE])", ONEDNN_MAX_CPU_ISA=level)
     assert out.split() == ["False", level]
 
@@ -45,7 +45,7 @@ def test_a_level_the_user_set_stays(level):
 def test_an_inherited_cap_is_vaezips():
     """A command started by a program that imported vaezip inherits its cap, not a user's
     choice; a lifted cap passes to the processes a command starts (`--jobs`)."""
-    code = ("import os, vaezip; from vaezip import kernels\n"
+    code = ("import os, vaezip; from vaezip.network import kernels\n"
             "print(kernels.lift_cap(), os.environ[kernels.VARIABLE], kernels.MARK in os.environ)")
     assert _python(code, ONEDNN_MAX_CPU_ISA="AVX2", VAEZIP_ONEDNN_CAP="AVX2").split() == ["True", "DEFAULT", "False"]
     assert _python(code, ONEDNN_MAX_CPU_ISA="DEFAULT").split() == ["False", "DEFAULT", "False"]
@@ -54,7 +54,7 @@ def test_an_inherited_cap_is_vaezips():
 
 def test_no_lift_once_torch_is_imported():
     """Torch may have run a convolution, which read the cap: lifting then would be a lie."""
-    out = _python("import os, vaezip, torch; from vaezip import kernels\n"
+    out = _python("import os, vaezip, torch; from vaezip.network import kernels\n"
                   "print(kernels.lift_cap(), os.environ[kernels.VARIABLE])")
     assert out.split() == ["False", "AVX2"]
 
