@@ -224,8 +224,8 @@ def decompress(files, output, png_level, force, as_json) -> None:
     for source, target in targets:
         check_output(target, force)
     try:
-        _lift_cap_for_formats(read_header(source.read_bytes()).version for source, _ in targets)
-    except VaezipError:
+        _lift_cap_for_formats(read_header(path.read_bytes()).version for path, _ in targets)
+    except (VaezipError, OSError):
         pass  # the file is reported where it is decoded; the cap stays
     records = []
     for source, target in targets:
