@@ -90,20 +90,33 @@ def _tile_count(height: int, width: int) -> int:
 
 
 def _lift_cap_for_models(model: Optional[str]) -> None:
-    """Lift oneDNN's AVX2 cap (`kernels.lift_cap`) when `model`, or else every default model,
-    is fixed-point: the files written then decode exactly whatever kernels ran."""
+    """`_lift_cap_for_formats` of what `model`, or else every default model, writes
+    (`versions.newest`); an unknown model keeps the cap (the command reports it)."""
+    from vaezip.format import versions
     from vaezip.network import registry
 
     names = [model] if model else [registry.default_model(mode) for mode in ("RGB", "L")]
     specs = registry.specs()
-    if all(name in specs and specs[name].config.fixed_bits is not None for name in names if name):
-        kernels.lift_cap()
+    _lift_cap_for_formats(versions.newest(specs[name].config.fixed_bits is not None).version if name in specs else None
+                          for name in names if name)
 
 
 def _lift_cap_for_formats(format_versions) -> None:
-    """Lift oneDNN's AVX2 cap (`kernels.lift_cap`) when every file decoded has an exact format."""
+    """Lift oneDNN's AVX2 cap (`kernels.lift_cap`) when every format coded is exact (None: not
+    known, the cap stays)."""
     if kernels.exact_only(format_versions):
         kernels.lift_cap()
+
+
+def _named_version(path: Path) -> Optional[int]:
+    """The format version `path`'s preamble names (None if unreadable: the decoder reports it)."""
+    from vaezip.format.container import PREAMBLE_BYTES, named_version
+
+    try:
+        with open(path, "rb") as f:
+            return named_version(f.read(PREAMBLE_BYTES))
+    except OSError:
+        return None
 
 
 def _inputs_exist(paths) -> None:
@@ -223,10 +236,7 @@ def decompress(files, output, png_level, force, as_json) -> None:
     targets = _targets(files, output, _decoded_name)
     for source, target in targets:
         check_output(target, force)
-    try:
-        _lift_cap_for_formats(read_header(path.read_bytes()).version for path, _ in targets)
-    except (VaezipError, OSError):
-        pass  # the file is reported where it is decoded; the cap stays
+    _lift_cap_for_formats(_named_version(path) for path, _ in targets)
     records = []
     for source, target in targets:
         start = time.perf_counter()

@@ -323,6 +323,18 @@ def check_preamble(data: bytes, magic: bytes = MAGIC, known: tuple[int, ...] = v
         raise CorruptFileError(f"vaezip {kind} is truncated or damaged (CRC-32 mismatch)")
 
 
+PREAMBLE_BYTES = len(MAGIC) + 2
+"""Magic and format version: the first bytes of a .vz file."""
+
+
+def named_version(head: bytes) -> int | None:
+    """The format version the first `PREAMBLE_BYTES` of a file name, without validating the
+    rest (`unpack` does); None if they are not a .vz file's."""
+    if len(head) < PREAMBLE_BYTES or head[: len(MAGIC)] != MAGIC:
+        return None
+    return struct.unpack_from("<H", head, len(MAGIC))[0]
+
+
 def unpack(data: bytes) -> tuple[Header, np.ndarray]:
     """Parses and validates .vz bytes.
 

@@ -57,7 +57,7 @@ def lift_cap() -> bool:
 
 def exact_only(format_versions: Iterable[int]) -> bool:
     """True when every one of `format_versions` runs a fixed-point network, so that no kernel
-    choice can change its numbers; False for a version this build does not know."""
+    choice can change its numbers; False for a version this build does not know (or None)."""
     try:
         return all(versions.get(v).numerics.exact for v in format_versions)
     except UnsupportedVersionError:  # the decoder reports it; the cap stays
