@@ -299,6 +299,19 @@ class _Reader:
         return np.frombuffer(self.take(count * size, what), dtype=dtype).astype(dtype[1:])
 
 
+PREAMBLE_BYTES = len(MAGIC) + 2
+"""Magic and format version: the first bytes of a .vz file."""
+
+
+def named_version(head: bytes, magic: bytes = MAGIC) -> int | None:
+    """The format version the first bytes of a file (`PREAMBLE_BYTES` for a .vz file) name,
+    without validating the rest (`check_preamble`, `unpack` do); None if they do not start
+    with `magic` and a version."""
+    if len(head) < len(magic) + 2 or head[: len(magic)] != magic:
+        return None
+    return struct.unpack_from("<H", head, len(magic))[0]
+
+
 def check_preamble(data: bytes, magic: bytes = MAGIC, known: tuple[int, ...] = versions.KNOWN_VERSIONS,
                    kind: str = "file") -> None:
     """Magic, version and CRC-32 of a vaezip file (`kind` "file") or archive ("archive").
@@ -308,9 +321,9 @@ def check_preamble(data: bytes, magic: bytes = MAGIC, known: tuple[int, ...] = v
     """
     if not data or data[: len(magic)] != magic[: len(data)]:
         raise CorruptFileError(f"not a vaezip {kind} (wrong magic bytes)")
-    if len(data) < len(magic) + 2:
+    version = named_version(data, magic)
+    if version is None:
         raise CorruptFileError(f"truncated vaezip {kind}: only {len(data)} bytes")
-    (version,) = struct.unpack_from("<H", data, len(magic))
     if version not in known:
         versions = ", ".join(str(v) for v in known)
         raise UnsupportedVersionError(
@@ -321,18 +334,6 @@ def check_preamble(data: bytes, magic: bytes = MAGIC, known: tuple[int, ...] = v
     (stored_crc,) = struct.unpack_from("<I", data, len(data) - 4)
     if zlib.crc32(data[:-4]) != stored_crc:
         raise CorruptFileError(f"vaezip {kind} is truncated or damaged (CRC-32 mismatch)")
-
-
-PREAMBLE_BYTES = len(MAGIC) + 2
-"""Magic and format version: the first bytes of a .vz file."""
-
-
-def named_version(head: bytes) -> int | None:
-    """The format version the first `PREAMBLE_BYTES` of a file name, without validating the
-    rest (`unpack` does); None if they are not a .vz file's."""
-    if len(head) < PREAMBLE_BYTES or head[: len(MAGIC)] != MAGIC:
-        return None
-    return struct.unpack_from("<H", head, len(MAGIC))[0]
 
 
 def unpack(data: bytes) -> tuple[Header, np.ndarray]:
